@@ -1,0 +1,207 @@
+"""Engine arguments: one dataclass, validated in one place.
+
+The names are vLLM's, so that a vllm_backend ``model.json`` with these keys works as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+_DEVICES = ("auto", "cpu", "cuda")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flashinfer")
+
+
+@dataclass
+class EngineArgs:
+    """Every knob of the engine; ``LLM(...)`` and ``model.json`` take the same names."""
+
+    model: str
+    tokenizer: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: Optional[int] = None
+    num_kv_blocks: Optional[int] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    # Accepted for vllm_backend model.json compatibility.
+    tensor_parallel_size: int = 1
+    trust_remote_code: bool = False
+    disable_log_requests: bool = True
+    disable_log_stats: bool = True
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"engine argument {name!r} {why}, got {getattr(self, name)!r}")
+
+        types: dict[str, tuple[type, ...]] = {
+            "model": (str, Path), "tokenizer": (str, Path, type(None)), "dtype": (str,),
+            "device": (str,), "attention_backend": (str,), "gpu_memory_utilization": (float, int),
+        }
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in types:
+                ok = isinstance(value, types[f.name])
+            elif f.type in ("bool",):
+                ok = isinstance(value, bool)
+            elif "int" in str(f.type):
+                ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                    value is None and "Optional" in str(f.type)
+                )
+            else:
+                ok = True
+            if not ok:
+                raise bad(f.name, f"has the wrong type (expected {f.type})")
+        self.model = str(self.model)
+        if not self.model:
+            raise bad("model", "must name a model directory")
+        if self.tokenizer is not None:
+            self.tokenizer = str(self.tokenizer)
+        if self.dtype not in _DTYPES:
+            raise bad("dtype", f"must be one of {', '.join(_DTYPES)}")
+        if self.device not in _DEVICES:
+            raise bad("device", f"must be one of {', '.join(_DEVICES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise bad("attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise bad("block_size", "must be one of 8, 16, 32, 64, 128")
+        if self.max_num_seqs < 1:
+            raise bad("max_num_seqs", "must be at least 1")
+        if self.max_num_batched_tokens < 1:
+            raise bad("max_num_batched_tokens", "must be at least 1")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise bad("max_model_len", "must be at least 1")
+        if (
+            not self.enable_chunked_prefill
+            and self.max_model_len is not None
+            and self.max_num_batched_tokens < self.max_model_len
+        ):
+            raise bad(
+                "max_num_batched_tokens",
+                f"must be >= max_model_len ({self.max_model_len}) without chunked prefill",
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise bad("num_kv_blocks", "must be at least 2")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
+            raise bad("kv_cache_memory_bytes", "must be positive")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise bad("gpu_memory_utilization", "must be in (0, 1]")
+        if self.tensor_parallel_size != 1:
+            raise bad("tensor_parallel_size", "must be 1 (pagedserve runs one model per GPU)")
+        if self.seed < 0:
+            raise bad("seed", "must be non-negative")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], base_dir: Optional[Path] = None) -> EngineArgs:
+        """Builds EngineArgs from a mapping such as model.json; unknown keys are an error.
+
+        A relative ``model``/``tokenizer`` path is resolved against ``base_dir`` when given.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown engine argument(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        if "model" not in values:
+            raise ValueError("engine argument 'model' is required")
+        values = dict(values)
+        if base_dir is not None:
+            for key in ("model", "tokenizer"):
+                if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
+                    candidate = Path(base_dir) / values[key]
+                    if candidate.exists():
+                        values[key] = str(candidate)
+        return cls(**values)
+
+    @classmethod
+    def from_json_file(cls, path: Path | str) -> EngineArgs:
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of engine arguments")
+        return cls.from_dict(values, base_dir=path.parent)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """EngineArgs resolved against the model and the machine: what the engine actually runs."""
+
+    args: EngineArgs
+    device: str  # "cpu" or "cuda"
+    dtype: str  # "float32" | "float16" | "bfloat16"
+    max_model_len: int
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+    @property
+    def max_blocks_per_req(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+def resolve_engine_config(
+    args: EngineArgs,
+    max_position_embeddings: int,
+    checkpoint_dtype: str,
+    sliding_window: Optional[int] = None,
+    cuda_available: bool = False,
+) -> EngineConfig:
+    """Fills in the ``auto`` choices and checks the arguments against the model."""
+    device = args.device
+    if device == "auto":
+        device = "cuda" if cuda_available else "cpu"
+    elif device == "cuda" and not cuda_available:
+        raise ValueError("engine argument 'device' is 'cuda' but no CUDA device is available")
+    canonical = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
+                 "bf16": "bfloat16"}
+    dtype = canonical.get(args.dtype, args.dtype)
+    if dtype == "auto":
+        dtype = checkpoint_dtype
+        # fp16 matmuls are slow or missing on CPUs; keep the checkpoint's range in fp32 instead.
+        if device == "cpu" and dtype == "float16":
+            dtype = "float32"
+    limit = max_position_embeddings
+    if sliding_window:
+        # Attention here is full: serve no further than the window, where the two agree.
+        limit = min(limit, int(sliding_window))
+    max_model_len = args.max_model_len or limit
+    if max_model_len > limit:
+        raise ValueError(
+            f"engine argument 'max_model_len' ({max_model_len}) exceeds what the model supports "
+            f"({limit})"
+        )
+    max_num_batched_tokens = args.max_num_batched_tokens
+    if not args.enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"engine argument 'max_num_batched_tokens' ({max_num_batched_tokens}) must be at "
+            f"least max_model_len ({max_model_len}) when chunked prefill is disabled"
+        )
+    return EngineConfig(
+        args=args,
+        device=device,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+    )

@@ -1,0 +1,123 @@
+"""One sequence being generated, as the scheduler sees it (no torch here)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Optional, Union
+
+from pagedserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Finished states come last so that ``status > PREEMPTED`` means finished.
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """Owns one sequence's tokens and progress: ``num_computed_tokens`` of ``num_tokens`` are in
+    the KV cache; the scheduler's only rule is to close that gap, a prompt chunk or a decode
+    token at a time. ``n > 1`` completions are separate Requests that share a ``parent_id``.
+    """
+
+    __slots__ = (
+        "request_id", "parent_id", "index", "prompt_token_ids", "output_token_ids",
+        "all_token_ids", "sampling_params", "eos_token_ids", "stop_token_ids", "max_tokens",
+        "min_tokens", "num_computed_tokens", "num_cached_tokens", "status", "stop_reason",
+        "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+        *,
+        parent_id: Optional[str] = None,
+        index: int = 0,
+        arrival_time: Optional[float] = None,
+        cache_salt: Optional[str] = None,
+    ) -> None:
+        self.request_id = request_id
+        self.parent_id = parent_id if parent_id is not None else request_id
+        self.index = index
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = frozenset() if sampling_params.ignore_eos else eos_token_ids
+        self.stop_token_ids = frozenset(sampling_params.stop_token_ids)
+        room = max_model_len - len(prompt_token_ids)
+        self.max_tokens = min(sampling_params.max_tokens or room, room)
+        self.min_tokens = sampling_params.min_tokens
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # set when first scheduled
+        self.status = RequestStatus.WAITING
+        self.stop_reason: Union[int, str, None] = None
+        self.block_hashes: list[int] = []
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.num_preemptions = 0
+        # Hashes chain from the salt, so only requests with the same salt share blocks.
+        self.cache_salt = cache_salt
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self, token_id: int, max_model_len: int) -> bool:
+        """Decides, after ``token_id`` was appended, whether the sequence is done (vLLM's order:
+        min_tokens, EOS, stop token ids, then length)."""
+        num_out = len(self.output_token_ids)
+        if num_out < self.min_tokens:
+            return False
+        if token_id in self.eos_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if token_id in self.stop_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+            self.stop_reason = token_id
+            return True
+        if num_out >= self.max_tokens or len(self.all_token_ids) >= max_model_len:
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def __repr__(self) -> str:
+        return (
+            f"Request({self.request_id!r}, status={self.status.name}, "
+            f"computed={self.num_computed_tokens}/{self.num_tokens})"
+        )

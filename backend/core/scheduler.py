@@ -1,0 +1,223 @@
+"""The iteration-level scheduler: one token budget per step, running requests first."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+from pagedserve.core.kv_cache_manager import KVCacheManager, KVCacheStats
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler_output import (
+    LogprobsLists,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step did to one request: the tokens it gained and whether it finished."""
+
+    request: Request
+    new_token_ids: list[int]
+    new_logprobs: Optional[tuple[list[int], list[float], int]] = None  # ids, logprobs, rank
+    finished: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions_total: int
+    kv: KVCacheStats
+
+
+class Scheduler:
+    """Owns the waiting queue and the running list.
+
+    Each step hands ``max_num_batched_tokens`` to running requests in order (a decode token,
+    or the next prompt chunk), then admits waiting requests FCFS while the budget, the
+    ``max_num_seqs`` cap and the free blocks allow. A request simply needs
+    ``num_tokens - num_computed_tokens`` more tokens computed; phases do not exist. When blocks
+    run out the newest running request is preempted (its blocks freed, recomputed later).
+    """
+
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_chunked_prefill: bool,
+    ) -> None:
+        self.kv = kv_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests the runner still holds a row for but must drop before the next step.
+        self._finished_ids: set[str] = set()
+        self.num_preemptions_total = 0
+
+    # ---- admission and removal ----------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Ends requests (abort, stop string), frees their blocks; unknown ids are ignored."""
+        finished = []
+        for rid in request_ids:
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            finished.append(request)
+        return finished
+
+    def _free(self, request: Request) -> None:
+        self.kv.free(request)
+        self._finished_ids.add(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_block_ids: dict[str, list[int]] = {}
+        new_reqs: list[NewRequestData] = []
+        kv = self.kv
+        num_preempted = 0
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            blocks_before = kv.num_blocks_of(request.request_id)
+            scheduled = True
+            while not kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is request:  # it was the newest: nothing left to preempt after it
+                    scheduled = False
+                    break
+            if not scheduled:
+                break
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            if kv.num_blocks_of(request.request_id) > blocks_before:
+                new_block_ids[request.request_id] = kv.block_ids(request.request_id)[
+                    blocks_before:
+                ]
+            i += 1
+
+        while (
+            self.waiting and budget > 0 and not num_preempted
+            and len(self.running) < self.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits, num_hit = kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit
+            if num_new > budget:
+                if not self.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not kv.allocate_slots(request, num_new, hits):
+                break
+            self.waiting.popleft()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+                kv.record_prefix_query(request.num_prompt_tokens, num_hit)
+            request.num_computed_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            num_scheduled[request.request_id] = num_new
+            budget -= num_new
+            new_reqs.append(self._new_request_data(request))
+
+        finished, self._finished_ids = self._finished_ids, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            new_block_ids=new_block_ids,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+            finished_req_ids=finished,
+            num_preempted=num_preempted,
+        )
+
+    def _new_request_data(self, request: Request) -> NewRequestData:
+        params = request.sampling_params
+        return NewRequestData(
+            req_id=request.request_id,
+            token_ids=list(request.all_token_ids),
+            num_prompt_tokens=request.num_prompt_tokens,
+            sampling_params=params,
+            block_ids=self.kv.block_ids(request.request_id),
+            num_computed_tokens=request.num_computed_tokens,
+            eos_token_ids=request.eos_token_ids | request.stop_token_ids,
+            seed=None if params.seed is None else params.seed + request.index,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self._free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Advances computed counts, appends sampled tokens, and finishes what should stop."""
+        requests = self.requests
+        for rid, num in scheduler_output.num_scheduled_tokens.items():
+            request = requests.get(rid)
+            if request is not None:
+                request.num_computed_tokens += num
+        outputs: list[EngineCoreOutput] = []
+        logprobs: Optional[LogprobsLists] = runner_output.logprobs
+        max_model_len = self.max_model_len
+        for i, (rid, token) in enumerate(
+            zip(runner_output.req_ids, runner_output.sampled_token_ids)
+        ):
+            request = requests.get(rid)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.append_output_token(token)
+            stopped = request.check_stop(token, max_model_len)
+            new_logprobs = (
+                (logprobs.token_ids[i], logprobs.logprobs[i], logprobs.ranks[i])
+                if logprobs is not None else None
+            )
+            outputs.append(EngineCoreOutput(request, [token], new_logprobs, stopped))
+            if stopped:
+                del requests[rid]
+                self.running.remove(request)
+                self._free(request)
+        return outputs
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_preemptions_total=self.num_preemptions_total,
+            kv=self.kv.stats(self.running),
+        )

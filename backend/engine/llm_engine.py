@@ -1,0 +1,218 @@
+"""The synchronous engine: requests in, one step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+
+from pagedserve.config import EngineArgs, resolve_engine_config
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.models.model_config import ModelConfig
+from pagedserve.models.registry import model_class
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.tokenizer.tokenizer import load_tokenizer
+from pagedserve.worker.model_runner import ModelRunner
+
+PromptType = Union[str, dict[str, Any]]
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load; counters are cumulative since start."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # 0..1, blocks in use
+    kv_waste: float  # reserved-but-empty slots over reserved slots
+    num_kv_blocks: int
+    num_free_kv_blocks: int
+    num_preemptions_total: int
+    prefix_cache_queries_total: int
+    prefix_cache_hits_total: int
+
+
+class LLMEngine:
+    """Owns the tokenizer, scheduler, model runner and output processor.
+
+    ``step()`` reads top-down: schedule, run the model, update requests, make outputs.
+    """
+
+    def __init__(self, args: EngineArgs) -> None:
+        model_config = ModelConfig.from_pretrained(args.model)
+        model_class(model_config.architecture)  # unsupported architectures fail before loading
+        checkpoint_dtype = str(model_config.checkpoint_dtype).removeprefix("torch.")
+        self.config = resolve_engine_config(
+            args,
+            model_config.max_position_embeddings,
+            checkpoint_dtype,
+            sliding_window=model_config.raw.get("sliding_window"),
+            cuda_available=torch.cuda.is_available(),
+        )
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+        self.runner = ModelRunner(self.config, model_config)
+        num_blocks = self.runner.determine_num_blocks()
+        self.runner.initialize_kv_cache(num_blocks)
+        self.runner.capture_graphs()
+        self.kv_manager = KVCacheManager(
+            num_blocks, self.config.block_size, args.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            max_model_len=self.config.max_model_len,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        eos = model_config.eos_token_ids or (
+            [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        )
+        self.eos_token_ids = frozenset(eos)
+        self._request_counter = itertools.count()
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def next_request_id(self) -> str:
+        return str(next(self._request_counter))
+
+    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """Validates a prompt and returns (text or None, token ids)."""
+        if isinstance(prompt, str):
+            text, token_ids = prompt, None
+        elif isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
+            if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+                raise ValueError("a prompt needs exactly one of 'prompt' and 'prompt_token_ids'")
+            text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+        else:
+            raise ValueError(
+                f"prompt must be a str or a dict with 'prompt_token_ids', got {type(prompt)}"
+            )
+        if token_ids is None:
+            if not isinstance(text, str) or not text:
+                raise ValueError("prompt must not be empty")
+            token_ids = self.tokenizer(text).input_ids
+        else:
+            token_ids = self._check_token_ids(token_ids)
+        if not token_ids:
+            raise ValueError("prompt must not be empty (it encodes to no tokens)")
+        max_len = self.config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt is too long: {len(token_ids)} tokens, and max_model_len={max_len} "
+                "must hold the prompt plus at least one generated token"
+            )
+        return text, token_ids
+
+    def _check_token_ids(self, token_ids: Any) -> list[int]:
+        try:
+            ids = [int(t) for t in token_ids]
+        except (TypeError, ValueError):
+            raise ValueError("prompt_token_ids must be a list of integers") from None
+        if any(isinstance(t, bool) or isinstance(t, float) for t in token_ids):
+            raise ValueError("prompt_token_ids must be a list of integers")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(
+                f"prompt_token_ids hold ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+            )
+        return ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: Optional[SamplingParams] = None,
+        arrival_time: Optional[float] = None,
+    ) -> None:
+        """Validates and queues a request; bad input raises ValueError and changes nothing."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params)}")
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
+            raise ValueError(f"SamplingParams.logprobs must not exceed the vocabulary size, "
+                             f"got {params.logprobs}")
+        text, token_ids = self.process_prompt(prompt)
+        arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        salt = request_id if params.n > 1 and not self.config.args.enable_prefix_caching else None
+        children = [
+            Request(
+                request_id if params.n == 1 else f"{request_id}#{i}",
+                token_ids,
+                params,
+                self.eos_token_ids,
+                self.config.max_model_len,
+                parent_id=request_id,
+                index=i,
+                arrival_time=arrival_time,
+                cache_salt=salt,
+            )
+            for i in range(params.n)
+        ]
+        self.output_processor.add_request(
+            request_id, text, token_ids, params, children, arrival_time
+        )
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_ids: Iterable[str]) -> list[RequestOutput]:
+        """Stops user requests at once and frees their blocks; returns their final outputs."""
+        outputs = []
+        for rid in request_ids:
+            state = self.output_processor.states.get(rid)
+            if state is None:
+                continue
+            self.scheduler.finish_requests(
+                [c.request.request_id for c in state.completions],
+                RequestStatus.FINISHED_ABORTED,
+            )
+            output = self.output_processor.abort(rid)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute_model(scheduler_output)
+        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped = self.output_processor.process(core_outputs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        stats = self.scheduler.stats()
+        kv = stats.kv
+        return EngineStats(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_cache_usage=kv.usage,
+            kv_waste=kv.kv_waste,
+            num_kv_blocks=kv.num_blocks,
+            num_free_kv_blocks=kv.num_free_blocks,
+            num_preemptions_total=stats.num_preemptions_total,
+            prefix_cache_queries_total=kv.prefix_cache_queries,
+            prefix_cache_hits_total=kv.prefix_cache_hits,
+        )

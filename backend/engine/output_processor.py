@@ -1,0 +1,217 @@
+"""Turns per-step token updates into RequestOutputs: text, stop strings, logprobs, metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.scheduler import EngineCoreOutput
+from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
+
+
+@dataclass
+class _Completion:
+    """One completion's output-side state (its tokens live on the core Request)."""
+
+    request: Request
+    detokenizer: Optional[IncrementalDetokenizer] = None
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    sent_tokens: int = 0  # for DELTA outputs
+    sent_logprobs: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _RequestState:
+    """A user request: its prompt, its ``n`` completions, and its timing."""
+
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    completions: list[_Completion]
+    metrics: RequestMetrics
+    num_finished: int = 0
+    changed: set[int] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return self.num_finished == len(self.completions)
+
+
+class OutputProcessor:
+    """Owns the output-side state of every live request.
+
+    Text is produced incrementally only when it is needed before the end: for streamed
+    outputs, or to find stop strings. Otherwise it is decoded once, when a completion finishes.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, _RequestState] = {}
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Optional[str],
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        children: list[Request],
+        arrival_time: float,
+    ) -> None:
+        streaming = params.output_kind != RequestOutputKind.FINAL_ONLY
+        completions = []
+        for child in children:
+            completion = _Completion(child)
+            if streaming or params.stop:
+                completion.detokenizer = self._detokenizer(prompt_token_ids, params)
+            if params.logprobs is not None:
+                completion.logprobs, completion.cumulative_logprob = [], 0.0
+            completions.append(completion)
+        self.states[request_id] = _RequestState(
+            request_id, prompt, prompt_token_ids, params, completions,
+            RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids)),
+        )
+
+    def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams):
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    def process(
+        self, core_outputs: list[EngineCoreOutput]
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Returns the outputs to deliver and the core request ids a stop string finished."""
+        now = time.monotonic()
+        touched: dict[str, _RequestState] = {}
+        stopped_ids: list[str] = []
+        states = self.states
+        for out in core_outputs:
+            request = out.request
+            state = states.get(request.parent_id)
+            if state is None:
+                continue
+            completion = state.completions[request.index]
+            if completion.logprobs is not None and out.new_logprobs is not None:
+                completion.logprobs.append(self._logprob_entry(*out.new_logprobs))
+                completion.cumulative_logprob += out.new_logprobs[1][0]
+            metrics = state.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            metrics.num_generation_tokens += len(out.new_token_ids)
+            if completion.detokenizer is not None:
+                tokens = out.new_token_ids
+                if out.finished and self._drops_last_token(request):
+                    tokens = tokens[:-1]
+                if completion.detokenizer.update(tokens, final=out.finished) is not None:
+                    completion.finish_reason = "stop"
+                    completion.stop_reason = completion.detokenizer.matched_stop
+                    if not out.finished:
+                        stopped_ids.append(request.request_id)
+            if out.finished and completion.finish_reason is None:
+                completion.finish_reason = request.status.finish_reason
+                completion.stop_reason = request.stop_reason
+            if completion.finished:
+                state.num_finished += 1
+            state.changed.add(request.index)
+            touched[state.request_id] = state
+        outputs = []
+        for state in touched.values():
+            output = self._make_output(state, now)
+            if output is not None:
+                outputs.append(output)
+        return outputs, stopped_ids
+
+    def _logprob_entry(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:
+        # The sampled token first, then the top-k by rank (the sampled one may repeat there).
+        entry = {ids[0]: Logprob(lps[0], rank, self.tokenizer.decode([ids[0]]))}
+        for k, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), start=1):
+            if tid not in entry:
+                entry[tid] = Logprob(lp, k, self.tokenizer.decode([tid]))
+        return entry
+
+    @staticmethod
+    def _drops_last_token(request: Request) -> bool:
+        # An EOS or stop token ends the text without appearing in it (vLLM's rule).
+        return (
+            request.status == RequestStatus.FINISHED_STOPPED
+            and not request.sampling_params.include_stop_str_in_output
+        )
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Finishes a user request as aborted; returns its final output (None if unknown)."""
+        state = self.states.get(request_id)
+        if state is None:
+            return None
+        for i, completion in enumerate(state.completions):
+            if not completion.finished:
+                completion.finish_reason = "abort"
+                state.num_finished += 1
+                state.changed.add(i)
+        return self._make_output(state, time.monotonic())
+
+    def _make_output(self, state: _RequestState, now: float) -> Optional[RequestOutput]:
+        kind = state.params.output_kind
+        finished = state.finished
+        if kind == RequestOutputKind.FINAL_ONLY and not finished:
+            return None
+        if finished:
+            state.metrics.finished_time = now
+            del self.states[state.request_id]
+        delta = kind == RequestOutputKind.DELTA
+        indices = sorted(state.changed) if delta else range(len(state.completions))
+        state.changed = set()
+        completions = [self._completion_output(state.completions[i], i, delta) for i in indices]
+        first = state.completions[0].request
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=state.metrics,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+        )
+
+    def _completion_output(self, c: _Completion, index: int, delta: bool) -> CompletionOutput:
+        tokens = c.request.output_token_ids
+        if c.detokenizer is None:  # decoded once, at the end
+            c.detokenizer = self._detokenizer(c.request.prompt_token_ids,
+                                              c.request.sampling_params)
+            keep = tokens[:-1] if tokens and self._drops_last_token(c.request) else tokens
+            c.detokenizer.update(keep, final=True)
+        text = c.detokenizer.get_next_output_text(c.finished, delta)
+        if delta:
+            token_ids = tokens[c.sent_tokens:]
+            logprobs = c.logprobs[c.sent_logprobs:] if c.logprobs is not None else None
+            c.sent_tokens = len(tokens)
+            c.sent_logprobs = len(c.logprobs) if c.logprobs is not None else 0
+        else:
+            token_ids = list(tokens)
+            logprobs = list(c.logprobs) if c.logprobs is not None else None
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=token_ids,
+            cumulative_logprob=c.cumulative_logprob,
+            logprobs=logprobs,
+            finish_reason=c.finish_reason,
+            stop_reason=c.stop_reason,
+        )

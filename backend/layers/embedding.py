@@ -1,0 +1,58 @@
+"""Token embedding and the LM head that may share its weight."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        # Checkpoints may pad the vocabulary differently from config.vocab_size.
+        rows = min(param.shape[0], loaded.shape[0])
+        if param.shape[1:] != loaded.shape[1:] or rows != loaded.shape[0]:
+            raise ValueError(
+                f"embedding shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}"
+            )
+        param.data[:rows].copy_(loaded)
+        return
+    param.data.copy_(loaded)
+
+
+class VocabEmbedding(nn.Module):
+    """Owns the [vocab, hidden] embedding table."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype),
+                                   requires_grad=False)
+        self.weight.weight_loader = _load_full
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight)
+
+
+class LMHead(nn.Module):
+    """Projects hidden states to vocabulary logits; ties to an embedding when asked."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        tied_to: Optional[VocabEmbedding] = None,
+    ) -> None:
+        super().__init__()
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype),
+                                       requires_grad=False)
+            self.weight.weight_loader = _load_full
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Logits in fp32: sampling and logprobs need the precision, and the reference does it too.
+        return F.linear(hidden, self.weight).float()

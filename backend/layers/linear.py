@@ -1,0 +1,119 @@
+"""Linear layers and the linear-method plug-in point that quantization schemes implement.
+
+A ``LinearMethod`` owns how a layer's weights are created, loaded and applied; the layer only
+knows its logical shape (input size, output sizes of its merged shards). Checkpoint tensors
+arrive through each parameter's ``weight_loader(param, tensor, shard_id)``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ShardId = Union[int, str, None]
+
+
+class LinearMethod(ABC):
+    """How one kind of weights (unquantized, GPTQ, AWQ, FP8...) is stored and multiplied."""
+
+    @abstractmethod
+    def create_weights(
+        self, layer: LinearBase, input_size: int, output_sizes: list[int], dtype: torch.dtype
+    ) -> None:
+        """Registers the layer's parameters, each with a ``weight_loader`` attribute."""
+
+    @abstractmethod
+    def apply(
+        self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """``x @ W.T + bias`` for whatever W is."""
+
+    def process_weights_after_loading(self, layer: LinearBase) -> None:
+        """Repacks loaded weights into the layout ``apply`` wants (no-op by default)."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """Plain dense weights [out, in] in the model dtype."""
+
+    def create_weights(
+        self, layer: LinearBase, input_size: int, output_sizes: list[int], dtype: torch.dtype
+    ) -> None:
+        weight = nn.Parameter(
+            torch.empty(sum(output_sizes), input_size, dtype=dtype), requires_grad=False
+        )
+        weight.weight_loader = layer.shard_loader(dim=0)
+        layer.register_parameter("weight", weight)
+
+    def apply(
+        self, layer: LinearBase, x: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """A linear layer whose output is the concatenation of named shards (e.g. q, k, v).
+
+    ``shard_names`` map checkpoint shard ids to positions; a single-shard layer uses None.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        *,
+        bias: bool = False,
+        shard_names: Optional[list[ShardId]] = None,
+        linear_method: Optional[LinearMethod] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.shard_names = list(shard_names) if shard_names is not None else [None]
+        if len(self.shard_names) != len(self.output_sizes):
+            raise ValueError("one shard name per output size is required")
+        dtype = dtype or torch.get_default_dtype()
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.linear_method.create_weights(self, input_size, self.output_sizes, dtype)
+        if bias:
+            self.bias = nn.Parameter(
+                torch.zeros(sum(output_sizes), dtype=dtype), requires_grad=False
+            )
+            self.bias.weight_loader = self.shard_loader(dim=0)
+        else:
+            self.register_parameter("bias", None)
+
+    def shard_offset(self, shard_id: ShardId, scale: float = 1.0) -> tuple[int, int]:
+        """(start, size) of a shard along the output dimension, scaled for packed layouts."""
+        try:
+            index = self.shard_names.index(shard_id)
+        except ValueError:
+            raise ValueError(
+                f"unknown shard {shard_id!r} for a layer with shards {self.shard_names}"
+            ) from None
+        start = sum(self.output_sizes[:index])
+        return int(start * scale), int(self.output_sizes[index] * scale)
+
+    def shard_loader(
+        self, dim: int, scale: float = 1.0
+    ) -> Callable[[nn.Parameter, torch.Tensor, ShardId], None]:
+        """A loader copying a checkpoint shard into its slice of ``dim`` of the parameter."""
+
+        def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+            start, size = self.shard_offset(shard_id, scale)
+            target = param.data.narrow(dim, start, size)
+            if tuple(target.shape) != tuple(loaded.shape):
+                raise ValueError(
+                    f"checkpoint shard {shard_id!r} has shape {tuple(loaded.shape)}, "
+                    f"expected {tuple(target.shape)}"
+                )
+            target.copy_(loaded)
+
+        return load
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_method.apply(self, x, self.bias)

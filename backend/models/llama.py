@@ -1,0 +1,240 @@
+"""The Llama decoder, which also covers Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm):
+the differences are flags of ModelConfig.
+
+The model computes hidden states for a flat batch of tokens; it knows the attention backend
+interface and nothing about requests or scheduling.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.layers.activation import SiluAndMul
+from pagedserve.layers.embedding import LMHead, VocabEmbedding
+from pagedserve.layers.linear import LinearBase, LinearMethod
+from pagedserve.layers.norm import RMSNorm
+from pagedserve.layers.rotary import RotaryEmbedding
+from pagedserve.models.model_config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    """Owns one layer's q/k/v/o projections, rotary embedding and optional q/k norms."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        attn: AttentionBackend,
+        linear_method: LinearMethod,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = LinearBase(
+            config.hidden_size,
+            [self.q_size, self.kv_size, self.kv_size],
+            bias=config.qkv_bias,
+            shard_names=["q", "k", "v"],
+            linear_method=linear_method,
+            dtype=dtype,
+        )
+        self.o_proj = LinearBase(
+            self.q_size, [config.hidden_size], bias=config.o_proj_bias,
+            linear_method=linear_method, dtype=dtype,
+        )
+        self.rotary_emb = RotaryEmbedding(
+            self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.attn = attn
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn.forward(q, k, v, kv_cache, metadata)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """Owns the gated MLP: merged [gate; up] projection, SiLU-and-mul, down projection."""
+
+    def __init__(self, config: ModelConfig, linear_method: LinearMethod, dtype: torch.dtype):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = LinearBase(
+            config.hidden_size, [size, size], bias=config.mlp_bias, shard_names=[0, 1],
+            linear_method=linear_method, dtype=dtype,
+        )
+        self.down_proj = LinearBase(
+            size, [config.hidden_size], bias=config.mlp_bias, linear_method=linear_method,
+            dtype=dtype,
+        )
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """One pre-norm transformer block; carries the residual stream unnormalized."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        attn: AttentionBackend,
+        linear_method: LinearMethod,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, attn, linear_method, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, linear_method, dtype)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: Optional[torch.Tensor],
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        attn: AttentionBackend,
+        linear_method: LinearMethod,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, attn, linear_method, dtype)
+            for _ in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+# Checkpoint module names that we store merged: (checkpoint name, our name, shard id).
+_STACKED = [
+    ("q_proj", "qkv_proj", "q"),
+    ("k_proj", "qkv_proj", "k"),
+    ("v_proj", "qkv_proj", "v"),
+    ("gate_proj", "gate_up_proj", 0),
+    ("up_proj", "gate_up_proj", 1),
+]
+_SKIPPED = re.compile(r"rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached")
+
+
+class LlamaForCausalLM(nn.Module):
+    """A causal LM of the Llama family: hidden states for a token batch, logits on request."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        attn: AttentionBackend,
+        linear_method: LinearMethod,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, attn, linear_method, dtype)
+        tied = self.model.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied_to=tied)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copies checkpoint tensors into parameters; returns the parameter names loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if _SKIPPED.search(name):
+                continue
+            if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+                continue
+            shard_id = None
+            for ckpt, ours, shard in _STACKED:
+                if f".{ckpt}." in name:
+                    name, shard_id = name.replace(f".{ckpt}.", f".{ours}."), shard
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(
+                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                )
+            loader = getattr(param, "weight_loader", None)
+            if loader is None:
+                if param.shape != tensor.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(param.shape)}"
+                    )
+                param.data.copy_(tensor)
+            elif shard_id is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard_id)
+            loaded.add(name)
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        return loaded

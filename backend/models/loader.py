@@ -1,0 +1,62 @@
+"""Builds a model on its device and fills it from a checkpoint directory."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pagedserve.attention.base import AttentionBackend
+from pagedserve.layers.linear import LinearBase, LinearMethod, UnquantizedLinearMethod
+from pagedserve.models.model_config import ModelConfig
+from pagedserve.models.registry import model_class
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint: sharded safetensors, one safetensors, or .bin files."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / name for name in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        files = sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise ValueError(f"{path} holds no weights (*.safetensors or pytorch_model*.bin)")
+    return files
+
+
+def iterate_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield name, f.get_tensor(name)
+        else:
+            yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def load_model(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn: AttentionBackend,
+    linear_method: Optional[LinearMethod] = None,
+) -> nn.Module:
+    """Instantiates the architecture's class on ``device`` and loads every parameter."""
+    cls = model_class(config.architecture)
+    with torch.device(device):
+        model = cls(config, attn, linear_method or UnquantizedLinearMethod(), dtype)
+    loaded = model.load_weights(iterate_weights(config.path))
+    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {config.path} lacks weights for: {', '.join(missing[:8])}")
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            module.linear_method.process_weights_after_loading(module)
+    return model.eval()

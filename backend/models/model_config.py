@@ -1,0 +1,118 @@
+"""What the engine needs to know about a Hugging Face checkpoint, read from its config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPE_NAMES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}") from None
+
+
+@dataclass
+class ModelConfig:
+    """The architecture-level facts of a checkpoint (shapes, rope, special tokens)."""
+
+    path: Path
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope_theta: float
+    rope_scaling: Optional[dict[str, Any]]
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_proj_bias: bool
+    qk_norm: bool
+    mlp_bias: bool
+    checkpoint_dtype: torch.dtype
+    eos_token_ids: list[int] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_pretrained(cls, path: Path | str) -> ModelConfig:
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{path} is not a model directory: it has no config.json")
+        raw = json.loads(config_file.read_text())
+        archs = raw.get("architectures") or []
+        if not archs:
+            raise ValueError(f"{config_file} names no architecture ('architectures' is empty)")
+        hidden = int(raw["hidden_size"])
+        heads = int(raw["num_attention_heads"])
+        rope_theta, rope_scaling = _rope(raw)
+        arch = archs[0]
+        dtype_name = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        return cls(
+            path=path,
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=int(raw["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+            head_dim=int(raw.get("head_dim") or hidden // heads),
+            intermediate_size=int(raw["intermediate_size"]),
+            vocab_size=int(raw["vocab_size"]),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases and none on o_proj; Llama-family configs may ask for
+            # biases everywhere; Qwen3 normalizes q and k per head.
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            o_proj_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            checkpoint_dtype=_DTYPE_NAMES.get(str(dtype_name), torch.float32),
+            eos_token_ids=_eos_ids(path, raw),
+            raw=raw,
+        )
+
+
+def _rope(raw: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:
+    # transformers 5 writes rope_parameters (theta inside); older: rope_theta + rope_scaling.
+    params = raw.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" in params:
+        theta = float(params["rope_theta"])
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(raw.get("rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    return theta, scaling
+
+
+def _eos_ids(path: Path, raw: dict[str, Any]) -> list[int]:
+    ids: list[int] = []
+    sources = [raw.get("eos_token_id")]
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        sources.append(json.loads(gen_file.read_text()).get("eos_token_id"))
+    for value in sources:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return ids

@@ -1,0 +1,180 @@
+"""The runner's persistent per-request state: one row per request, kept in numpy arrays so that
+each step's inputs come from a few vectorized gathers instead of a loop over requests."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pagedserve.core.scheduler_output import NewRequestData
+from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.sampler import SamplingMetadata
+
+_GREEDY_EPS = 1e-5
+
+
+class InputBatch:
+    """Owns the rows: tokens known and computed, block table, and sampling parameters."""
+
+    def __init__(
+        self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int, vocab_size: int
+    ) -> None:
+        self.max_num_reqs = max_num_reqs
+        self.vocab_size = vocab_size
+        self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
+        self.num_tokens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_computed = np.zeros(max_num_reqs, dtype=np.int32)
+        self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int32)
+        self.row_of: dict[str, int] = {}
+        self.req_id_of: list[Optional[str]] = [None] * max_num_reqs
+        self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        # Sampling parameters per row.
+        self.temperature = np.ones(max_num_reqs, dtype=np.float32)
+        self.top_k = np.zeros(max_num_reqs, dtype=np.int64)  # 0 = off
+        self.top_p = np.ones(max_num_reqs, dtype=np.float32)
+        self.min_p = np.zeros(max_num_reqs, dtype=np.float32)
+        self.repetition_penalty = np.ones(max_num_reqs, dtype=np.float32)
+        self.presence_penalty = np.zeros(max_num_reqs, dtype=np.float32)
+        self.frequency_penalty = np.zeros(max_num_reqs, dtype=np.float32)
+        self.num_logprobs = np.full(max_num_reqs, -1, dtype=np.int32)
+        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.generators: dict[int, torch.Generator] = {}
+        self.banned_until_min: dict[int, list[int]] = {}  # row -> EOS/stop ids for min_tokens
+        self._penalized_rows: set[int] = set()
+
+    def add(self, req: NewRequestData, device: torch.device) -> int:
+        row = self._free_rows.pop()
+        self.row_of[req.req_id] = row
+        self.req_id_of[row] = req.req_id
+        n = len(req.token_ids)
+        self.token_ids[row, :n] = req.token_ids
+        self.num_tokens[row] = n
+        self.num_prompt_tokens[row] = req.num_prompt_tokens
+        self.num_computed[row] = req.num_computed_tokens
+        self.num_blocks[row] = 0
+        self.append_blocks(row, req.block_ids)
+        self._set_sampling(row, req, device)
+        return row
+
+    def _set_sampling(self, row: int, req: NewRequestData, device: torch.device) -> None:
+        p: SamplingParams = req.sampling_params
+        self.temperature[row] = p.temperature
+        self.top_k[row] = p.top_k
+        self.top_p[row] = p.top_p
+        self.min_p[row] = p.min_p
+        self.repetition_penalty[row] = p.repetition_penalty
+        self.presence_penalty[row] = p.presence_penalty
+        self.frequency_penalty[row] = p.frequency_penalty
+        self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
+        self.min_tokens[row] = p.min_tokens
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            self._penalized_rows.add(row)
+        if p.min_tokens > 0 and req.eos_token_ids:
+            self.banned_until_min[row] = sorted(req.eos_token_ids)
+        if req.seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(req.seed)
+            # Fast-forward past the tokens already drawn, so a resumed request continues the
+            # same stream (each draw consumes one vocab-sized block of noise).
+            num_drawn = len(req.token_ids) - req.num_prompt_tokens
+            for _ in range(num_drawn):
+                torch.empty(self.vocab_size, device=device).exponential_(generator=generator)
+            self.generators[row] = generator
+
+    def remove(self, req_id: str) -> None:
+        row = self.row_of.pop(req_id, None)
+        if row is None:
+            return
+        self.req_id_of[row] = None
+        self.generators.pop(row, None)
+        self.banned_until_min.pop(row, None)
+        self._penalized_rows.discard(row)
+        self._free_rows.append(row)
+
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        start = int(self.num_blocks[row])
+        self.block_table[row, start:start + len(block_ids)] = block_ids
+        self.num_blocks[row] = start + len(block_ids)
+
+    def append_sampled(self, rows: np.ndarray, tokens: np.ndarray) -> None:
+        self.token_ids[rows, self.num_tokens[rows]] = tokens
+        self.num_tokens[rows] += 1
+
+    def sampling_metadata(self, rows: np.ndarray, device: torch.device) -> SamplingMetadata:
+        """Tensors for the rows that sample this step, in batch order."""
+        temperature = self.temperature[rows]
+        greedy = temperature < _GREEDY_EPS
+        all_greedy = bool(greedy.all())
+        top_k = top_p = min_p = None
+        if not all_greedy:
+            k = self.top_k[rows]
+            if k.any():
+                top_k = torch.from_numpy(np.where(k > 0, k, self.vocab_size)).to(device)
+            p = self.top_p[rows]
+            if (p < 1.0).any():
+                top_p = torch.from_numpy(p).to(device)
+            m = self.min_p[rows]
+            if m.any():
+                min_p = torch.from_numpy(m).to(device)
+        generators = {}
+        if self.generators:
+            for i, row in enumerate(rows.tolist()):
+                if row in self.generators:
+                    generators[i] = self.generators[row]
+        meta = SamplingMetadata(
+            temperature=torch.from_numpy(temperature).to(device),
+            all_greedy=all_greedy,
+            all_random=not greedy.any(),
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            generators=generators,
+            output_counts=None,
+            seen_mask=None,
+            repetition_penalty=None,
+            presence_penalty=None,
+            frequency_penalty=None,
+            banned_rows=None,
+            banned_tokens=None,
+            max_num_logprobs=int(self.num_logprobs[rows].max()) if len(rows) else -1,
+        )
+        if self._penalized_rows:
+            self._add_penalties(meta, rows, device)
+        if self.banned_until_min:
+            self._add_min_tokens_bans(meta, rows, device)
+        return meta
+
+    def _add_penalties(self, meta: SamplingMetadata, rows: np.ndarray, device: torch.device):
+        n = len(rows)
+        counts = np.zeros((n, self.vocab_size), dtype=np.int32)
+        seen = np.zeros((n, self.vocab_size), dtype=bool)
+        for i, row in enumerate(rows.tolist()):
+            if row not in self._penalized_rows:
+                continue
+            prompt, total = self.num_prompt_tokens[row], self.num_tokens[row]
+            np.add.at(counts[i], self.token_ids[row, prompt:total], 1)
+            seen[i, self.token_ids[row, :total]] = True
+        meta.output_counts = torch.from_numpy(counts).to(device)
+        meta.seen_mask = torch.from_numpy(seen).to(device)
+        meta.repetition_penalty = torch.from_numpy(self.repetition_penalty[rows]).to(device)
+        meta.presence_penalty = torch.from_numpy(self.presence_penalty[rows]).to(device)
+        meta.frequency_penalty = torch.from_numpy(self.frequency_penalty[rows]).to(device)
+
+    def _add_min_tokens_bans(self, meta: SamplingMetadata, rows: np.ndarray, device):
+        ban_rows: list[int] = []
+        ban_tokens: list[int] = []
+        for i, row in enumerate(rows.tolist()):
+            tokens = self.banned_until_min.get(row)
+            if tokens is None:
+                continue
+            num_out = self.num_tokens[row] - self.num_prompt_tokens[row]
+            if num_out < self.min_tokens[row]:
+                ban_rows.extend([i] * len(tokens))
+                ban_tokens.extend(tokens)
+        if ban_rows:
+            meta.banned_rows = torch.tensor(ban_rows, device=device)
+            meta.banned_tokens = torch.tensor(ban_tokens, device=device)

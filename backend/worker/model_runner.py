@@ -1,0 +1,265 @@
+"""Runs the model for one scheduled step: flatten the batch, forward, sample."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.attention.selector import get_attention_backend
+from pagedserve.config import EngineConfig
+from pagedserve.core.scheduler_output import (
+    EMPTY_RUNNER_OUTPUT,
+    LogprobsLists,
+    ModelRunnerOutput,
+    SchedulerOutput,
+)
+from pagedserve.models.loader import load_model
+from pagedserve.models.model_config import ModelConfig, parse_dtype
+from pagedserve.worker.input_batch import InputBatch
+from pagedserve.worker.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU
+
+
+@dataclass
+class ForwardInputs:
+    """The flattened batch of one step, on the device."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [n] rows whose hidden state is sampled
+
+
+class ModelRunner:
+    """Owns the model, its KV caches, the persistent InputBatch and the Sampler."""
+
+    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.dtype = parse_dtype(config.dtype)
+        self.block_size = config.block_size
+        torch.manual_seed(config.args.seed)
+        self.attn: AttentionBackend = get_attention_backend(
+            config.args.attention_backend,
+            self.device,
+            num_heads=model_config.num_heads,
+            num_kv_heads=model_config.num_kv_heads,
+            head_dim=model_config.head_dim,
+            scale=model_config.head_dim ** -0.5,
+            block_size=config.block_size,
+        )
+        self.model = load_model(model_config, self.dtype, self.device, self.attn)
+        self.vocab_size = model_config.vocab_size
+        self.batch = InputBatch(
+            config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
+        )
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.graphs = None  # CUDA-graph runner, set up by capture_graphs()
+
+    # ---- KV cache ------------------------------------------------------------------------
+
+    def bytes_per_block(self) -> int:
+        mc = self.model_config
+        element = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
+
+    def determine_num_blocks(self) -> int:
+        """Blocks that fit the budget: num_kv_blocks, kv_cache_memory_bytes, or what is free."""
+        args = self.config.args
+        needed = self.config.max_blocks_per_req
+        if args.num_kv_blocks is not None:
+            num_blocks = args.num_kv_blocks
+        else:
+            budget = args.kv_cache_memory_bytes
+            if budget is None:
+                budget = self._default_budget()
+            num_blocks = budget // self.bytes_per_block()
+            if args.kv_cache_memory_bytes is None and self.device.type == "cpu":
+                # On the CPU keep the default no larger than the engine could ever fill.
+                num_blocks = min(num_blocks, needed * self.config.max_num_seqs)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {self.block_size} tokens, fewer than "
+                f"one request of max_model_len={self.config.max_model_len} needs ({needed}); "
+                "lower max_model_len or give the cache more room (num_kv_blocks, "
+                "kv_cache_memory_bytes, gpu_memory_utilization)"
+            )
+        return int(num_blocks)
+
+    def _default_budget(self) -> int:
+        if self.device.type != "cuda":
+            return _CPU_KV_CACHE_BYTES
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated()
+        _, total = torch.cuda.mem_get_info()
+        budget = int(total * self.config.args.gpu_memory_utilization) - peak
+        if budget <= 0:
+            raise ValueError(
+                "no GPU memory is left for the KV cache; raise gpu_memory_utilization"
+            )
+        return budget
+
+    def _profile_run(self) -> None:
+        """A forward over max_num_batched_tokens dummy tokens, to measure peak activations."""
+        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
+        cache = [torch.empty(2, 1, self.block_size, self.model_config.num_kv_heads,
+                             self.model_config.head_dim, dtype=self.dtype, device=self.device)
+                 for _ in range(self.model_config.num_layers)]
+        meta = AttentionMetadata(
+            num_actual_tokens=tokens, num_reqs=1,
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
+            block_table=torch.zeros(1, -(-tokens // self.block_size), dtype=torch.int32,
+                                    device=self.device),
+            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
+            max_query_len=tokens, max_seq_len=tokens,
+            query_start_loc_cpu=torch.tensor([0, tokens], dtype=torch.int32),
+            seq_lens_cpu=torch.tensor([tokens], dtype=torch.int32),
+        )
+        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.attn.prepare(meta)
+            hidden = self.model(ids, torch.arange(tokens, device=self.device), cache, meta)
+            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
+        del cache, hidden
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        mc = self.model_config
+        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        self.kv_caches = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            for _ in range(mc.num_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_batch(sched)
+        if sched.is_empty:
+            return EMPTY_RUNNER_OUTPUT
+        batch = self.batch
+        row_of = batch.row_of
+        rows = np.fromiter((row_of[r] for r in sched.num_scheduled_tokens), np.int64,
+                           len(sched.num_scheduled_tokens))
+        num_sched = np.fromiter(sched.num_scheduled_tokens.values(), np.int32, len(rows))
+        inputs, sample_mask = self._prepare_inputs(rows, num_sched)
+        logits = self._forward_logits(inputs)
+        batch.num_computed[rows] += num_sched
+        sample_rows = rows[sample_mask]
+        if len(sample_rows) == 0:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        meta = batch.sampling_metadata(sample_rows, self.device)
+        out = self.sampler(logits, meta)
+        sampled = out.sampled.cpu().numpy()
+        batch.append_sampled(sample_rows, sampled)
+        req_ids = [batch.req_id_of[r] for r in sample_rows.tolist()]
+        logprobs = None
+        if out.logprobs is not None:
+            logprobs = self._logprobs_lists(
+                sample_rows, out.logprob_token_ids, out.logprobs, out.sampled_rank
+            )
+        return ModelRunnerOutput(req_ids, sampled.tolist(), logprobs)
+
+    def _update_batch(self, sched: SchedulerOutput) -> None:
+        batch = self.batch
+        for rid in sched.finished_req_ids:
+            batch.remove(rid)
+        for new in sched.scheduled_new_reqs:
+            batch.add(new, self.device)
+        for rid, block_ids in sched.new_block_ids.items():
+            batch.append_blocks(batch.row_of[rid], block_ids)
+
+    def _prepare_inputs(
+        self, rows: np.ndarray, num_sched: np.ndarray
+    ) -> tuple[ForwardInputs, np.ndarray]:
+        batch, bs = self.batch, self.block_size
+        computed = batch.num_computed[rows]
+        cu = np.cumsum(num_sched)
+        total = int(cu[-1])
+        req_of_token = np.repeat(np.arange(len(rows)), num_sched)
+        positions = computed[req_of_token] + (np.arange(total) - (cu - num_sched)[req_of_token])
+        token_rows = rows[req_of_token]
+        input_ids = batch.token_ids[token_rows, positions]
+        slots = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        seq_lens = computed + num_sched
+        # A row samples when this step reaches the end of its known tokens.
+        sample_mask = seq_lens >= batch.num_tokens[rows]
+        logits_indices = cu[sample_mask] - 1
+        max_seq_len = int(seq_lens.max())
+        block_table = batch.block_table[rows, : -(-max_seq_len // bs)]
+        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
+        query_start_loc[1:] = cu
+        dev = self.device
+        qsl_cpu = torch.from_numpy(query_start_loc)
+        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        meta = AttentionMetadata(
+            num_actual_tokens=total,
+            num_reqs=len(rows),
+            query_start_loc=qsl_cpu.to(dev),
+            seq_lens=seq_lens_cpu.to(dev),
+            block_table=torch.from_numpy(block_table).to(dev),
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            max_query_len=int(num_sched.max()),
+            max_seq_len=max_seq_len,
+            query_start_loc_cpu=qsl_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+        )
+        inputs = ForwardInputs(
+            input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(dev),
+            positions=torch.from_numpy(positions.astype(np.int64)).to(dev),
+            metadata=meta,
+            logits_indices=torch.from_numpy(logits_indices.astype(np.int64)).to(dev),
+        )
+        return inputs, sample_mask
+
+    def _forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
+        if self.graphs is not None and self.graphs.can_run(inputs.metadata):
+            hidden = self.graphs.run(inputs)
+        else:
+            self.attn.prepare(inputs.metadata)
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata
+            )
+        return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def _logprobs_lists(
+        self, rows: np.ndarray, token_ids: torch.Tensor, logprobs: torch.Tensor,
+        ranks: torch.Tensor,
+    ) -> LogprobsLists:
+        wanted = self.batch.num_logprobs[rows]
+        ids, lps = token_ids.cpu().tolist(), logprobs.cpu().tolist()
+        out_ids: list[list[int]] = []
+        out_lps: list[list[float]] = []
+        for i, k in enumerate(wanted.tolist()):
+            if k < 0:
+                out_ids.append([])
+                out_lps.append([])
+            else:
+                out_ids.append(ids[i][: k + 1])
+                out_lps.append(lps[i][: k + 1])
+        return LogprobsLists(out_ids, out_lps, ranks.cpu().tolist())
+
+    def capture_graphs(self) -> None:
+        """Captures decode CUDA graphs (CUDA only, unless enforce_eager)."""
+        if self.device.type != "cuda" or self.config.args.enforce_eager:
+            return
+        from pagedserve.worker.cuda_graphs import CudaGraphRunner
+
+        self.graphs = CudaGraphRunner(self)
+        self.graphs.capture()

@@ -1,0 +1,145 @@
+"""Turns one step's logits into tokens, for a batch of requests with their own parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_EPS = 1e-5
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling parameters of the rows that sample this step, as tensors.
+
+    A field is None when no row needs that step, so the common cases skip it entirely.
+    """
+
+    temperature: torch.Tensor  # [n] fp32; rows below _EPS are greedy
+    all_greedy: bool
+    all_random: bool
+    top_k: Optional[torch.Tensor]  # [n] int64; vocab size where disabled
+    top_p: Optional[torch.Tensor]  # [n] fp32
+    min_p: Optional[torch.Tensor]  # [n] fp32
+    generators: dict[int, torch.Generator]  # row -> its seeded generator
+    # Penalties: token counts of the outputs so far, and which tokens the prompt+output hold.
+    output_counts: Optional[torch.Tensor]  # [n, vocab] int32
+    seen_mask: Optional[torch.Tensor]  # [n, vocab] bool
+    repetition_penalty: Optional[torch.Tensor]  # [n] fp32
+    presence_penalty: Optional[torch.Tensor]  # [n] fp32
+    frequency_penalty: Optional[torch.Tensor]  # [n] fp32
+    # min_tokens: (row, token) pairs to forbid this step (EOS and stop token ids).
+    banned_rows: Optional[torch.Tensor]
+    banned_tokens: Optional[torch.Tensor]
+    max_num_logprobs: int  # -1 when no row asks for logprobs
+
+
+@dataclass
+class SamplerOutput:
+    sampled: torch.Tensor  # [n] int64
+    # Sampled token first, then the top-k: ids [n, k+1] and logprobs [n, k+1].
+    logprob_token_ids: Optional[torch.Tensor] = None
+    logprobs: Optional[torch.Tensor] = None
+    sampled_rank: Optional[torch.Tensor] = None  # [n] 1 = the most likely token
+
+
+class Sampler:
+    """Samples one token per row. Steps, in order:
+
+    1. penalties on the raw logits: repetition (prompt and output tokens), then frequency and
+       presence (output tokens);
+    2. min_tokens: EOS and stop token ids get -inf until a row has enough output;
+    3. logprobs, when asked, from the model's raw logits (vLLM's default);
+    4. greedy rows take the argmax;
+    5. the others: divide by temperature, apply min-p, then top-k and top-p, and draw
+       ``argmax(probs / Exp(1))`` (an exact draw from ``probs``); rows with a seed draw their
+       noise from their own generator, so their tokens do not depend on the rest of the batch.
+    """
+
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+        raw = logits
+        logits = self._apply_penalties(logits, meta)
+        if meta.banned_rows is not None:
+            logits = logits.clone() if logits is raw else logits
+            logits[meta.banned_rows, meta.banned_tokens] = float("-inf")
+        out = SamplerOutput(sampled=torch.empty(0))
+        if meta.all_greedy:
+            out.sampled = logits.argmax(dim=-1)
+        else:
+            sampled = self._sample_random(logits, meta)
+            if not meta.all_random:
+                greedy = meta.temperature < _EPS
+                sampled = torch.where(greedy, logits.argmax(dim=-1), sampled)
+            out.sampled = sampled
+        if meta.max_num_logprobs >= 0:
+            out.logprob_token_ids, out.logprobs, out.sampled_rank = self._logprobs(
+                raw, out.sampled, meta
+            )
+        return out
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if meta.repetition_penalty is None and meta.output_counts is None:
+            return logits
+        logits = logits.clone()
+        if meta.repetition_penalty is not None:
+            penalty = meta.repetition_penalty[:, None].expand_as(logits)
+            scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(meta.seen_mask, scaled, logits)
+        if meta.output_counts is not None:
+            counts = meta.output_counts.to(logits.dtype)
+            logits -= meta.frequency_penalty[:, None] * counts
+            logits -= meta.presence_penalty[:, None] * (counts > 0).to(logits.dtype)
+        return logits
+
+    @staticmethod
+    def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        temperature = torch.where(meta.temperature < _EPS, 1.0, meta.temperature)
+        logits = logits / temperature[:, None]
+        if meta.min_p is not None:
+            probs = logits.softmax(dim=-1)
+            threshold = probs.amax(dim=-1, keepdim=True) * meta.min_p[:, None]
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
+        if meta.top_k is not None or meta.top_p is not None:
+            logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in meta.generators.items():
+            noise[row].exponential_(generator=generator)
+        return probs.div_(noise).argmax(dim=-1)
+
+    @staticmethod
+    def _logprobs(
+        raw: torch.Tensor, sampled: torch.Tensor, meta: SamplingMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logprobs = raw.log_softmax(dim=-1)
+        chosen = logprobs.gather(1, sampled[:, None])
+        rank = (logprobs > chosen).sum(dim=-1) + 1
+        if meta.max_num_logprobs == 0:
+            return sampled[:, None], chosen, rank
+        top_lp, top_ids = logprobs.topk(meta.max_num_logprobs, dim=-1)
+        ids = torch.cat([sampled[:, None], top_ids], 1)
+        return ids, torch.cat([chosen, top_lp], 1), rank
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: Optional[torch.Tensor], top_p: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Masks (-inf) everything outside each row's top-k, then outside its top-p nucleus.
+
+    ``top_k`` holds the vocabulary size for rows without top-k; ``top_p`` holds 1.0 for rows
+    without top-p. The token with the highest probability always survives.
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    vocab = logits.shape[-1]
+    if top_k is not None:
+        kth = sorted_logits.gather(1, (vocab - top_k.clamp(1, vocab))[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if top_p is not None:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        outside = cumulative <= (1.0 - top_p)[:, None]
+        outside[:, -1] = False
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv/ at the repository root with pagedserve, its test tools and a real tritonserver
+# (from the nvidia-pytriton wheel), then builds the small default model that model_repository/ serves.
+# Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# Without a GPU, take the CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        .venv/bin/python -m pip install -q torch
+    else
+        .venv/bin/python -m pip install -q torch==2.13.0
+    fi
+fi
+.venv/bin/python -m pip install -q -e ".[triton,kernels,test]"
+.venv/bin/python -m pagedserve.devtools.default_model
