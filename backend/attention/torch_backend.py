@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,55 +66,59 @@ def paged_attention_ref(
 
 
 @dataclass
-class _DecodePlan:
-    """Gather indices shared by all layers for the single-token rows of one forward."""
+class _Plan:
+    """Gather indices shared by all layers of one forward."""
 
-    rows: torch.Tensor  # [n] query rows that are single-token decodes
-    slots: torch.Tensor  # [n, max_ctx] cache slots to gather (0 where masked)
-    mask: torch.Tensor  # [n, 1, 1, max_ctx] True where the position is past the context
-    prefill: list[tuple[int, int, int, torch.Tensor]]  # (start, end, seq_len, slots) per prefill
+    decode_rows: Optional[torch.Tensor]  # [n] rows that are single-token decodes; None = all
+    num_decodes: int
+    decode_blocks: torch.Tensor  # [n * max_blocks] block ids to gather (0 where unused)
+    decode_mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where attended
+    prefills: list[tuple[int, int, int, torch.Tensor]]  # (start, end, seq_len, block ids)
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Paged attention for the CPU: decodes batched through one padded gather, prefills each
-    through SDPA. ``prepare`` builds the gather plan once per forward for all layers."""
+    """Paged attention for the CPU. Decodes are batched: their blocks are gathered whole (one
+    index_select per layer, not one per token) and attended with one masked SDPA call.
+    Prefill chunks go one at a time through causal SDPA; a chunk with no cached prefix reads
+    its own new keys and values without touching the cache. ``prepare`` builds the gather plan
+    once per forward for all layers."""
 
     name = "torch"
 
     def prepare(self, metadata: AttentionMetadata) -> None:
-        block_table = metadata.block_table
-        block_size = self.block_size
-        qsl = metadata.query_start_loc_cpu if metadata.query_start_loc_cpu is not None else (
-            metadata.query_start_loc.cpu()
-        )
-        seq_lens_cpu = metadata.seq_lens_cpu if metadata.seq_lens_cpu is not None else (
-            metadata.seq_lens.cpu()
-        )
-        q_lens = (qsl[1:] - qsl[:-1])[: metadata.num_reqs]
-        seq_lens_cpu = seq_lens_cpu[: metadata.num_reqs]
+        bs = self.block_size
+        qsl = metadata.query_start_loc_cpu
+        if qsl is None:
+            qsl = metadata.query_start_loc.cpu()
+        seq_lens = metadata.seq_lens_cpu
+        if seq_lens is None:
+            seq_lens = metadata.seq_lens.cpu()
+        n = metadata.num_reqs
+        q_lens = qsl[1 : n + 1] - qsl[:n]
+        seq_lens = seq_lens[:n]
         is_decode = q_lens == 1
-        device = block_table.device
+        table = metadata.block_table
+        device = table.device
         dec_idx = torch.nonzero(is_decode).flatten()
-        if len(dec_idx):
-            dec_seq = seq_lens_cpu[dec_idx]
-            max_ctx = int(dec_seq.max())
-            pos = torch.arange(max_ctx)
-            tables = block_table[dec_idx.to(device), : (max_ctx + block_size - 1) // block_size]
-            slots = tables.long()[:, pos // block_size] * block_size + (pos % block_size)
-            past = (pos[None, :] >= dec_seq[:, None]).to(device)
-            slots = slots.masked_fill(past, 0)
-            rows = qsl[dec_idx].to(device)
-            mask = past[:, None, None, :]
+        num_decodes = len(dec_idx)
+        if num_decodes:
+            dec_seq = seq_lens[dec_idx]
+            max_blocks = int(dec_seq.max() + bs - 1) // bs
+            all_decode = num_decodes == n
+            # Query rows of the decodes (a decode's single row starts its request's slice).
+            rows = None if all_decode else qsl[dec_idx].long().to(device)
+            tables = table[:, :max_blocks] if all_decode else table[dec_idx.to(device), :max_blocks]
+            positions = torch.arange(max_blocks * bs)
+            mask = (positions[None, :] < dec_seq[:, None])[:, None, None, :].to(device)
+            blocks = tables.reshape(-1).long()
         else:
-            rows = slots = mask = torch.empty(0, dtype=torch.long, device=device)
-        prefill = []
+            rows = blocks = mask = torch.empty(0, dtype=torch.long, device=device)
+        prefills = []
         for i in torch.nonzero(~is_decode & (q_lens > 0)).flatten().tolist():
-            seq_len = int(seq_lens_cpu[i])
-            prefill.append(
-                (int(qsl[i]), int(qsl[i + 1]), seq_len,
-                 context_slots(block_table[i], seq_len, block_size))
-            )
-        metadata.plan = _DecodePlan(rows, slots, mask, prefill)
+            seq_len = int(seq_lens[i])
+            prefills.append((int(qsl[i]), int(qsl[i + 1]), seq_len,
+                             table[i, : (seq_len + bs - 1) // bs].long()))
+        metadata.plan = _Plan(rows, num_decodes, blocks, mask, prefills)
 
     def forward(
         self,
@@ -125,35 +130,44 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         n = metadata.num_actual_tokens
         write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
-        plan: _DecodePlan = metadata.plan
-        flat = kv_cache.flatten(1, 2)
+        plan: _Plan = metadata.plan
         out = torch.empty_like(query)
-        group = self.num_heads // self.num_kv_heads
-        if len(plan.rows):
-            q = query[plan.rows]  # [b, heads, dim]
+        gqa = self.num_heads != self.num_kv_heads
+        if plan.num_decodes:
+            rows = plan.decode_rows
+            # All-decode: rows 0..n-1; rows past them are CUDA-graph padding, not decodes.
+            q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
             b = q.shape[0]
-            k = flat[0][plan.slots]  # [b, ctx, kv_heads, dim]
-            v = flat[1][plan.slots]
-            q = q.view(b, self.num_kv_heads, group, self.head_dim)
-            scores = torch.einsum("bhgd,bchd->bhgc", q, k) * self.scale
-            scores.masked_fill_(plan.mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-            attn = torch.einsum("bhgc,bchd->bhgd", probs, v)
-            out[plan.rows] = attn.reshape(b, self.num_heads, self.head_dim)
-        for start, end, seq_len, slots in plan.prefill:
-            q = query[start:end].transpose(0, 1)  # [heads, q, dim]
-            k = flat[0][slots].transpose(0, 1)  # [kv_heads, ctx, dim]
-            v = flat[1][slots].transpose(0, 1)
+            k = self._gather(kv_cache[0], plan.decode_blocks, b)
+            v = self._gather(kv_cache[1], plan.decode_blocks, b)
+            attn = F.scaled_dot_product_attention(
+                q[:, :, None, :], k, v, attn_mask=plan.decode_mask, scale=self.scale,
+                enable_gqa=gqa,
+            )[:, :, 0, :]
+            if rows is None:
+                out[:b] = attn
+            else:
+                out[rows] = attn
+        for start, end, seq_len, blocks in plan.prefills:
+            q = query[start:end].transpose(0, 1)  # [heads, q_len, dim]
             q_len = end - start
-            if q_len == seq_len:
+            if q_len == seq_len:  # nothing cached before this chunk
+                k, v = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
                 mask, causal = None, True
             else:
+                k = self._gather(kv_cache[0], blocks, 1)[0, :, :seq_len]
+                v = self._gather(kv_cache[1], blocks, 1)[0, :, :seq_len]
                 q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
                 mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
                 causal = False
             attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                enable_gqa=group > 1,
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa
             )
             out[start:end] = attn.transpose(0, 1)
         return out
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, blocks: torch.Tensor, batch: int) -> torch.Tensor:
+        """[batch, kv_heads, blocks * block_size, dim] view of the given blocks' contents."""
+        gathered = cache.index_select(0, blocks)  # [batch * nblk, bs, kv_heads, dim]
+        return gathered.view(batch, -1, *cache.shape[2:]).transpose(1, 2)

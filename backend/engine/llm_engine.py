@@ -121,7 +121,7 @@ class LLMEngine:
             ids = [int(t) for t in token_ids]
         except (TypeError, ValueError):
             raise ValueError("prompt_token_ids must be a list of integers") from None
-        if any(isinstance(t, bool) or isinstance(t, float) for t in token_ids):
+        if any(isinstance(t, (bool, float)) for t in token_ids):
             raise ValueError("prompt_token_ids must be a list of integers")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]

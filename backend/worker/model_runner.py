@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -196,7 +195,8 @@ class ModelRunner:
         positions = computed[req_of_token] + (np.arange(total) - (cu - num_sched)[req_of_token])
         token_rows = rows[req_of_token]
         input_ids = batch.token_ids[token_rows, positions]
-        slots = batch.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        blocks = batch.block_table[token_rows, positions // bs].astype(np.int64)
+        slots = blocks * bs + positions % bs
         seq_lens = computed + num_sched
         # A row samples when this step reaches the end of its known tokens.
         sample_mask = seq_lens >= batch.num_tokens[rows]

@@ -1,0 +1,194 @@
+"""The streaming engine for servers: ``async for output in engine.generate(...)``."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Callable, Optional
+
+from pagedserve.config import EngineArgs
+from pagedserve.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_STATS_INTERVAL_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an error; no request can make progress."""
+
+
+class AsyncLLMEngine:
+    """Owns an LLMEngine and the thread that steps it.
+
+    Every engine operation (adding, aborting, stepping) runs on that one thread, in order, so
+    the engine needs no locks and the caller's event loop stays free while the model runs.
+    Outputs travel back to per-request asyncio queues, one loop callback per step.
+    """
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.engine = LLMEngine(args)
+        self.tokenizer = self.engine.tokenizer
+        self._ops: queue.SimpleQueue[tuple[Callable, tuple, concurrent.futures.Future]] = (
+            queue.SimpleQueue()
+        )
+        self._wakeup = threading.Event()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stats = self.engine.get_stats()
+        self._stats_time = 0.0
+        self._dead: Optional[BaseException] = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
+        return cls(args)
+
+    # ---- public API ------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        sampling_params: Optional[SamplingParams],
+        request_id: str,
+    ) -> AsyncIterator[RequestOutput]:
+        """Streams the request's outputs; raises ValueError on bad input before any output.
+
+        Stopping the iteration early (break, aclose, task cancellation) aborts the request.
+        """
+        self._bind_loop()
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        outputs: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = outputs
+        try:
+            await self._call(
+                self.engine.add_request, request_id, prompt, sampling_params, time.monotonic()
+            )
+        except BaseException:
+            self._queues.pop(request_id, None)
+            raise
+        finished = False
+        try:
+            while True:
+                output = await outputs.get()
+                if isinstance(output, BaseException):
+                    raise output
+                finished = output.finished
+                yield output
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished and self._dead is None:
+                self._submit(self.engine.abort_request, [request_id])
+
+    async def abort(self, request_id: str) -> None:
+        """Stops a request and frees its blocks; its stream ends with finish_reason "abort"."""
+        self._bind_loop()
+        await self._call(self._abort_and_deliver, request_id)
+
+    def get_stats(self) -> EngineStats:
+        """The latest snapshot, refreshed by the engine thread (never older than ~50 ms
+        while busy, and current once it goes idle)."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        self._thread.join(timeout=30)
+
+    # ---- the loop side -------------------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif self._loop is not loop:
+            raise RuntimeError("AsyncLLMEngine must be used from a single event loop")
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+
+    def _submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._ops.put((fn, args, future))
+        self._wakeup.set()
+        return future
+
+    async def _call(self, fn: Callable, *args: Any) -> Any:
+        return await asyncio.wrap_future(self._submit(fn, *args))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            target = self._queues.get(output.request_id)
+            if target is not None:
+                target.put_nowait(output)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for target in self._queues.values():
+            target.put_nowait(error)
+
+    # ---- the engine thread ---------------------------------------------------------------
+
+    def _abort_and_deliver(self, request_id: str) -> None:
+        outputs = self.engine.abort_request([request_id])
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._run_ops()
+                if not engine.has_unfinished_requests():
+                    self._refresh_stats(force=True)
+                    self._wakeup.wait()
+                    self._wakeup.clear()
+                    continue
+                outputs = engine.step()
+                if outputs and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+                self._refresh_stats(force=False)
+        except BaseException as e:  # a bug: fail every stream loudly rather than hang them
+            logger.exception("pagedserve engine thread failed")
+            self._dead = e
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(repr(e)))
+            self._fail_pending_ops(e)
+
+    def _run_ops(self) -> None:
+        while True:
+            try:
+                fn, args, future = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except Exception as e:  # bad input: the caller gets it, the engine goes on
+                future.set_exception(e)
+
+    def _fail_pending_ops(self, error: BaseException) -> None:
+        while True:
+            try:
+                _, _, future = self._ops.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineDeadError(repr(error)))
+
+    def _refresh_stats(self, force: bool) -> None:
+        now = time.monotonic()
+        if force or now - self._stats_time >= _STATS_INTERVAL_S:
+            self._stats = self.engine.get_stats()
+            self._stats_time = now

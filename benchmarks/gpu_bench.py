@@ -1,0 +1,171 @@
+"""GPU benchmark table for a 1B-class Llama-shaped model with random bf16 weights.
+
+    python benchmarks/gpu_bench.py [--json out.json] [--markdown docs/benchmarks.md]
+
+Measures: decode tokens/s at batch 1, 8, 64 with and without CUDA graphs; each decode step's
+time against the roofline (weight bytes + KV bytes read, over the measured device-to-device
+copy bandwidth); offline throughput on the scaled-up request mix against HF transformers
+`generate` on the same GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import time
+from typing import Any, Optional
+
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.devtools.workload import WORKLOADS, make_requests, model_dir
+
+DECODE_BATCHES = (1, 8, 64)
+DECODE_PROMPT_LEN = 512
+DECODE_STEPS = 64
+
+
+def measure_copy_bandwidth() -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    bandwidth = 2 * src.numel() * src.element_size() / times[len(times) // 2]
+    del src, dst
+    torch.cuda.empty_cache()
+    return bandwidth
+
+
+def free_engine(llm: Optional[LLM]) -> None:
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def decode_step_time(llm: LLM, batch: int) -> float:
+    """Median seconds per step once ``batch`` requests are all decoding."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 16, ignore_eos=True)
+    for i in range(batch):
+        prompt = [(7 * i + j) % 30000 + 10 for j in range(DECODE_PROMPT_LEN)]
+        engine.add_request(f"d{batch}-{i}", {"prompt_token_ids": prompt}, params)
+    while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    times = []
+    for _ in range(DECODE_STEPS):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    engine.abort_request(list(engine.output_processor.states))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def weight_bytes(llm: LLM) -> int:
+    model = llm.engine.runner.model
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name and not llm.engine.model_config.tie_word_embeddings:
+            continue  # an embedding lookup reads only the batch's rows
+        total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(llm: LLM) -> int:
+    mc = llm.engine.model_config
+    element = llm.engine.runner.kv_caches[0].element_size()
+    return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * element
+
+
+def decode_table(path: str, bandwidth: float) -> list[dict[str, Any]]:
+    rows = []
+    for graphs in (False, True):
+        llm = LLM(path, dtype="bfloat16", enforce_eager=not graphs, max_num_seqs=64,
+                  max_model_len=2048, gpu_memory_utilization=0.5)
+        wbytes, kv_token = weight_bytes(llm), kv_bytes_per_token(llm)
+        for batch in DECODE_BATCHES:
+            step = decode_step_time(llm, batch)
+            context = DECODE_PROMPT_LEN + 16 + DECODE_STEPS // 2
+            roofline = (wbytes + batch * context * kv_token) / bandwidth
+            rows.append(dict(batch=batch, cuda_graphs=graphs, step_ms=step * 1e3,
+                             tok_s=batch / step, roofline_ms=roofline * 1e3,
+                             roofline_frac=roofline / step))
+        free_engine(llm)
+    return rows
+
+
+def offline_table(path: str, num_hf_requests: int) -> dict[str, Any]:
+    from offline_throughput import run_engine, run_hf  # the sibling script in benchmarks/
+
+    spec = WORKLOADS["gpu-1b"]
+    requests = make_requests(spec, 32000)
+    engine_tps = run_engine(path, requests, dict(dtype="bfloat16", max_num_seqs=256,
+                                                 gpu_memory_utilization=0.8))
+    gc.collect()
+    torch.cuda.empty_cache()
+    subset = requests[:num_hf_requests]
+    hf_tps = run_hf(path, subset, 16, "cuda", torch.bfloat16)
+    return dict(engine_tok_s=engine_tps, engine_requests=len(requests), hf_tok_s=hf_tps,
+                hf_requests=len(subset), ratio=engine_tps / hf_tps)
+
+
+def markdown(card: str, bandwidth: float, decode: list[dict], offline: Optional[dict]) -> str:
+    lines = [f"## {card}, {datetime.date.today().isoformat()}", "",
+             f"Measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write).", "",
+             "| batch | CUDA graphs | step ms | tok/s | roofline ms | % of roofline |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in decode:
+        lines.append(f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | "
+                     f"{r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['roofline_ms']:.2f} | "
+                     f"{100 * r['roofline_frac']:.0f}% |")
+    if offline:
+        lines += ["", f"Offline throughput (gpu-1b mix): engine {offline['engine_tok_s']:.0f} "
+                      f"tok/s over {offline['engine_requests']} requests; HF generate "
+                      f"{offline['hf_tok_s']:.0f} tok/s over its first {offline['hf_requests']} "
+                      f"(batches of 16); ratio {offline['ratio']:.1f}x."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None, help="append the table to this file")
+    parser.add_argument("--hf-requests", type=int, default=32)
+    parser.add_argument("--skip-offline", action="store_true")
+    args = parser.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    path = str(model_dir("gpu-1b"))
+    bandwidth = measure_copy_bandwidth()
+    decode = decode_table(path, bandwidth)
+    offline = None if args.skip_offline else offline_table(path, args.hf_requests)
+    table = markdown(card, bandwidth, decode, offline)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n" + table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(card=card, bandwidth=bandwidth, decode=decode, offline=offline), f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Offline throughput of the engine, against HF transformers `generate` side by side.
+
+    python benchmarks/offline_throughput.py --preset cpu-small --compare hf [--json out.json]
+    python benchmarks/offline_throughput.py --preset cpu-small --null-model
+
+Throughput counts generated tokens only (each request its own output length) over wall time.
+`--null-model` swaps the forward for a no-op and reports the engine's own cost per step
+(schedule + input preparation + sampling + output processing) with 256 running decodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Optional
+
+import torch
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.devtools.workload import WORKLOADS, BenchRequest, make_requests, model_dir
+
+
+def run_engine(path: str, requests: list[BenchRequest], engine_kwargs: dict[str, Any]) -> float:
+    llm = LLM(path, **engine_kwargs)
+    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+              for r in requests]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+    expected = sum(r.output_len for r in requests)
+    assert produced == expected, f"engine produced {produced} tokens, expected {expected}"
+    return produced / elapsed
+
+
+def run_hf(path: str, requests: list[BenchRequest], batch_size: int, device: str,
+           dtype: torch.dtype) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def batch_inputs(batch: list[BenchRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):  # left padding
+            ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[i, width - len(r.prompt_token_ids):] = 1
+        return ids.to(device), mask.to(device)
+
+    def generate(batch: list[BenchRequest]) -> None:
+        ids, mask = batch_inputs(batch)
+        longest = max(r.output_len for r in batch)
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                           max_new_tokens=longest, min_new_tokens=longest, pad_token_id=pad)
+
+    generate(requests[:2])  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        generate(requests[i:i + batch_size])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return sum(r.output_len for r in requests) / elapsed
+
+
+class NullModel(torch.nn.Module):
+    """Stands in for the model: no arithmetic, outputs of the right shapes."""
+
+    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+        super().__init__()
+        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+
+    def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
+        return torch.zeros(input_ids.shape[0], self.hidden_size, device=input_ids.device)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(hidden.shape[0], self.vocab_size, device=hidden.device)
+
+
+def null_model_overhead(path: str, num_seqs: int, steps: int) -> dict[str, float]:
+    llm = LLM(path, max_num_seqs=num_seqs, max_model_len=1024)
+    engine = llm.engine
+    mc = engine.model_config
+    engine.runner.model = NullModel(mc.hidden_size, mc.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(f"n{i}", {"prompt_token_ids": [5 + i % 100] * 16}, params)
+    while engine.scheduler.waiting or any(
+        r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running
+    ):
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    assert len(engine.scheduler.running) == num_seqs
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return {"median_ms": 1e3 * times[len(times) // 2], "mean_ms": 1e3 * sum(times) / len(times),
+            "num_running": num_seqs}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu-small", choices=sorted(WORKLOADS))
+    parser.add_argument("--compare", choices=["hf"], default=None)
+    parser.add_argument("--null-model", action="store_true")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--num-requests", type=int, default=None)
+    parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    spec = WORKLOADS[args.preset]
+    path = str(model_dir(spec.preset))
+    result: dict[str, Any] = {}
+    if args.null_model:
+        result = null_model_overhead(path, num_seqs=256, steps=50)
+        print(f"null-model step overhead at {result['num_running']} running decodes: "
+              f"median {result['median_ms']:.3f} ms, mean {result['mean_ms']:.3f} ms")
+    else:
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(path).vocab_size
+        requests = make_requests(spec, vocab)
+        if args.num_requests:
+            requests = requests[: args.num_requests]
+        kwargs: dict[str, Any] = {}
+        if args.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+        engine_tps = run_engine(path, requests, kwargs)
+        result["engine_tok_s"] = engine_tps
+        print(f"engine: {engine_tps:.1f} tok/s ({len(requests)} requests)")
+        if args.compare == "hf":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            hf_tps = run_hf(path, requests, args.hf_batch_size, device, dtype)
+            result["hf_tok_s"] = hf_tps
+            result["ratio"] = engine_tps / hf_tps
+            print(f"hf generate: {hf_tps:.1f} tok/s; ratio engine/hf = {result['ratio']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

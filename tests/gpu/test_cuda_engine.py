@@ -1,0 +1,77 @@
+"""Engine checks that need a CUDA device: bf16 parity with HF, CUDA graphs against eager."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hf_reference import hf_greedy
+
+from pagedserve import LLM, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+MAX_TOKENS = 24
+TOP_K = 5
+
+
+def prompts_of(lengths: list[int], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(4, 1000) for _ in range(n)] for n in lengths]
+
+
+def generate(model_dir, prompts, **kwargs) -> list[list[int]]:
+    llm = LLM(str(model_dir), gpu_memory_utilization=0.3, **kwargs)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    stats = llm.engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    del llm
+    torch.cuda.empty_cache()
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_bf16_tokens_within_hf_top_k(tiny_model_dir, arch):
+    """bf16 greedy tokens are among HF fp32's top-5 at each position, up to the first
+    divergence (after which the two continue from different prefixes)."""
+    model = tiny_model_dir(arch)
+    prompts = prompts_of([7, 40, 130, 3], seed=11)
+    ours = generate(model, prompts, dtype="bfloat16")
+    refs = hf_greedy(model, prompts, MAX_TOKENS)
+    for tokens, ref in zip(ours, refs):
+        for i, token in enumerate(tokens):
+            top = [t for t, _ in ref.top_logprobs[i][:TOP_K]]
+            assert token in top, f"position {i}: {token} not in HF top-{TOP_K} {top}"
+            if token != ref.token_ids[i]:
+                break
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_equal_eager(tiny_model_dir, dtype):
+    model = tiny_model_dir("llama")
+    prompts = prompts_of([5, 60, 17, 33, 2, 90, 11], seed=12)
+    eager = generate(model, prompts, dtype=dtype, enforce_eager=True)
+    graphs = generate(model, prompts, dtype=dtype, enforce_eager=False, max_num_seqs=16)
+    assert graphs == eager
+
+
+def test_graph_runner_captures_and_replays(tiny_model_dir):
+    model = tiny_model_dir("llama")
+    llm = LLM(str(model), dtype="float32", max_num_seqs=20, gpu_memory_utilization=0.3)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None
+    assert graphs.sizes == [1, 2, 4, 8, 16, 24]
+    replays = []
+    original = graphs.run
+
+    def counting(inputs):
+        replays.append(inputs.metadata.num_reqs)
+        return original(inputs)
+
+    graphs.run = counting
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts_of([4] * 5, 1)], params,
+                 use_tqdm=False)
+    assert replays and set(replays) == {5}
