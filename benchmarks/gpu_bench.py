@@ -49,12 +49,6 @@ def measure_copy_bandwidth() -> float:
     return bandwidth
 
 
-def free_engine(llm: Optional[LLM]) -> None:
-    del llm
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def decode_step_time(llm: LLM, batch: int) -> float:
     """Median seconds per step once ``batch`` requests are all decoding."""
     engine = llm.engine
@@ -107,7 +101,9 @@ def decode_table(path: str, bandwidth: float) -> list[dict[str, Any]]:
             rows.append(dict(batch=batch, cuda_graphs=graphs, step_ms=step * 1e3,
                              tok_s=batch / step, roofline_ms=roofline * 1e3,
                              roofline_frac=roofline / step))
-        free_engine(llm)
+        del llm  # the next engine sizes its KV cache from the memory this one frees
+        gc.collect()
+        torch.cuda.empty_cache()
     return rows
 
 

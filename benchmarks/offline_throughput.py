@@ -5,7 +5,8 @@
 
 Throughput counts generated tokens only (each request its own output length) over wall time.
 `--null-model` swaps the forward for a no-op and reports the engine's own cost per step
-(schedule + input preparation + sampling + output processing) with 256 running decodes.
+(schedule + input preparation + output processing; greedy sampling is timed apart) with 256
+running decodes, for offline (final-only) and streamed (delta) outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from pagedserve import LLM, SamplingParams
+from pagedserve import LLM, RequestOutputKind, SamplingParams
 from pagedserve.devtools.workload import WORKLOADS, BenchRequest, make_requests, model_dir
 
 
@@ -72,25 +73,48 @@ def run_hf(path: str, requests: list[BenchRequest], batch_size: int, device: str
 
 
 class NullModel(torch.nn.Module):
-    """Stands in for the model: no arithmetic, outputs of the right shapes."""
+    """Stands in for the model: no arithmetic, preallocated outputs of the right shapes."""
 
-    def __init__(self, hidden_size: int, vocab_size: int) -> None:
+    def __init__(self, hidden_size: int, vocab_size: int, max_tokens: int) -> None:
         super().__init__()
-        self.hidden_size, self.vocab_size = hidden_size, vocab_size
+        self.hidden = torch.zeros(max_tokens, hidden_size)
+        self.logits = torch.zeros(max_tokens, vocab_size)
 
     def forward(self, input_ids, positions, kv_caches, metadata) -> torch.Tensor:
-        return torch.zeros(input_ids.shape[0], self.hidden_size, device=input_ids.device)
+        return self.hidden[: input_ids.shape[0]]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(hidden.shape[0], self.vocab_size, device=hidden.device)
+        return self.logits[: hidden.shape[0]]
 
 
-def null_model_overhead(path: str, num_seqs: int, steps: int) -> dict[str, float]:
+class PhaseTimer:
+    """Wraps named methods and sums the wall time spent inside each, per step."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+
+    def wrap(self, owner: Any, method: str, phase: str) -> None:
+        inner = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+
+        setattr(owner, method, timed)
+
+
+def null_model_overhead(path: str, num_seqs: int, steps: int,
+                        output_kind: RequestOutputKind) -> dict[str, float]:
     llm = LLM(path, max_num_seqs=num_seqs, max_model_len=1024)
     engine = llm.engine
     mc = engine.model_config
-    engine.runner.model = NullModel(mc.hidden_size, mc.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True)
+    engine.runner.model = NullModel(mc.hidden_size, mc.vocab_size,
+                                    engine.config.max_num_batched_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 64, ignore_eos=True,
+                            output_kind=output_kind)
     for i in range(num_seqs):
         engine.add_request(f"n{i}", {"prompt_token_ids": [5 + i % 100] * 16}, params)
     while engine.scheduler.waiting or any(
@@ -100,14 +124,24 @@ def null_model_overhead(path: str, num_seqs: int, steps: int) -> dict[str, float
     for _ in range(5):
         engine.step()
     assert len(engine.scheduler.running) == num_seqs
+    timer = PhaseTimer()
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(engine.runner, "_prepare_inputs", "prepare_inputs")
+    timer.wrap(engine.runner, "_forward_logits", "null_forward")
+    timer.wrap(engine.runner, "sampler", "sample")
+    timer.wrap(engine.scheduler, "update_from_output", "update")
+    timer.wrap(engine.output_processor, "process", "outputs")
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
     times.sort()
-    return {"median_ms": 1e3 * times[len(times) // 2], "mean_ms": 1e3 * sum(times) / len(times),
-            "num_running": num_seqs}
+    phases = {k: 1e3 * v / steps for k, v in timer.totals.items()}
+    step_ms = 1e3 * sum(times) / steps
+    return {"median_ms": 1e3 * times[len(times) // 2], "mean_ms": step_ms,
+            "overhead_ms": step_ms - phases["null_forward"] - phases["sample"],
+            "phases_ms": phases, "num_running": num_seqs}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -125,9 +159,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     path = str(model_dir(spec.preset))
     result: dict[str, Any] = {}
     if args.null_model:
-        result = null_model_overhead(path, num_seqs=256, steps=50)
-        print(f"null-model step overhead at {result['num_running']} running decodes: "
-              f"median {result['median_ms']:.3f} ms, mean {result['mean_ms']:.3f} ms")
+        for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
+            figures = null_model_overhead(path, num_seqs=256, steps=100, output_kind=kind)
+            result[kind.name.lower()] = figures
+            phases = ", ".join(f"{k} {v:.3f}" for k, v in figures["phases_ms"].items())
+            print(f"{kind.name} outputs, {figures['num_running']} running decodes: step "
+                  f"{figures['mean_ms']:.3f} ms mean ({figures['median_ms']:.3f} median); "
+                  f"engine overhead (step - null forward - sampling) "
+                  f"{figures['overhead_ms']:.3f} ms\n  per phase (ms): {phases}")
     else:
         from transformers import AutoConfig
 

@@ -20,7 +20,7 @@ def make_request(rid: str, tokens: list[int], salt=None) -> Request:
 
 def admit(kv: KVCacheManager, req: Request) -> int:
     hits, num_hit = kv.get_computed_blocks(req)
-    assert kv.allocate_slots(req, req.num_tokens - num_hit, hits)
+    assert kv.allocate_slots(req, req.num_tokens - num_hit, hits) is not None
     req.num_computed_tokens = req.num_tokens
     return num_hit
 
@@ -86,7 +86,7 @@ def test_allocation_failure_changes_nothing():
     admit(kv, a)
     b = make_request("b", list(range(100, 112)))
     hits, _ = kv.get_computed_blocks(b)
-    assert not kv.allocate_slots(b, 12, hits)
+    assert kv.allocate_slots(b, 12, hits) is None
     assert "b" not in kv.req_blocks
     assert kv.pool.num_free_blocks == 1
 
@@ -114,13 +114,13 @@ def test_random_mix_never_leaks(caching: bool, seed: int):
             tokens = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(1, 9))]
             req = make_request(f"r{step}", tokens, salt=rng.choice([None, "s"]))
             hits, num_hit = kv.get_computed_blocks(req)
-            if kv.allocate_slots(req, req.num_tokens - num_hit, hits):
+            if kv.allocate_slots(req, req.num_tokens - num_hit, hits) is not None:
                 req.num_computed_tokens = req.num_tokens
                 live.append(req)
         elif action < 0.8 and live:
             req = rng.choice(live)
             req.append_output_token(rng.randrange(50))
-            if kv.allocate_slots(req, 1):
+            if kv.allocate_slots(req, 1) is not None:
                 req.num_computed_tokens += 1
             else:  # preempt
                 live.remove(req)

@@ -31,7 +31,10 @@ def reference(model_dir, prompts: list[list[int]]) -> list:
 
 
 def run_engine(model_dir, prompts: list[list[int]], n: int = 1, **engine_kwargs: Any):
-    llm = LLM(str(model_dir), dtype="float32", **engine_kwargs)
+    # A small cache keeps many engines cheap (on a GPU too); graphs are checked in tests/gpu.
+    if "num_kv_blocks" not in engine_kwargs:
+        engine_kwargs.setdefault("kv_cache_memory_bytes", 64 << 20)
+    llm = LLM(str(model_dir), dtype="float32", enforce_eager=True, **engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, n=n)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     stats = llm.engine.get_stats()

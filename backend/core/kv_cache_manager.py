@@ -67,12 +67,18 @@ class KVCacheManager:
         request: Request,
         num_new_tokens: int,
         computed_blocks: Optional[list[KVCacheBlock]] = None,
-    ) -> bool:
-        """Makes room for ``num_new_tokens`` more tokens; False (and no change) if it can't.
+    ) -> Optional[list[int]]:
+        """Makes room for ``num_new_tokens`` more tokens and returns the ids of the blocks it
+        added (often none); returns None, changing nothing, when the blocks run out.
 
         ``computed_blocks`` are prefix-cache hits for a request being admitted.
         """
         blocks = self.req_blocks.get(request.request_id)
+        if (
+            blocks is not None
+            and request.num_computed_tokens + num_new_tokens <= len(blocks) * self.block_size
+        ):
+            return []  # the common decode step: the last block still has room
         if blocks is None:
             blocks = self.req_blocks[request.request_id] = []
         computed_blocks = computed_blocks or []
@@ -84,15 +90,15 @@ class KVCacheManager:
         if num_needed + num_revived > self.pool.num_free_blocks:
             if not blocks:
                 del self.req_blocks[request.request_id]
-            return False
+            return None
         if computed_blocks:
             self.pool.touch(computed_blocks)
             blocks.extend(computed_blocks)
-        if num_needed > 0:
-            blocks.extend(self.pool.get_new_blocks(num_needed))
+        new_blocks = self.pool.get_new_blocks(num_needed) if num_needed > 0 else []
+        blocks.extend(new_blocks)
         if self._shares(request):
             self._cache_full_blocks(request, blocks, total, len(computed_blocks))
-        return True
+        return [b.block_id for b in new_blocks]
 
     def _cache_full_blocks(
         self, request: Request, blocks: list[KVCacheBlock], num_tokens: int, num_hits: int
@@ -118,8 +124,13 @@ class KVCacheManager:
         self.prefix_cache_hits += num_hit_tokens
 
     def free(self, request: Request) -> None:
-        """Returns a finished or preempted request's blocks, its tail first in eviction order."""
+        """Returns a finished or preempted request's blocks, its tail first in eviction order.
+
+        Full blocks computed since the last allocation are indexed first, so that the request's
+        own continuation (after preemption) or a later prompt can reuse them."""
         blocks = self.req_blocks.pop(request.request_id, None)
+        if blocks and self._shares(request):
+            self._cache_full_blocks(request, blocks, request.num_computed_tokens, 0)
         self.num_cached_blocks.pop(request.request_id, None)
         if blocks:
             self.pool.free_blocks(reversed(blocks), keep_cached=self.enable_prefix_caching)

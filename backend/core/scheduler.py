@@ -109,9 +109,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            blocks_before = kv.num_blocks_of(request.request_id)
             scheduled = True
-            while not kv.allocate_slots(request, num_new):
+            while (added := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 num_preempted += 1
@@ -122,10 +121,8 @@ class Scheduler:
                 break
             num_scheduled[request.request_id] = num_new
             budget -= num_new
-            if kv.num_blocks_of(request.request_id) > blocks_before:
-                new_block_ids[request.request_id] = kv.block_ids(request.request_id)[
-                    blocks_before:
-                ]
+            if added:
+                new_block_ids[request.request_id] = added
             i += 1
 
         while (
@@ -139,7 +136,7 @@ class Scheduler:
                 if not self.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not kv.allocate_slots(request, num_new, hits):
+            if kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
             if request.num_cached_tokens < 0:

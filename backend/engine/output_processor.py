@@ -42,7 +42,10 @@ class _RequestState:
     completions: list[_Completion]
     metrics: RequestMetrics
     num_finished: int = 0
-    changed: set[int] = field(default_factory=set)
+    changed: set[int] = field(default_factory=set)  # completions updated since the last output
+
+    def __post_init__(self) -> None:
+        self.streaming = self.params.output_kind != RequestOutputKind.FINAL_ONLY
 
     @property
     def finished(self) -> bool:
@@ -130,8 +133,9 @@ class OutputProcessor:
                 completion.stop_reason = request.stop_reason
             if completion.finished:
                 state.num_finished += 1
-            state.changed.add(request.index)
-            touched[state.request_id] = state
+            if state.streaming or state.finished:
+                state.changed.add(request.index)
+                touched[state.request_id] = state
         outputs = []
         for state in touched.values():
             output = self._make_output(state, now)

@@ -22,7 +22,7 @@ def prompts_of(lengths: list[int], seed: int) -> list[list[int]]:
 
 
 def generate(model_dir, prompts, **kwargs) -> list[list[int]]:
-    llm = LLM(str(model_dir), gpu_memory_utilization=0.3, **kwargs)
+    llm = LLM(str(model_dir), kv_cache_memory_bytes=256 << 20, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     stats = llm.engine.get_stats()
@@ -59,7 +59,7 @@ def test_cuda_graphs_equal_eager(tiny_model_dir, dtype):
 
 def test_graph_runner_captures_and_replays(tiny_model_dir):
     model = tiny_model_dir("llama")
-    llm = LLM(str(model), dtype="float32", max_num_seqs=20, gpu_memory_utilization=0.3)
+    llm = LLM(str(model), dtype="float32", max_num_seqs=20, kv_cache_memory_bytes=256 << 20)
     graphs = llm.engine.runner.graphs
     assert graphs is not None
     assert graphs.sizes == [1, 2, 4, 8, 16, 24]

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of pagedserve, in one call, within 8 minutes on one H100/H200,
+# using only what that machine has (its python3 with torch, triton, transformers; no network).
+#
+#   scripts/gpu_check.sh            # writes logs and JSON under $OUT (default: a temp dir)
+#
+# Sections (each with its own time limit, so one failure does not cost the rest):
+#   1. kernel tests on CUDA (fp16/bf16/fp32, long-context split-KV)
+#   2. engine on CUDA: HF parity (fp32 exact, bf16 within HF's top-k), CUDA graphs vs eager
+#   3. attention kernel bandwidth at 4k and 16k context
+#   4. benchmark table for a 1B-class Llama (decode tok/s with/without graphs, roofline,
+#      offline throughput vs HF generate); printed last and appended to docs/benchmarks.md
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PAGEDSERVE_CACHE=${PAGEDSERVE_CACHE:-/tmp/pagedserve-cache}
+status=()
+
+# pagedserve maps backend/ and kernels/ to one import name: install it without dependencies
+# (none can be downloaded there), or lay the package out by hand if pip cannot build.
+if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index . >"$OUT/install.log" 2>&1; then
+    root=/tmp/pagedserve-src
+    rm -rf "$root" && mkdir -p "$root/pagedserve"
+    cp -r backend/. "$root/pagedserve/" && cp -r kernels "$root/pagedserve/kernels"
+    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    echo "pip install failed (see install.log); using $root" | tee -a "$OUT/install.log"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
+triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+run() {  # run NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    status+=("$name: rc=$rc, $((SECONDS - start))s")
+}
+
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+run kernel_tests 170 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${xdist[@]}" \
+    --maxfail=20
+run engine_tests 150 "$PY" -m pytest tests/gpu tests/test_hf_parity.py -q -p no:cacheprovider \
+    "${xdist[@]}" --maxfail=10
+run attention_bench 60 "$PY" benchmarks/attention_bench.py --json "$OUT/attention_bench.json"
+run gpu_bench 200 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
+    --markdown docs/benchmarks.md
+cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
+
+echo "=== summary"
+printf '%s\n' "${status[@]}"
+echo "=== benchmark table"
+sed -n '/^## /,$p' "$OUT/gpu_bench.log" 2>/dev/null | tail -n 20
