@@ -111,10 +111,10 @@ class AsyncLLMEngine:
 
     def _bind_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._loop is None:
+        if self._loop is None or self._loop.is_closed():
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError("AsyncLLMEngine must be used from a single event loop")
+            raise RuntimeError("AsyncLLMEngine must be used from one event loop at a time")
         if self._dead is not None:
             raise EngineDeadError(f"the engine stopped: {self._dead!r}")
 
@@ -174,9 +174,13 @@ class AsyncLLMEngine:
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(fn(*args))
+                result = fn(*args)
             except Exception as e:  # bad input: the caller gets it, the engine goes on
                 future.set_exception(e)
+                continue
+            # Refresh before answering, so a caller sees the effect (e.g. freed blocks) at once.
+            self._refresh_stats(force=True)
+            future.set_result(result)
 
     def _fail_pending_ops(self, error: BaseException) -> None:
         while True:
