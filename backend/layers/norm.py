@@ -29,9 +29,11 @@ def rms_norm_ref(
 class RMSNorm(nn.Module):
     """Owns the norm weight; ``forward(x, residual)`` returns (normed, new residual)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-6, dtype: Optional[torch.dtype] = None
+    ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
     def forward(

@@ -54,8 +54,9 @@ class LlamaAttention(nn.Module):
         self.rotary_emb = RotaryEmbedding(
             self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(self.head_dim, eps, dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps, dtype) if config.qk_norm else None
         self.attn = attn
 
     def forward(
@@ -108,9 +109,9 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = LlamaAttention(config, attn, linear_method, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(config, linear_method, dtype)
 
     def forward(
@@ -147,7 +148,7 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, attn, linear_method, dtype)
             for _ in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(
         self,
