@@ -176,6 +176,8 @@ def test_sampling_metadata_skips_unused_steps():
     assert not meta.all_greedy and not meta.all_random
     assert meta.max_num_logprobs == -1
     assert math.isclose(meta.temperature[1].item(), 0.0)
+    greedy_only = batch.sampling_metadata(rows[1:], torch.device("cpu"))
+    assert greedy_only.all_greedy and greedy_only.temperature is None
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from pagedserve.attention.base import AttentionMetadata
 
 if TYPE_CHECKING:
-    from pagedserve.worker.model_runner import ForwardInputs, ModelRunner
+    from pagedserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -28,40 +28,39 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    """Owns the captured decode graphs, their static input buffers and their shared pool.
+    """Owns the captured decode graphs and their shared memory pool.
 
-    A decode step of ``n`` requests replays the smallest graph of size ``>= n``: rows past
-    ``n`` are padding whose slot is -1 (nothing written) and whose context is one token.
-    Attention kernels read each row's true length from ``seq_lens``, so one capture serves
+    The graphs read the runner's step buffers, so the runner's input preparation is all a
+    replay needs. A decode step of ``n`` requests replays the smallest graph of size ``>= n``;
+    rows past ``n`` are padding whose slot is -1 (nothing written) and whose context is one
+    token. Attention kernels read each row's length from ``seq_lens``, so one capture serves
     every context length up to max_model_len.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        config = runner.config
-        self.sizes = capture_sizes(config.max_num_seqs)
+        self.sizes = capture_sizes(runner.config.max_num_seqs)
         self.max_size = self.sizes[-1]
-        device = runner.device
-        n, blocks = self.max_size, config.max_blocks_per_req
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros(n, blocks, dtype=torch.int32, device=device)
+        self.max_model_len = runner.config.max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.metadata: dict[int, AttentionMetadata] = {}
-        self.max_model_len = config.max_model_len
+
+    def size_for(self, num_reqs: int) -> Optional[int]:
+        """The graph that serves a decode batch of ``num_reqs``, or None (run eagerly)."""
+        if num_reqs > self.max_size:
+            return None
+        return next(s for s in self.sizes if s >= num_reqs)
 
     def _metadata(self, size: int) -> AttentionMetadata:
+        buf = self.runner.buffers
         return AttentionMetadata(
             num_actual_tokens=size,
             num_reqs=size,
-            query_start_loc=self.query_start_loc[: size + 1],
-            seq_lens=self.seq_lens[:size],
-            block_table=self.block_table[:size],
-            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=buf.query_start_loc[1][: size + 1],
+            seq_lens=buf.seq_lens[1][:size],
+            block_table=buf.block_table[:size],
+            slot_mapping=buf.slot_mapping[1][:size],
             max_query_len=1,
             # Sized for the longest context: the kernels bound each row by its own seq_len.
             max_seq_len=self.max_model_len,
@@ -71,14 +70,22 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        runner = self.runner
+        runner, buf = self.runner, self.runner.buffers
+        # Inputs that are safe to run: one token per row, attending to one slot, writing none.
+        n = self.max_size
+        buf.input_ids[1][:n].zero_()
+        buf.positions[1][:n].zero_()
+        buf.slot_mapping[1][:n].fill_(-1)
+        buf.seq_lens[1][:n].fill_(1)
+        buf.query_start_loc[1][: n + 1].copy_(torch.arange(n + 1, dtype=torch.int32))
+        buf.block_table.zero_()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         # Largest first, so the smaller graphs fit in the memory the largest reserved.
         for size in reversed(self.sizes):
             meta = self._metadata(size)
             runner.attn.prepare(meta)
-            args = (self.input_ids[:size], self.positions[:size], runner.kv_caches, meta)
+            args = (buf.input_ids[1][:size], buf.positions[1][:size], runner.kv_caches, meta)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up: compile kernels, allocate workspaces
@@ -91,27 +98,7 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (sizes %s)", len(self.sizes), self.sizes)
 
-    def can_run(self, meta: AttentionMetadata) -> bool:
-        return (
-            meta.max_query_len == 1
-            and meta.num_reqs <= self.max_size
-            and meta.num_actual_tokens == meta.num_reqs
-        )
-
-    def run(self, inputs: ForwardInputs) -> torch.Tensor:
-        meta = inputs.metadata
-        n = meta.num_reqs
-        size = next(s for s in self.sizes if s >= n)
-        self.input_ids[:n].copy_(inputs.input_ids)
-        self.positions[:n].copy_(inputs.positions)
-        self.slot_mapping[:n].copy_(meta.slot_mapping)
-        self.seq_lens[:n].copy_(meta.seq_lens)
-        width = meta.block_table.shape[1]
-        self.block_table[:n, :width].copy_(meta.block_table)
-        if size > n:  # padding rows: write nothing, attend to one (harmless) slot
-            self.slot_mapping[n:size].fill_(-1)
-            self.seq_lens[n:size].fill_(1)
-            self.input_ids[n:size].zero_()
-            self.positions[n:size].zero_()
+    def replay(self, size: int) -> torch.Tensor:
+        """Runs the graph of ``size`` on what the step buffers hold; returns its hidden states."""
         self.graphs[size].replay()
-        return self.outputs[size][:n]
+        return self.outputs[size]

@@ -126,7 +126,7 @@ class InputBatch:
                 if row in self.generators:
                     generators[i] = self.generators[row]
         meta = SamplingMetadata(
-            temperature=torch.from_numpy(temperature).to(device),
+            temperature=None if all_greedy else torch.from_numpy(temperature).to(device),
             all_greedy=all_greedy,
             all_random=not greedy.any(),
             top_k=top_k,

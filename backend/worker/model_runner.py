@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,8 +20,10 @@ from pagedserve.core.scheduler_output import (
 )
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
+from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes
 from pagedserve.worker.input_batch import InputBatch
 from pagedserve.worker.sampler import Sampler
+from pagedserve.worker.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class ForwardInputs:
     positions: torch.Tensor  # [T] int64
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [n] rows whose hidden state is sampled
+    graph_size: Optional[int] = None  # the CUDA graph that runs this step, if any
 
 
 class ModelRunner:
@@ -62,9 +66,16 @@ class ModelRunner:
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
         )
         self.sampler = Sampler()
+        max_graph = capture_sizes(config.max_num_seqs)[-1] if self._uses_graphs() else 0
+        self.buffers = StepBuffers(
+            max(config.max_num_batched_tokens, max_graph),
+            max(config.max_num_seqs, max_graph),
+            config.max_blocks_per_req,
+            self.device,
+        )
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.graphs = None  # CUDA-graph runner, set up by capture_graphs()
+        self.graphs: Optional[CudaGraphRunner] = None  # set up by capture_graphs()
 
     # ---- KV cache ------------------------------------------------------------------------
 
@@ -187,50 +198,73 @@ class ModelRunner:
     def _prepare_inputs(
         self, rows: np.ndarray, num_sched: np.ndarray
     ) -> tuple[ForwardInputs, np.ndarray]:
-        batch, bs = self.batch, self.block_size
+        """Writes the flattened batch into the step buffers; returns it and which rows sample."""
+        batch, bs, buf = self.batch, self.block_size, self.buffers
+        num_reqs = len(rows)
         computed = batch.num_computed[rows]
         cu = np.cumsum(num_sched)
         total = int(cu[-1])
-        req_of_token = np.repeat(np.arange(len(rows)), num_sched)
+        max_query_len = int(num_sched.max())
+        # A pure-decode step that a CUDA graph serves is padded to the graph's size.
+        graph_size = self.graphs.size_for(num_reqs) if (
+            self.graphs is not None and max_query_len == 1
+        ) else None
+        padded = graph_size or total
+
+        req_of_token = np.repeat(np.arange(num_reqs), num_sched)
         positions = computed[req_of_token] + (np.arange(total) - (cu - num_sched)[req_of_token])
         token_rows = rows[req_of_token]
-        input_ids = batch.token_ids[token_rows, positions]
-        blocks = batch.block_table[token_rows, positions // bs].astype(np.int64)
-        slots = blocks * bs + positions % bs
+        host = buf.host
+        host(buf.input_ids)[:total] = batch.token_ids[token_rows, positions]
+        host(buf.positions)[:total] = positions
+        slots = host(buf.slot_mapping)
+        slots[:total] = batch.block_table[token_rows, positions // bs]
+        slots[:total] *= bs
+        slots[:total] += positions % bs
+        qsl = host(buf.query_start_loc)
+        qsl[0] = 0
+        qsl[1 : num_reqs + 1] = cu
         seq_lens = computed + num_sched
+        host(buf.seq_lens)[:num_reqs] = seq_lens
+        if graph_size:  # padding rows: write nothing, attend to one harmless slot
+            slots[total:padded] = -1
+            host(buf.input_ids)[total:padded] = 0
+            host(buf.positions)[total:padded] = 0
+            qsl[num_reqs + 1 : padded + 1] = np.arange(total + 1, padded + 1)
+            host(buf.seq_lens)[num_reqs:padded] = 1
         # A row samples when this step reaches the end of its known tokens.
         sample_mask = seq_lens >= batch.num_tokens[rows]
-        logits_indices = cu[sample_mask] - 1
+        num_logits = int(sample_mask.sum())
+        host(buf.logits_indices)[:num_logits] = cu[sample_mask] - 1
         max_seq_len = int(seq_lens.max())
-        block_table = batch.block_table[rows, : -(-max_seq_len // bs)]
-        query_start_loc = np.zeros(len(rows) + 1, dtype=np.int32)
-        query_start_loc[1:] = cu
-        dev = self.device
-        qsl_cpu = torch.from_numpy(query_start_loc)
-        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+        width = -(-max_seq_len // bs)
+        buf.block_table_host(num_reqs, width)[:] = batch.block_table[rows, :width]
+        buf.upload(padded, graph_size or num_reqs, num_logits, num_reqs, width)
+
         meta = AttentionMetadata(
             num_actual_tokens=total,
-            num_reqs=len(rows),
-            query_start_loc=qsl_cpu.to(dev),
-            seq_lens=seq_lens_cpu.to(dev),
-            block_table=torch.from_numpy(block_table).to(dev),
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            max_query_len=int(num_sched.max()),
+            num_reqs=num_reqs,
+            query_start_loc=buf.query_start_loc[1][: num_reqs + 1],
+            seq_lens=buf.seq_lens[1][:num_reqs],
+            block_table=buf.block_table_for(num_reqs, width),
+            slot_mapping=buf.slot_mapping[1][:total],
+            max_query_len=max_query_len,
             max_seq_len=max_seq_len,
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=seq_lens_cpu,
+            query_start_loc_cpu=buf.query_start_loc[0][: num_reqs + 1],
+            seq_lens_cpu=buf.seq_lens[0][:num_reqs],
         )
         inputs = ForwardInputs(
-            input_ids=torch.from_numpy(input_ids.astype(np.int64)).to(dev),
-            positions=torch.from_numpy(positions.astype(np.int64)).to(dev),
+            input_ids=buf.input_ids[1][:total],
+            positions=buf.positions[1][:total],
             metadata=meta,
-            logits_indices=torch.from_numpy(logits_indices.astype(np.int64)).to(dev),
+            logits_indices=buf.logits_indices[1][:num_logits],
+            graph_size=graph_size,
         )
         return inputs, sample_mask
 
     def _forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
-        if self.graphs is not None and self.graphs.can_run(inputs.metadata):
-            hidden = self.graphs.run(inputs)
+        if inputs.graph_size:
+            hidden = self.graphs.replay(inputs.graph_size)
         else:
             self.attn.prepare(inputs.metadata)
             hidden = self.model(
@@ -255,11 +289,12 @@ class ModelRunner:
                 out_lps.append(lps[i][: k + 1])
         return LogprobsLists(out_ids, out_lps, ranks.cpu().tolist())
 
+    def _uses_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.args.enforce_eager
+
     def capture_graphs(self) -> None:
         """Captures decode CUDA graphs (CUDA only, unless enforce_eager)."""
-        if self.device.type != "cuda" or self.config.args.enforce_eager:
+        if not self._uses_graphs():
             return
-        from pagedserve.worker.cuda_graphs import CudaGraphRunner
-
         self.graphs = CudaGraphRunner(self)
         self.graphs.capture()

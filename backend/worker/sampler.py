@@ -17,7 +17,7 @@ class SamplingMetadata:
     A field is None when no row needs that step, so the common cases skip it entirely.
     """
 
-    temperature: torch.Tensor  # [n] fp32; rows below _EPS are greedy
+    temperature: Optional[torch.Tensor]  # [n] fp32, rows below _EPS greedy; None if all are
     all_greedy: bool
     all_random: bool
     top_k: Optional[torch.Tensor]  # [n] int64; vocab size where disabled

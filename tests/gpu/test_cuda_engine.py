@@ -64,14 +64,14 @@ def test_graph_runner_captures_and_replays(tiny_model_dir):
     assert graphs is not None
     assert graphs.sizes == [1, 2, 4, 8, 16, 24]
     replays = []
-    original = graphs.run
+    original = graphs.replay
 
-    def counting(inputs):
-        replays.append(inputs.metadata.num_reqs)
-        return original(inputs)
+    def counting(size):
+        replays.append(size)
+        return original(size)
 
-    graphs.run = counting
+    graphs.replay = counting
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts_of([4] * 5, 1)], params,
                  use_tqdm=False)
-    assert replays and set(replays) == {5}
+    assert replays and set(replays) == {8}  # 5 decodes replay the graph of size 8
