@@ -8,7 +8,8 @@
 #   1. kernel tests on CUDA (fp16/bf16/fp32, long-context split-KV)
 #   2. engine on CUDA: HF parity (fp32 exact, bf16 within HF's top-k), CUDA graphs vs eager
 #   3. attention kernel bandwidth at 4k and 16k context
-#   4. benchmark table for a 1B-class Llama (decode tok/s with/without graphs, roofline,
+#   4. batch-1 decode: graph replay time against the whole step
+#   5. benchmark table for a 1B-class Llama (decode tok/s with/without graphs, roofline,
 #      offline throughput vs HF generate); printed last and appended to docs/benchmarks.md
 set -u
 cd "$(dirname "$0")/.."
@@ -45,12 +46,13 @@ run() {  # run NAME SECONDS COMMAND...
 
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-run kernel_tests 170 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${xdist[@]}" \
+run kernel_tests 110 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${xdist[@]}" \
     --maxfail=20
-run engine_tests 150 "$PY" -m pytest tests/gpu tests/test_hf_parity.py -q -p no:cacheprovider \
+run engine_tests 120 "$PY" -m pytest tests/gpu tests/test_hf_parity.py -q -p no:cacheprovider \
     "${xdist[@]}" --maxfail=10
-run attention_bench 60 "$PY" benchmarks/attention_bench.py --json "$OUT/attention_bench.json"
-run gpu_bench 200 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
+run attention_bench 50 "$PY" benchmarks/attention_bench.py --json "$OUT/attention_bench.json"
+run graph_probe 40 "$PY" benchmarks/graph_replay_probe.py
+run gpu_bench 170 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
     --markdown docs/benchmarks.md
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 
