@@ -166,21 +166,23 @@ class AsyncLLMEngine:
             self._fail_pending_ops(e)
 
     def _run_ops(self) -> None:
+        done: list[tuple[concurrent.futures.Future, Any]] = []
         while True:
             try:
                 fn, args, future = self._ops.get_nowait()
             except queue.Empty:
-                return
+                break
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                result = fn(*args)
+                done.append((future, fn(*args)))
             except Exception as e:  # bad input: the caller gets it, the engine goes on
                 future.set_exception(e)
-                continue
+        if done:
             # Refresh before answering, so a caller sees the effect (e.g. freed blocks) at once.
             self._refresh_stats(force=True)
-            future.set_result(result)
+            for future, result in done:
+                future.set_result(result)
 
     def _fail_pending_ops(self, error: BaseException) -> None:
         while True:

@@ -1,0 +1,74 @@
+"""Engine arguments: one validation point, errors that name the argument."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pagedserve.config import EngineArgs, resolve_engine_config
+
+
+@pytest.mark.parametrize(
+    "values, name",
+    [
+        ({"block_size": "16"}, "block_size"),
+        ({"block_size": 12}, "block_size"),
+        ({"max_num_seqs": 0}, "max_num_seqs"),
+        ({"enable_prefix_caching": "yes"}, "enable_prefix_caching"),
+        ({"dtype": "float64"}, "dtype"),
+        ({"device": "tpu"}, "device"),
+        ({"attention_backend": "magic"}, "attention_backend"),
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"num_kv_blocks": 1}, "num_kv_blocks"),
+        ({"max_model_len": 0}, "max_model_len"),
+        ({"unknown_key": 1}, "unknown_key"),
+    ],
+)
+def test_bad_values_are_named(values, name):
+    with pytest.raises(ValueError, match=name):
+        EngineArgs.from_dict({"model": "m", **values})
+
+
+def test_model_is_required():
+    with pytest.raises(ValueError, match="'model' is required"):
+        EngineArgs.from_dict({"dtype": "auto"})
+
+
+def test_model_json_relative_paths(tmp_path):
+    version = tmp_path / "llm" / "1"
+    (version / "weights").mkdir(parents=True)
+    (version / "model.json").write_text(json.dumps(
+        {"model": "weights", "disable_log_requests": True, "gpu_memory_utilization": 0.5,
+         "enforce_eager": True}))
+    args = EngineArgs.from_json_file(version / "model.json")
+    assert args.model == str(version / "weights")
+    assert args.enforce_eager and args.gpu_memory_utilization == 0.5
+
+
+def test_model_json_must_be_an_object(tmp_path):
+    path = tmp_path / "model.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        EngineArgs.from_json_file(path)
+    path.write_text("{oops")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        EngineArgs.from_json_file(path)
+
+
+def test_resolution_against_the_model():
+    args = EngineArgs(model="m")
+    config = resolve_engine_config(args, 4096, "float16", cuda_available=False)
+    assert config.device == "cpu" and config.dtype == "float32"  # no fp16 matmuls on CPUs
+    assert config.max_model_len == 4096
+    assert resolve_engine_config(args, 4096, "bfloat16", sliding_window=1024).max_model_len == 1024
+    with pytest.raises(ValueError, match="max_model_len"):
+        resolve_engine_config(EngineArgs(model="m", max_model_len=8192), 4096, "float32")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_engine_config(EngineArgs(model="m", device="cuda"), 4096, "float32")
+    with pytest.raises(ValueError, match="chunked prefill"):
+        resolve_engine_config(
+            EngineArgs(model="m", enable_chunked_prefill=False, max_num_batched_tokens=512),
+            4096, "float32",
+        )
