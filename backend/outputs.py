@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """One token's log probability, its rank in the distribution (1 = most likely) and text."""
 
@@ -19,7 +19,7 @@ class Logprob:
 SampleLogprobs = list[dict[int, Logprob]]
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionOutput:
     """One completion of a request (``n`` of them per request)."""
 
@@ -49,7 +49,7 @@ class RequestMetrics:
     num_cached_tokens: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """The state of a request as the caller sees it: its prompt and its completions so far."""
 

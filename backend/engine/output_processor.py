@@ -180,7 +180,12 @@ class OutputProcessor:
             state.metrics.finished_time = now
             del self.states[state.request_id]
         delta = kind == RequestOutputKind.DELTA
-        indices = sorted(state.changed) if delta else range(len(state.completions))
+        if not delta:
+            indices = range(len(state.completions))
+        elif len(state.changed) == 1:
+            indices = state.changed
+        else:
+            indices = sorted(state.changed)
         state.changed = set()
         completions = [self._completion_output(state.completions[i], i, delta) for i in indices]
         first = state.completions[0].request
