@@ -78,8 +78,9 @@ class EngineArgs:
             raise bad("device", f"must be one of {', '.join(_DEVICES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise bad("attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise bad("block_size", "must be one of 8, 16, 32, 64, 128")
+        if self.block_size not in (8, 16, 32, 64, 128, 256):
+            # 256 is what FlashAttention-2's paged KV cache needs.
+            raise bad("block_size", "must be one of 8, 16, 32, 64, 128, 256")
         if self.max_num_seqs < 1:
             raise bad("max_num_seqs", "must be at least 1")
         if self.max_num_batched_tokens < 1:

@@ -1,0 +1,23 @@
+"""The public kernel entry points, as the layers and attention backends call them.
+
+Importing this module imports Triton (and decorates the kernels: on a machine without a GPU,
+``TRITON_INTERPRET=1`` must be set before that for the kernels to run in the interpreter).
+"""
+
+from __future__ import annotations
+
+from pagedserve.kernels.activation import silu_and_mul
+from pagedserve.kernels.attention import AttentionConfig, unified_attention
+from pagedserve.kernels.cache import reshape_and_cache
+from pagedserve.kernels.norm import fused_add_rms_norm, rms_norm
+from pagedserve.kernels.rotary import rotary_embedding
+
+__all__ = [
+    "AttentionConfig",
+    "fused_add_rms_norm",
+    "reshape_and_cache",
+    "rms_norm",
+    "rotary_embedding",
+    "silu_and_mul",
+    "unified_attention",
+]

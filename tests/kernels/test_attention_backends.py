@@ -1,0 +1,146 @@
+"""Attention backends through the AttentionBackend interface, and the selector's refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from kernel_testing import assert_close, device, make_batch
+
+from pagedserve.attention import selector
+from pagedserve.attention.base import AttentionMetadata
+from pagedserve.attention.selector import get_attention_backend
+from pagedserve.attention.torch_backend import TorchAttentionBackend
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _step(q_lens, ctx_lens, heads, head_dim, block_size, dtype, num_padding):
+    """A forward's inputs: the cache holds the context, key/value hold this step's tokens."""
+    b = make_batch(q_lens, ctx_lens, *heads, head_dim, block_size, dtype,
+                   num_padding=num_padding, poison_unused=False)
+    gen = torch.Generator().manual_seed(1)
+    shape = (b.query.shape[0], heads[1], head_dim)
+    key = torch.randn(*shape, generator=gen).to(b.query.device, dtype)
+    value = torch.randn(*shape, generator=gen).to(b.query.device, dtype)
+    meta = AttentionMetadata(
+        num_actual_tokens=b.num_actual_tokens, num_reqs=len(q_lens),
+        query_start_loc=b.query_start_loc, seq_lens=b.seq_lens, block_table=b.block_table,
+        slot_mapping=b.slot_mapping, max_query_len=b.max_query_len, max_seq_len=b.max_seq_len,
+        query_start_loc_cpu=b.query_start_loc.cpu(), seq_lens_cpu=b.seq_lens.cpu(),
+    )
+    return b, key, value, meta
+
+
+def _compare_with_torch(name, q_lens, ctx_lens, heads, head_dim, block_size, dtype,
+                        num_padding=3, tolerance_dtype=None):
+    b, key, value, meta = _step(q_lens, ctx_lens, heads, head_dim, block_size, dtype,
+                                num_padding)
+    args = (heads[0], heads[1], head_dim, head_dim ** -0.5, block_size)
+    ref_backend = TorchAttentionBackend(*args)
+    backend = get_attention_backend(name, b.query.device, *args)
+    assert backend.name == name
+    caches, outs = [], []
+    for be in (ref_backend, backend):
+        cache = b.kv_cache.clone()
+        m = AttentionMetadata(**{**meta.__dict__, "plan": None})
+        be.prepare(m)
+        outs.append(be.forward(b.query, key, value, cache, m))
+        caches.append(cache)
+    n = b.num_actual_tokens
+    assert torch.equal(caches[0], caches[1]), "the backends wrote the KV cache differently"
+    assert_close(outs[1][:n], outs[0][:n], tolerance_dtype or dtype, what=name)
+
+
+MIXED = ([1, 37, 1, 16, 5, 1], [599, 100, 0, 0, 31, 63])
+DECODE = ([1, 1, 1, 1], [0, 17, 300, 64])
+
+
+@pytest.mark.parametrize("batch", [MIXED, DECODE], ids=["mixed", "decode"])
+@pytest.mark.parametrize("heads,block_size", [((8, 2), 16), ((4, 4), 32)])
+def test_triton_matches_torch_backend(batch, heads, block_size):
+    _compare_with_torch("triton", *batch, heads, 64, block_size, torch.float32)
+
+
+def test_triton_matches_torch_backend_fp16():
+    # The torch backend's decode path multiplies fp16 probabilities: compare at a looser bound.
+    _compare_with_torch("triton", *MIXED, (8, 2), 128, 16, torch.float16,
+                        tolerance_dtype=torch.bfloat16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not _has("flash_attn"), reason="flash-attn is not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_flash_attn_matches_torch_backend(dtype, batch):
+    _compare_with_torch("flash_attn", *batch, (8, 2), 128, 256, dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not _has("flashinfer"), reason="flashinfer is not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("batch", [MIXED, DECODE], ids=["mixed", "decode"])
+def test_flashinfer_matches_torch_backend(dtype, batch):
+    _compare_with_torch("flashinfer", *batch, (8, 2), 128, 16, dtype)
+
+
+# ---- selector ----
+
+ARGS = (8, 2, 64, 0.125, 16)
+
+
+def test_selector_unknown_name():
+    with pytest.raises(ValueError, match="unknown attention_backend 'xformers'"):
+        get_attention_backend("xformers", torch.device("cpu"), *ARGS)
+
+
+def test_selector_torch_and_auto():
+    assert get_attention_backend("torch", torch.device("cpu"), *ARGS).name == "torch"
+    assert get_attention_backend("auto", torch.device("cpu"), *ARGS).name == "torch"
+    if torch.cuda.is_available():
+        assert get_attention_backend("auto", torch.device("cuda"), *ARGS).name == "triton"
+        assert get_attention_backend("torch", torch.device("cuda"), *ARGS).name == "torch"
+
+
+def test_selector_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_attention_backend("triton", torch.device("cpu"), *ARGS).name == "triton"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        get_attention_backend("triton", torch.device("cpu"), *ARGS)
+
+
+def test_selector_missing_triton(monkeypatch):
+    real = selector._missing_module
+    monkeypatch.setattr(selector, "_missing_module",
+                        lambda m: "the python package 'triton' is not installed"
+                        if m == "triton" else real(m))
+    with pytest.raises(ValueError, match="'triton' is not installed"):
+        get_attention_backend("triton", device(), *ARGS)
+    # auto never fails: without Triton it is the torch reference, on any device.
+    assert get_attention_backend("auto", device(), *ARGS).name == "torch"
+
+
+@pytest.mark.parametrize("name,package", [("flash_attn", "flash_attn"),
+                                          ("flashinfer", "flashinfer")])
+def test_selector_missing_or_unsupported(name, package):
+    # On the CPU these always refuse (CUDA only); on CUDA they refuse when not installed.
+    if torch.cuda.is_available() and _has(package):
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(ValueError, match=f"'{name}' is not usable"):
+        get_attention_backend(name, device(), *ARGS)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _has("flash_attn"),
+                    reason="needs CUDA and flash-attn")
+def test_flash_attn_refuses_small_pages():
+    with pytest.raises(ValueError, match="multiple of 256"):
+        get_attention_backend("flash_attn", torch.device("cuda"), *ARGS)
+
+
+def test_triton_backend_rejects_odd_head_dim():
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        get_attention_backend("triton", device(), 8, 2, 96, 0.1, 16)
