@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from typing import Any, Optional
 
@@ -22,54 +23,74 @@ from pagedserve import LLM, RequestOutputKind, SamplingParams
 from pagedserve.devtools.workload import WORKLOADS, BenchRequest, make_requests, model_dir
 
 
-def run_engine(path: str, requests: list[BenchRequest], engine_kwargs: dict[str, Any]) -> float:
-    llm = LLM(path, **engine_kwargs)
-    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
-              for r in requests]
-    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    produced = sum(len(o.outputs[0].token_ids) for o in outputs)
-    expected = sum(r.output_len for r in requests)
-    assert produced == expected, f"engine produced {produced} tokens, expected {expected}"
-    return produced / elapsed
+class EngineRunner:
+    """The engine loaded once; each call generates the whole request list and times it."""
+
+    def __init__(self, path: str, requests: list[BenchRequest], engine_kwargs: dict[str, Any]):
+        self.llm = LLM(path, **engine_kwargs)
+        self.requests = requests
+        self.params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+                       for r in requests]
+        self.prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
+        self.llm.generate(self.prompts[:2], self.params[:2], use_tqdm=False)  # warm-up
+
+    def __call__(self) -> float:
+        self.llm.reset_prefix_cache()  # every run computes every prompt
+        start = time.perf_counter()
+        outputs = self.llm.generate(self.prompts, self.params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        produced = sum(len(o.outputs[0].token_ids) for o in outputs)
+        expected = sum(r.output_len for r in self.requests)
+        assert produced == expected, f"engine produced {produced} tokens, expected {expected}"
+        return produced / elapsed
 
 
-def run_hf(path: str, requests: list[BenchRequest], batch_size: int, device: str,
-           dtype: torch.dtype) -> float:
-    from transformers import AutoModelForCausalLM
+class HFRunner:
+    """HF transformers `generate` on the same requests: batches left-padded, each request
+    counting only its own output length, every batch run to its longest output."""
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    def __init__(self, path: str, requests: list[BenchRequest], batch_size: int, device: str,
+                 dtype: torch.dtype) -> None:
+        from transformers import AutoModelForCausalLM
 
-    def batch_inputs(batch: list[BenchRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        config = self.model.config
+        self.pad = config.pad_token_id if config.pad_token_id is not None else 0
+        self.requests, self.batch_size, self.device = requests, batch_size, device
+        self._generate(requests[:2])  # warm-up
+
+    def _generate(self, batch: list[BenchRequest]) -> None:
         width = max(len(r.prompt_token_ids) for r in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for i, r in enumerate(batch):  # left padding
             ids[i, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
             mask[i, width - len(r.prompt_token_ids):] = 1
-        return ids.to(device), mask.to(device)
-
-    def generate(batch: list[BenchRequest]) -> None:
-        ids, mask = batch_inputs(batch)
         longest = max(r.output_len for r in batch)
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                           max_new_tokens=longest, min_new_tokens=longest, pad_token_id=pad)
+            self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                do_sample=False, max_new_tokens=longest,
+                                min_new_tokens=longest, pad_token_id=self.pad)
 
-    generate(requests[:2])  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for i in range(0, len(requests), batch_size):
-        generate(requests[i:i + batch_size])
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    return sum(r.output_len for r in requests) / elapsed
+    def __call__(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for i in range(0, len(self.requests), self.batch_size):
+            self._generate(self.requests[i:i + self.batch_size])
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        return sum(r.output_len for r in self.requests) / elapsed
+
+
+def run_engine(path: str, requests: list[BenchRequest], engine_kwargs: dict[str, Any]) -> float:
+    return EngineRunner(path, requests, engine_kwargs)()
+
+
+def run_hf(path: str, requests: list[BenchRequest], batch_size: int, device: str,
+           dtype: torch.dtype) -> float:
+    return HFRunner(path, requests, batch_size, device, dtype)()
 
 
 class NullModel(torch.nn.Module):
@@ -152,6 +173,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("--num-requests", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate engine and HF runs this many times; report medians")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     args = parser.parse_args(argv)
 
@@ -177,16 +200,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         kwargs: dict[str, Any] = {}
         if args.max_num_batched_tokens:
             kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
-        engine_tps = run_engine(path, requests, kwargs)
-        result["engine_tok_s"] = engine_tps
-        print(f"engine: {engine_tps:.1f} tok/s ({len(requests)} requests)")
+        engine = EngineRunner(path, requests, kwargs)
+        hf = None
         if args.compare == "hf":
             device = "cuda" if torch.cuda.is_available() else "cpu"
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
-            hf_tps = run_hf(path, requests, args.hf_batch_size, device, dtype)
-            result["hf_tok_s"] = hf_tps
-            result["ratio"] = engine_tps / hf_tps
-            print(f"hf generate: {hf_tps:.1f} tok/s; ratio engine/hf = {result['ratio']:.2f}")
+            hf = HFRunner(path, requests, args.hf_batch_size, device, dtype)
+        # Alternate the two so that both see the same (noisy) machine; report medians.
+        engine_runs, hf_runs = [], []
+        for _ in range(args.repeat):
+            engine_runs.append(engine())
+            print(f"engine: {engine_runs[-1]:.1f} tok/s ({len(requests)} requests)")
+            if hf is not None:
+                hf_runs.append(hf())
+                print(f"hf generate: {hf_runs[-1]:.1f} tok/s")
+        result["engine_tok_s"] = statistics.median(engine_runs)
+        if hf_runs:
+            result["hf_tok_s"] = statistics.median(hf_runs)
+            result["ratio"] = statistics.median(e / h for e, h in zip(engine_runs, hf_runs))
+            print(f"median of {args.repeat}: engine {result['engine_tok_s']:.1f} tok/s, hf "
+                  f"{result['hf_tok_s']:.1f} tok/s, ratio engine/hf = {result['ratio']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

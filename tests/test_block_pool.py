@@ -147,3 +147,15 @@ def test_stats_report_queries_hits_and_waste():
     assert stats.num_used_blocks == 2 and stats.num_free_blocks == 14
     assert stats.usage == pytest.approx(2 / 16)
     assert stats.kv_waste == pytest.approx(2 / 8)
+
+
+def test_reset_prefix_cache_forgets_free_blocks_only():
+    kv = KVCacheManager(16, BS, enable_prefix_caching=True)
+    a = make_request("a", list(range(9)))
+    admit(kv, a)
+    b = make_request("b", list(range(100, 109)))
+    admit(kv, b)
+    kv.free(a)
+    kv.reset_prefix_cache()
+    assert admit(kv, make_request("a2", list(range(9)))) == 0
+    assert admit(kv, make_request("b2", list(range(100, 109)))) == 2 * BS  # b still holds its

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
 
+try:
+    from pagedserve.kernels import cpu_decode
+except ImportError:  # a partial install without the kernels package
+    cpu_decode = None
+
 
 def write_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    all_valid: bool = False,
 ) -> None:
-    """Stores each token's key/value at its slot; rows whose slot is -1 are skipped."""
+    """Stores each token's key/value at its slot; rows whose slot is -1 are skipped
+    (``all_valid`` says there are none, sparing the check)."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
+    keep = None if all_valid else slot_mapping >= 0
+    if keep is not None and not bool(keep.all()):
         slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     flat[0].index_copy_(0, slot_mapping, key)
     flat[1].index_copy_(0, slot_mapping, value)
@@ -74,16 +84,40 @@ class _Plan:
     decode_blocks: torch.Tensor  # [n * max_blocks] block ids to gather (0 where unused)
     decode_mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where attended
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (start, end, seq_len, block ids)
+    # For the C++ decode kernel instead of the gather: each decode's length and block row.
+    decode_seq_lens: Optional[torch.Tensor] = None  # [n] int32
+    decode_tables: Optional[torch.Tensor] = None  # [n, max_blocks] int32
+    slots_valid: bool = False  # no slot is -1 (checked once, not in every layer)
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Paged attention for the CPU. Decodes are batched: their blocks are gathered whole (one
-    index_select per layer, not one per token) and attended with one masked SDPA call.
+    """Paged attention for the CPU. Decodes are batched: in fp32 on the CPU through our C++
+    decode kernel (one pass over each context, ``pagedserve.kernels.cpu_decode``), otherwise
+    by gathering their blocks whole (one index_select per layer) into one masked SDPA call.
     Prefill chunks go one at a time through causal SDPA; a chunk with no cached prefix reads
-    its own new keys and values without touching the cache. ``prepare`` builds the gather plan
-    once per forward for all layers."""
+    its own new keys and values without touching the cache. ``prepare`` builds the plan once
+    per forward for all layers."""
 
     name = "torch"
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int
+    ) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size)
+        self._decode_kernel: Any = None  # resolved on the first CPU forward (it may compile)
+        self._kernel_checked = False
+
+    def _cpu_kernel(self) -> Any:
+        if not self._kernel_checked:
+            self._kernel_checked = True
+            module = cpu_decode.load() if cpu_decode is not None else None
+            self._decode_kernel = module.paged_decode if module is not None else None
+        return self._decode_kernel
+
+    def _kernel_for(self, kv_cache: torch.Tensor) -> Any:
+        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
+            return self._decode_kernel
+        return None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         bs = self.block_size
@@ -108,17 +142,25 @@ class TorchAttentionBackend(AttentionBackend):
             # Query rows of the decodes (a decode's single row starts its request's slice).
             rows = None if all_decode else qsl[dec_idx].long().to(device)
             tables = table[:, :max_blocks] if all_decode else table[dec_idx.to(device), :max_blocks]
+            if device.type == "cpu" and self._cpu_kernel() is not None:
+                dec_lens = dec_seq.to(torch.int32)
+                dec_tables = tables.to(torch.int32)
+            else:
+                dec_lens = dec_tables = None
             positions = torch.arange(max_blocks * bs)
             mask = (positions[None, :] < dec_seq[:, None])[:, None, None, :].to(device)
             blocks = tables.reshape(-1).long()
         else:
             rows = blocks = mask = torch.empty(0, dtype=torch.long, device=device)
+            dec_lens = dec_tables = None
         prefills = []
         for i in torch.nonzero(~is_decode & (q_lens > 0)).flatten().tolist():
             seq_len = int(seq_lens[i])
             prefills.append((int(qsl[i]), int(qsl[i + 1]), seq_len,
                              table[i, : (seq_len + bs - 1) // bs].long()))
-        metadata.plan = _Plan(rows, num_decodes, blocks, mask, prefills)
+        slots = metadata.slot_mapping[: metadata.num_actual_tokens]
+        metadata.plan = _Plan(rows, num_decodes, blocks, mask, prefills, dec_lens, dec_tables,
+                              slots_valid=bool((slots >= 0).all()))
 
     def forward(
         self,
@@ -129,11 +171,23 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         n = metadata.num_actual_tokens
-        write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
         plan: _Plan = metadata.plan
+        write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n],
+                       all_valid=plan.slots_valid)
         out = torch.empty_like(query)
         gqa = self.num_heads != self.num_kv_heads
-        if plan.num_decodes:
+        kernel = self._kernel_for(kv_cache) if plan.decode_tables is not None else None
+        if plan.num_decodes and kernel is not None:
+            rows = plan.decode_rows
+            q = query[: plan.num_decodes] if rows is None else query[rows]
+            attn = torch.empty_like(q)
+            kernel(q.contiguous(), kv_cache, plan.decode_seq_lens, plan.decode_tables,
+                   self.scale, attn)
+            if rows is None:
+                out[: plan.num_decodes] = attn
+            else:
+                out[rows] = attn
+        elif plan.num_decodes:
             rows = plan.decode_rows
             # All-decode: rows 0..n-1; rows past them are CUDA-graph padding, not decodes.
             q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
@@ -148,8 +202,9 @@ class TorchAttentionBackend(AttentionBackend):
                 out[:b] = attn
             else:
                 out[rows] = attn
+        group = self.num_heads // self.num_kv_heads
         for start, end, seq_len, blocks in plan.prefills:
-            q = query[start:end].transpose(0, 1)  # [heads, q_len, dim]
+            q = query[start:end].transpose(0, 1)[None]  # [1, heads, q_len, dim]
             q_len = end - start
             if q_len == seq_len:  # nothing cached before this chunk
                 k, v = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
@@ -160,10 +215,12 @@ class TorchAttentionBackend(AttentionBackend):
                 q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
                 mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
                 causal = False
+            if gqa:  # SDPA's fused CPU kernel takes 4-D inputs with as many K/V heads as Q
+                k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale, enable_gqa=gqa
+                q, k[None], v[None], attn_mask=mask, is_causal=causal, scale=self.scale
             )
-            out[start:end] = attn.transpose(0, 1)
+            out[start:end] = attn[0].transpose(0, 1)
         return out
 
     @staticmethod

@@ -119,6 +119,10 @@ class KVCacheManager:
             )
         self.num_cached_blocks[rid] = num_full
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached block not in use (for benchmarks, or after a weight update)."""
+        self.pool.reset_prefix_cache()
+
     def record_prefix_query(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.prefix_cache_queries += num_prompt_tokens
         self.prefix_cache_hits += num_hit_tokens

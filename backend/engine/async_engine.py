@@ -53,6 +53,10 @@ class AsyncLLMEngine:
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
         return cls(args)
 
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.config.max_model_len
+
     # ---- public API ------------------------------------------------------------------------
 
     async def generate(

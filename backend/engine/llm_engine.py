@@ -188,6 +188,9 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
+    def reset_prefix_cache(self) -> None:
+        self.kv_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 

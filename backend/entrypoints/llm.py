@@ -22,6 +22,10 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> None:
+        """Drops every cached prefix block that no request holds (vLLM's name)."""
+        self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Union[PromptType, Sequence[PromptType]],

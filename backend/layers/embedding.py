@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.layers.linear import onednn_pack
+
 
 def _load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
     if tuple(param.shape) != tuple(loaded.shape):
@@ -52,7 +54,19 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, dtype=dtype),
                                        requires_grad=False)
             self.weight.weight_loader = _load_full
+        self.onednn_weight: Optional[torch.Tensor] = None
+
+    def process_weights_after_loading(self) -> None:
+        # oneDNN's matmul on the CPU, as for the linear layers; a tied weight stays dense for
+        # the embedding, so then this is a second copy.
+        self.onednn_weight = onednn_pack(self.weight)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in fp32: sampling and logprobs need the precision, and the reference does it too.
-        return F.linear(hidden, self.weight).float()
+        if self.onednn_weight is not None:
+            logits = torch.ops.mkldnn._linear_pointwise(
+                hidden, self.onednn_weight, None, "none", [], ""
+            )
+        else:
+            logits = F.linear(hidden, self.weight)
+        return logits.float()

@@ -52,13 +52,16 @@ def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Ten
 def apply_rotary_ref(
     positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor
 ) -> torch.Tensor:
-    """Reference NeoX rotary on ``x`` [tokens, heads, head_dim]; returns a new tensor."""
+    """Reference NeoX rotary on ``x`` [tokens, heads, head_dim]; returns a new tensor.
+
+    Each half is rotated against the other: (x1 cos - x2 sin, x2 cos + x1 sin), the same
+    products HF's ``x * cos + rotate_half(x) * sin`` forms, without building rotate_half.
+    """
     half = cos_sin_cache.shape[-1] // 2
-    cos_sin = cos_sin_cache[positions]
-    cos = torch.cat([cos_sin[:, :half]] * 2, dim=-1)[:, None, :].to(x.dtype)
-    sin = torch.cat([cos_sin[:, half:]] * 2, dim=-1)[:, None, :].to(x.dtype)
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    cos_sin = cos_sin_cache[positions].to(x.dtype)
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class RotaryEmbedding(nn.Module):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.attention.base import AttentionBackend
+from pagedserve.layers.embedding import LMHead
 from pagedserve.layers.linear import LinearBase, LinearMethod, UnquantizedLinearMethod
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
@@ -59,4 +60,6 @@ def load_model(
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.linear_method.process_weights_after_loading(module)
+        elif isinstance(module, LMHead):
+            module.process_weights_after_loading()
     return model.eval()

@@ -1,0 +1,189 @@
+"""Serves one Triton request on the event loop: parse, generate, respond, cancel, account.
+
+Error mapping follows the Triton conventions clients rely on: bad input (a malformed request,
+or a ValueError from the engine before the first output, e.g. a prompt that is too long) is
+INVALID_ARG (HTTP 400); a dead engine is UNAVAILABLE (503); anything else is vllm_backend's
+"Error generating stream: ..." INTERNAL (500). A cancelled request is aborted in the engine
+(freeing its KV blocks) and ends with a CANCELLED error response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from pagedserve.engine.async_engine import EngineDeadError
+from pagedserve.serving.contract import INPUTS, InvalidRequest, parse_request
+from pagedserve.serving.metrics import FinishedRequest
+from pagedserve.serving.responder import Inflight, Responder
+from pagedserve.serving.responses import ResponseBuilder
+
+_INPUT_NAMES = tuple(spec["name"] for spec in INPUTS)
+CANCELLED = ("Request was cancelled", "CANCELLED")
+UNLOADING = ("The model is being unloaded", "UNAVAILABLE")
+# How long an aborted request's stream may take to end before its coroutine is cancelled.
+ABORT_GRACE_S = 5.0
+
+
+def read_inputs(pb_utils: Any, request: Any) -> dict[str, np.ndarray]:
+    """The request's input tensors that are present, as numpy arrays."""
+    tensors = {}
+    for name in _INPUT_NAMES:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            tensors[name] = tensor.as_numpy()
+    return tensors
+
+
+class _Accounting:
+    """What one request did, for the metrics: token counts and latencies."""
+
+    def __init__(self, arrival: float, n: int) -> None:
+        self.arrival = arrival
+        self.n = n
+        self.prompt_tokens = 0
+        self.generated = 0
+        self.first: Optional[float] = None
+        self.last: Optional[float] = None
+        self.inter_token: list[tuple[float, int]] = []
+
+    def output(self, now: float, output: Any) -> None:
+        """Accounts one engine output: one latency per token after the first, where tokens
+        that arrive together share the gap since the previous output."""
+        self.prompt_tokens = len(output.prompt_token_ids)
+        new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        self.generated += new_tokens
+        if new_tokens <= 0:
+            return
+        if self.first is None:
+            self.first = now
+            if new_tokens > 1:
+                self.inter_token.append((0.0, new_tokens - 1))
+        else:
+            self.inter_token.append(((now - self.last) / new_tokens, new_tokens))
+        self.last = now
+
+
+class RequestHandler:
+    """Owns the per-request coroutine and the mapping of its outcomes to Triton responses."""
+
+    def __init__(
+        self,
+        engine: Any,
+        pb_utils: Any,
+        responder: Responder,
+        record: Optional[Callable[[FinishedRequest], None]],
+        log_error: Callable[[str], None],
+    ) -> None:
+        self.engine = engine
+        self.pb = pb_utils
+        self.responder = responder
+        self.record = record
+        self.log_error = log_error
+        self._ids = itertools.count()
+
+    def new_state(self, request: Any, arrival: float) -> Inflight:
+        state = Inflight(f"triton-{next(self._ids)}", request.get_response_sender(), arrival)
+        self.responder.track(state)
+        return state
+
+    def cancel(self, state: Inflight, why: tuple[str, str] = CANCELLED) -> None:
+        """Runs on the event loop: aborts the request in the engine, which frees its KV blocks
+        and ends its stream (finish_reason "abort"); ``serve`` then sends the final response.
+
+        ``why`` is the (message, code) of that response: CANCELLED, or UNAVAILABLE on unload.
+        """
+        if state.cancelled is not None:
+            return
+        state.cancelled = why
+        if state.task is not None:  # otherwise serve() has not started and will see the flag
+            asyncio.ensure_future(self._abort(state))
+
+    async def _abort(self, state: Inflight) -> None:
+        # Engine operations run in order, so this abort follows the request's own add.
+        await self.engine.abort(state.request_id)
+        done, _ = await asyncio.wait([state.task], timeout=ABORT_GRACE_S)
+        if not done:  # the stream did not end: stop the coroutine (its generator aborts too)
+            state.task.cancel()
+
+    async def serve(self, state: Inflight, request: Any) -> None:
+        state.task = asyncio.current_task()
+        if state.cancelled is not None:  # cancelled before this coroutine started
+            self.responder.send_error(state, *state.cancelled)
+            return
+        try:
+            parsed = parse_request(read_inputs(self.pb, request), request.parameters())
+        except InvalidRequest as e:
+            self.responder.send_error(state, str(e), "INVALID_ARG")
+            return
+        builder = ResponseBuilder(
+            parsed, self.engine.tokenizer, frozenset(request.requested_output_names())
+        )
+        account = _Accounting(state.arrival, parsed.params.n)
+        started = False
+        last = None
+        stream = self.engine.generate(parsed.prompt, parsed.params, state.request_id)
+        try:
+            async for output in stream:
+                started = True
+                last = output
+                account.output(time.monotonic(), output)
+                if not parsed.stream:
+                    self._final_only_timing(account, output)
+                if state.cancelled is not None:
+                    continue  # nothing more to the client; the stream ends with the abort
+                if parsed.stream or output.finished:
+                    self.responder.send(state, builder.build(output), final=output.finished)
+            if state.cancelled is not None:
+                self.responder.send_error(state, *state.cancelled)
+            elif last is None or not last.finished:
+                raise RuntimeError("the engine's stream ended without a finished output")
+        except asyncio.CancelledError:
+            if state.cancelled is None:
+                raise
+            await self.engine.abort(state.request_id)
+            self.responder.send_error(state, *state.cancelled)
+        except ValueError as e:
+            if started:
+                self._internal_error(state, e)
+            else:
+                self.responder.send_error(state, str(e), "INVALID_ARG")
+                return
+        except Exception as e:
+            self._internal_error(state, e)
+        if started and self.record is not None:
+            self.record(self._finished(account))
+
+    def _internal_error(self, state: Inflight, error: Exception) -> None:
+        self.log_error(f"pagedserve: error generating stream: {traceback.format_exc()}")
+        code = "UNAVAILABLE" if isinstance(error, EngineDeadError) else "INTERNAL"
+        self.responder.send_error(state, f"Error generating stream: {error}", code)
+
+    @staticmethod
+    def _final_only_timing(account: _Accounting, output: Any) -> None:
+        """Without streaming there is one output; the engine's own timestamps fill the gaps."""
+        m = output.metrics
+        if m is None or m.first_token_time is None:
+            return
+        account.first = m.first_token_time
+        account.inter_token = []
+        if account.generated > 1 and m.last_token_time is not None:
+            per_token = (m.last_token_time - m.first_token_time) / (account.generated - 1)
+            account.inter_token.append((max(per_token, 0.0), account.generated - 1))
+
+    @staticmethod
+    def _finished(account: _Accounting) -> FinishedRequest:
+        first = account.first
+        return FinishedRequest(
+            prompt_tokens=account.prompt_tokens,
+            generation_tokens=account.generated,
+            n=account.n,
+            e2e_latency=time.monotonic() - account.arrival,
+            time_to_first_token=None if first is None else first - account.arrival,
+            inter_token=account.inter_token,
+        )

@@ -1,0 +1,86 @@
+"""Paged decode attention for the CPU, a small C++ kernel built on first use.
+
+Each decode row reads its context's keys and values once, straight from the cache blocks, for
+all the query heads of a KV head; the pure-torch path (gather the blocks, then SDPA) moves the
+context three times. The reference is ``pagedserve.attention.torch_backend.paged_attention_ref``.
+
+The kernel is compiled with torch's C++ extension machinery (a C++ compiler and ninja are
+needed) and cached under ``~/.cache/torch_extensions``. Where it cannot be built, ``load()``
+returns None, logs why once, and the caller keeps its pure-torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = pathlib.Path(__file__).with_name("cpu") / "paged_decode.cpp"
+
+
+def _simd_flags() -> list[str]:
+    try:
+        cpu_flags = pathlib.Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return []
+    flags = []
+    if "avx2" in cpu_flags:
+        flags.append("-mavx2")
+    if "fma" in cpu_flags:
+        flags.append("-mfma")
+    return flags
+
+
+@functools.cache
+def load() -> Optional[ModuleType]:
+    """The compiled extension, or None where it cannot be built (or PAGEDSERVE_CPU_KERNEL=0)."""
+    if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
+        return None
+    from torch.utils import cpp_extension
+
+    # -ffast-math lets exp vectorize (glibc's libmvec, a few ulp); sums are reordered anyway.
+    flags = ["-O3", "-ffast-math", "-fopenmp", *_simd_flags()]
+    # The name carries the source and the flags: builds for other CPUs never collide.
+    digest = hashlib.sha1((_SOURCE.read_text() + " ".join(flags)).encode()).hexdigest()[:10]
+    try:
+        return cpp_extension.load(
+            name=f"pagedserve_cpu_decode_{digest}",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, no headers: keep the torch path
+        logger.warning("pagedserve: CPU decode kernel unavailable (%s); using pure torch", e)
+        return None
+
+
+def paged_decode(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of one query row per request over its cached context (fp32, CPU).
+
+    query [rows, heads, dim]; kv_cache [2, blocks, block_size, kv_heads, dim]; seq_lens [rows]
+    int32 (context including the row's own token, already written); block_table [rows, width]
+    int32. Raises RuntimeError when the kernel is not available.
+    """
+    module = load()
+    if module is None:
+        raise RuntimeError("the CPU decode kernel could not be built")
+    if out is None:
+        out = torch.empty_like(query)
+    module.paged_decode(query.contiguous(), kv_cache, seq_lens, block_table, float(scale), out)
+    return out
