@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import time
 from collections.abc import Iterable
@@ -38,6 +40,21 @@ class EngineStats:
     num_preemptions_total: int
     prefix_cache_queries_total: int
     prefix_cache_hits_total: int
+
+
+def _freeze_startup_objects() -> None:
+    """Moves everything alive after start-up (model, tokenizer, libraries) out of the garbage
+    collector's sight: a full collection over them took 150 ms in the middle of a stream.
+    They are handed back at exit so that interpreter shutdown cleans up as usual."""
+    global _unfreeze_registered
+    gc.collect()
+    gc.freeze()
+    if not _unfreeze_registered:
+        atexit.register(gc.unfreeze)
+        _unfreeze_registered = True
+
+
+_unfreeze_registered = False
 
 
 class LLMEngine:
@@ -79,6 +96,7 @@ class LLMEngine:
         )
         self.eos_token_ids = frozenset(eos)
         self._request_counter = itertools.count()
+        _freeze_startup_objects()
 
     # ---- requests ------------------------------------------------------------------------
 
