@@ -19,3 +19,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q -e ".[triton,kernels,test]"
 .venv/bin/python -m pagedserve.devtools.default_model
+# Finds tritonserver and prepares the backend directory `pagedserve serve` passes to it
+# (python backend + the stub for this Python + pagedserve), so a missing piece fails here.
+.venv/bin/pagedserve backend-dir >/dev/null

@@ -1,0 +1,153 @@
+"""The tensor contract without a server: request parsing, response tensors, TensorRT-LLM names."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pagedserve import CompletionOutput, Logprob, RequestOutput, RequestOutputKind
+from pagedserve.serving.contract import InvalidRequest, parse_request
+from pagedserve.serving.metrics import build_1_2_5_buckets
+from pagedserve.serving.responses import ResponseBuilder
+from pagedserve.serving.trtllm import resolve_tokenizer_dir, sampling_parameters
+
+
+def _s(text: str) -> np.ndarray:
+    return np.array([text.encode()], dtype=np.object_)
+
+
+def _b(value: bool) -> np.ndarray:
+    return np.array([value])
+
+
+def test_vllm_defaults_prepend_the_prompt_only_without_streaming():
+    plain = parse_request({"text_input": _s("hi")})
+    assert plain.prompt == "hi" and not plain.stream and plain.prepend_input
+    assert plain.params.output_kind == RequestOutputKind.FINAL_ONLY
+    assert plain.params.max_tokens == 16
+    streamed = parse_request({"text_input": _s("hi"), "stream": _b(True)})
+    assert streamed.stream and not streamed.prepend_input
+    assert streamed.params.output_kind == RequestOutputKind.DELTA
+
+
+def test_sampling_parameters_take_strings_and_fall_back_to_request_parameters():
+    parsed = parse_request({
+        "text_input": _s("hi"),
+        "sampling_parameters": _s('{"temperature": "0.7", "max_tokens": "8", "stop": "x"}'),
+    })
+    assert parsed.params.temperature == pytest.approx(0.7)
+    assert parsed.params.max_tokens == 8 and parsed.params.stop == ["x"]
+    fallback = parse_request(
+        {"text_input": _s("hi")},
+        json.dumps({"max_tokens": 3, "triton_enable_empty_final_response": True}),
+    )
+    assert fallback.params.max_tokens == 3
+
+
+def test_input_ids_replace_text_input():
+    parsed = parse_request({"input_ids": np.array([1, 5, 9], dtype=np.int32)})
+    assert parsed.prompt == {"prompt_token_ids": [1, 5, 9]}
+
+
+@pytest.mark.parametrize(
+    "tensors, parameters, named",
+    [
+        ({}, "", "no prompt"),
+        ({"text_input": _s("a"), "input_ids": np.array([1], dtype=np.int32)}, "", "not both"),
+        ({"input_ids": np.array([], dtype=np.int32)}, "", "input_ids"),
+        ({"text_input": np.array([b"\xff"], dtype=np.object_)}, "", "UTF-8"),
+        ({"text_input": _s("a"), "sampling_parameters": _s("{")}, "", "not valid JSON"),
+        ({"text_input": _s("a"), "sampling_parameters": _s("3")}, "", "JSON object"),
+        ({"text_input": _s("a")}, '{"bogus": 1}', "'bogus'"),
+        ({"text_input": _s("a"), "sampling_parameters": _s('{"top_k": "x"}')}, "", "top_k"),
+        ({"text_input": _s("a"), "sampling_parameters": _s('{"top_p": 0}')}, "", "top_p"),
+        ({"text_input": _s("a"), "sampling_parameters": _s('{"lora_name": "x"}')}, "", "LoRA"),
+        ({"text_input": _s("a"), "stream": _b(True), "exclude_input_in_output": _b(False)},
+         "", "exclude_input_in_output"),
+    ],
+)
+def test_bad_requests_name_the_problem(tensors, parameters, named):
+    with pytest.raises(InvalidRequest, match=named):
+        parse_request(tensors, parameters)
+
+
+def test_cumulative_logprob_alone_computes_but_does_not_return_logprobs():
+    parsed = parse_request({"text_input": _s("a"), "return_cumulative_logprob": _b(True)})
+    assert parsed.params.logprobs == 0 and not parsed.client_logprobs
+
+
+class _Tokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "<" + ",".join(map(str, ids)) + ">"
+
+
+def _output(text, ids, finished, prompt="hi", reason=None, index=0):
+    lp = [{t: Logprob(-0.5, 1, f"t{t}")} for t in ids]
+    completion = CompletionOutput(index, text, ids, -0.5 * len(ids), lp, reason)
+    return RequestOutput("r", prompt, [1, 2, 3], [completion], finished)
+
+
+def test_streamed_responses_carry_deltas_and_requested_outputs():
+    parsed = parse_request({
+        "text_input": _s("hi"), "stream": _b(True),
+        "return_finish_reason": _b(True), "return_num_input_tokens": _b(True),
+        "return_num_output_tokens": _b(True), "return_logprobs": _b(True),
+        "sampling_parameters": _s('{"logprobs": 1}'),
+    })
+    builder = ResponseBuilder(parsed, _Tokenizer(), frozenset({"text_output", "output_ids"}))
+    first = builder.build(_output("Hel", [7, 8], False))
+    last = builder.build(_output("lo é", [9], True, reason="length"))
+    assert first["text_output"].tolist() == [b"Hel"]
+    assert last["text_output"][0].decode() == "lo é"
+    assert first["finish_reason"].tolist() == [b"None"]
+    assert last["finish_reason"].tolist() == [b"length"]
+    assert first["num_input_tokens"].tolist() == [3]
+    assert first["num_output_tokens"].tolist() == [2] and last["num_output_tokens"].tolist() == [1]
+    assert last["output_ids"].dtype == np.int32 and last["output_ids"].tolist() == [9]
+    entry = json.loads(last["logprobs"][0])
+    assert entry == [{"9": {"logprob": -0.5, "rank": 1, "decoded_token": "t9"}}]
+    assert "cumulative_logprob" not in last
+
+
+def test_non_streamed_response_prepends_the_prompt():
+    parsed = parse_request({"input_ids": np.array([1, 2, 3], dtype=np.int32)})
+    builder = ResponseBuilder(parsed, _Tokenizer(), frozenset({"text_output"}))
+    out = builder.build(_output(" world", [4], True, prompt=None, reason="stop"))
+    assert out["text_output"].tolist() == [b"<1,2,3> world"]  # decoded ids: no prompt text
+    assert "output_ids" not in out
+
+
+def test_trtllm_inputs_map_to_sampling_parameters():
+    values = sampling_parameters({
+        "max_tokens": np.array([12], dtype=np.int32),
+        "min_length": np.array([4], dtype=np.int32),
+        "temperature": np.array([0.5], dtype=np.float32),
+        "seed": np.array([7], dtype=np.uint64),
+        "stop_words": np.array([b"", b"\n\n"], dtype=np.object_),
+        "bad_words": np.array([b""], dtype=np.object_),
+        "end_id": np.array([2], dtype=np.int32),
+        "pad_id": np.array([0], dtype=np.int32),
+    })
+    assert values == {"max_tokens": 12, "min_tokens": 4, "temperature": 0.5, "seed": 7,
+                      "stop": ["\n\n"], "stop_token_ids": [2]}
+    with pytest.raises(InvalidRequest, match="bad_words"):
+        sampling_parameters({"bad_words": np.array([b"x"], dtype=np.object_)})
+    with pytest.raises(InvalidRequest, match="min_length"):
+        sampling_parameters({"min_tokens": np.array([1]), "min_length": np.array([2])})
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        sampling_parameters({"max_tokens": np.array([0], dtype=np.int32)})
+
+
+def test_tokenizer_dir_follows_a_model_json(tmp_path):
+    (tmp_path / "llm" / "1" / "ckpt").mkdir(parents=True)
+    (tmp_path / "llm" / "1" / "model.json").write_text('{"model": "ckpt"}')
+    (tmp_path / "pre").mkdir()
+    expected = (tmp_path / "llm" / "1" / "ckpt").resolve()
+    assert resolve_tokenizer_dir("../llm/1", str(tmp_path / "pre")) == expected
+    assert resolve_tokenizer_dir("../llm/1/ckpt", str(tmp_path / "pre")) == expected
+
+
+def test_token_count_buckets():
+    assert build_1_2_5_buckets(1024) == [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
