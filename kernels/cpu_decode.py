@@ -48,8 +48,10 @@ def load() -> Optional[ModuleType]:
 
     # -ffast-math lets exp vectorize (glibc's libmvec, a few ulp); sums are reordered anyway.
     flags = ["-O3", "-ffast-math", "-fopenmp", *_simd_flags()]
-    # The name carries the source and the flags: builds for other CPUs never collide.
-    digest = hashlib.sha1((_SOURCE.read_text() + " ".join(flags)).encode()).hexdigest()[:10]
+    # The name carries the source, the flags and the torch it builds against: builds for other
+    # CPUs or other environments never collide (nor rebuild each other back and forth).
+    key = _SOURCE.read_text() + " ".join(flags) + torch.__file__ + torch.__version__
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     try:
         return cpp_extension.load(
             name=f"pagedserve_cpu_decode_{digest}",
@@ -61,6 +63,13 @@ def load() -> Optional[ModuleType]:
     except Exception as e:  # no compiler, no ninja, no headers: keep the torch path
         logger.warning("pagedserve: CPU decode kernel unavailable (%s); using pure torch", e)
         return None
+
+
+def main() -> None:
+    """``python -m pagedserve.kernels.cpu_decode``: builds the kernel now (setup does this, so
+    that no request waits for the compiler)."""
+    logging.basicConfig(level=logging.INFO)
+    print("CPU decode kernel:", "ready" if load() is not None else "unavailable (see warning)")
 
 
 def paged_decode(
@@ -84,3 +93,7 @@ def paged_decode(
         out = torch.empty_like(query)
     module.paged_decode(query.contiguous(), kv_cache, seq_lens, block_table, float(scale), out)
     return out
+
+
+if __name__ == "__main__":
+    main()

@@ -22,3 +22,5 @@ fi
 # Finds tritonserver and prepares the backend directory `pagedserve serve` passes to it
 # (python backend + the stub for this Python + pagedserve), so a missing piece fails here.
 .venv/bin/pagedserve backend-dir >/dev/null
+# Builds the C++ decode-attention kernel the CPU engine uses (cached; ~35 s the first time).
+.venv/bin/python -m pagedserve.kernels.cpu_decode

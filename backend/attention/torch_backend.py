@@ -106,6 +106,8 @@ class TorchAttentionBackend(AttentionBackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale, block_size)
         self._decode_kernel: Any = None  # resolved on the first CPU forward (it may compile)
         self._kernel_checked = False
+        if not torch.cuda.is_available():  # a CPU machine: build now, not in a request
+            self._cpu_kernel()
 
     def _cpu_kernel(self) -> Any:
         if not self._kernel_checked:
