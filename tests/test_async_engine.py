@@ -146,3 +146,26 @@ def test_duplicate_live_request_id_rejected(engine):
         await first.aclose()
 
     run(main())
+
+
+def test_slow_reader_gets_merged_deltas(engine):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)
+
+    async def slow():
+        outputs = []
+        async for out in engine.generate("Hello world", params, "slow"):
+            outputs.append(out)
+            await asyncio.sleep(0.05)  # the engine runs ahead meanwhile
+        return outputs
+
+    outputs = run(slow())
+    fast = run(collect(engine, "Hello world", params, "fast"))
+    assert len(outputs) < 24  # some steps arrived while the reader slept, and were merged
+    assert [t for o in outputs for t in o.outputs[0].token_ids] == [
+        t for o in fast for t in o.outputs[0].token_ids
+    ]
+    assert "".join(o.outputs[0].text for o in outputs) == "".join(
+        o.outputs[0].text for o in fast
+    )
+    assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"

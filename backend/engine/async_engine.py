@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,51 @@ _STATS_INTERVAL_S = 0.05
 
 class EngineDeadError(RuntimeError):
     """The engine thread stopped on an error; no request can make progress."""
+
+
+class _OutputCollector:
+    """One request's undelivered output. When the consumer falls behind, new outputs fold
+    into the pending one (delta outputs concatenate, cumulative ones supersede), so a slow
+    reader gets fewer, larger outputs instead of an ever longer queue (as vLLM does)."""
+
+    def __init__(self, delta: bool) -> None:
+        self._delta = delta
+        self._pending: Any = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: Any) -> None:
+        pending = self._pending
+        if pending is None or isinstance(item, BaseException):
+            self._pending = item
+        elif not isinstance(pending, BaseException):
+            self._pending = merge_deltas(pending, item) if self._delta else item
+        self._ready.set()
+
+    async def get(self) -> Any:
+        while self._pending is None:
+            await self._ready.wait()
+            self._ready.clear()
+        item, self._pending = self._pending, None
+        return item
+
+
+def merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """``old`` extended by ``new``, both delta outputs of one request (``old`` is reused)."""
+    by_index = {c.index: c for c in old.outputs}
+    for c in new.outputs:
+        prev = by_index.get(c.index)
+        if prev is None:
+            old.outputs.append(c)
+            continue
+        prev.text += c.text
+        prev.token_ids = prev.token_ids + c.token_ids
+        if prev.logprobs is not None and c.logprobs is not None:
+            prev.logprobs = prev.logprobs + c.logprobs
+        prev.cumulative_logprob = c.cumulative_logprob
+        prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
+    old.outputs.sort(key=lambda c: c.index)
+    old.finished, old.metrics = new.finished, new.metrics
+    return old
 
 
 class AsyncLLMEngine:
@@ -40,7 +85,7 @@ class AsyncLLMEngine:
             queue.SimpleQueue()
         )
         self._wakeup = threading.Event()
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._queues: dict[str, _OutputCollector] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stats = self.engine.get_stats()
         self._stats_time = 0.0
@@ -72,7 +117,11 @@ class AsyncLLMEngine:
         self._bind_loop()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        outputs: asyncio.Queue = asyncio.Queue()
+        delta = (
+            sampling_params is not None
+            and sampling_params.output_kind == RequestOutputKind.DELTA
+        )
+        outputs = _OutputCollector(delta)
         self._queues[request_id] = outputs
         try:
             await self._call(
@@ -135,11 +184,11 @@ class AsyncLLMEngine:
         for output in outputs:
             target = self._queues.get(output.request_id)
             if target is not None:
-                target.put_nowait(output)
+                target.put(output)
 
     def _fail_all(self, error: BaseException) -> None:
         for target in self._queues.values():
-            target.put_nowait(error)
+            target.put(error)
 
     # ---- the engine thread ---------------------------------------------------------------
 

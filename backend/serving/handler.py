@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from pagedserve.engine.async_engine import EngineDeadError
+from pagedserve.engine.async_engine import EngineDeadError, merge_deltas
 from pagedserve.serving.contract import INPUTS, InvalidRequest, parse_request
 from pagedserve.serving.metrics import FinishedRequest
 from pagedserve.serving.responder import Inflight, Responder
@@ -127,6 +127,7 @@ class RequestHandler:
         account = _Accounting(state.arrival, parsed.params.n)
         started = False
         last = None
+        held = None  # a streamed delta not sent yet, while the responder is behind
         stream = self.engine.generate(parsed.prompt, parsed.params, state.request_id)
         try:
             async for output in stream:
@@ -137,6 +138,13 @@ class RequestHandler:
                     self._final_only_timing(account, output)
                 if state.cancelled is not None:
                     continue  # nothing more to the client; the stream ends with the abort
+                if parsed.stream and not output.finished and state.backlogged:
+                    # The previous response is still queued: fold this delta into the next
+                    # one (one IPC send instead of two; the client sees the same text).
+                    held = output if held is None else merge_deltas(held, output)
+                    continue
+                if held is not None:
+                    output, held = merge_deltas(held, output), None
                 if parsed.stream or output.finished:
                     self.responder.send(state, builder.build(output), final=output.finished)
             if state.cancelled is not None:

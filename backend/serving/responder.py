@@ -35,6 +35,14 @@ class Inflight:
     task: Any = None  # the asyncio.Task serving it, once started
     last_poll: float = 0.0
     cancel_seen: bool = False  # set on the responder thread only
+    # Responses handed to the responder and responses it has sent; each has one writer (the
+    # event loop, the responder thread), so their difference is safe to read anywhere.
+    num_queued: int = 0
+    num_sent: int = 0
+
+    @property
+    def backlogged(self) -> bool:
+        return self.num_queued > self.num_sent
 
 
 @dataclass
@@ -79,6 +87,7 @@ class Responder:
             self._inflight[id(state)] = state
 
     def send(self, state: Inflight, tensors: dict[str, np.ndarray], final: bool) -> None:
+        state.num_queued += 1
         self._queue.put(_Outgoing(state, tensors, None, final))
 
     def send_error(self, state: Inflight, message: str, code: str) -> None:
@@ -119,6 +128,8 @@ class Responder:
             item.state.sender.send(self._response(item), flags=flags)
         except Exception as e:  # e.g. the client is gone; the request still has to end
             self._log_error(f"pagedserve: sending a response failed: {e!r}")
+        if item.tensors is not None:
+            item.state.num_sent += 1
         if item.final:
             with self._lock:
                 self._inflight.pop(id(item.state), None)
