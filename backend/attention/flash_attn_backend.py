@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
-from pagedserve.attention.torch_backend import write_kv_cache
+from pagedserve.attention.torch_backend import kv_cache_writer
 
 _PAGE_MULTIPLE = 256
 
@@ -62,13 +62,7 @@ class FlashAttnBackend(AttentionBackend):
                              f"got {head_dim}")
         self._varlen = flash_attn_varlen_func
         self._with_kvcache = flash_attn_with_kvcache
-        self._reshape_and_cache = None
-        try:
-            from pagedserve.kernels import ops
-
-            self._reshape_and_cache = ops.reshape_and_cache
-        except ImportError:  # no Triton: the torch write is correct, just one sync slower
-            pass
+        self._write_kv = kv_cache_writer()
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         n = metadata.num_reqs
@@ -95,10 +89,7 @@ class FlashAttnBackend(AttentionBackend):
             self.prepare(metadata)
         plan: _FlashAttnPlan = metadata.plan
         n = metadata.num_actual_tokens
-        if self._reshape_and_cache is not None:
-            self._reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
-        else:
-            write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
+        self._write_kv(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         out = torch.empty_like(query)
         if n < query.shape[0]:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
-from pagedserve.attention.torch_backend import write_kv_cache
+from pagedserve.attention.torch_backend import kv_cache_writer
 
 _WORKSPACE_BYTES = 128 * 1024 * 1024
 
@@ -51,13 +51,7 @@ class FlashInferBackend(AttentionBackend):
         self._workspace: Optional[torch.Tensor] = None
         self._prefill: Any = None
         self._decode: Any = None
-        self._reshape_and_cache = None
-        try:
-            from pagedserve.kernels import ops
-
-            self._reshape_and_cache = ops.reshape_and_cache
-        except ImportError:
-            pass
+        self._write_kv = kv_cache_writer()
 
     def _wrappers(self, device: torch.device) -> None:
         if self._workspace is not None:
@@ -127,10 +121,7 @@ class FlashInferBackend(AttentionBackend):
             self.prepare(metadata)
         plan: _FlashInferPlan = metadata.plan
         n = metadata.num_actual_tokens
-        if self._reshape_and_cache is not None:
-            self._reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
-        else:
-            write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
+        self._write_kv(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
         if plan.planned_for != (query.dtype, kv_cache.dtype):
             self._plan(plan, query.dtype, kv_cache.dtype)
         out = torch.zeros_like(query)

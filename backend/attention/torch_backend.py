@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,16 @@ def write_kv_cache(
         slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
     flat[0].index_copy_(0, slot_mapping, key)
     flat[1].index_copy_(0, slot_mapping, value)
+
+
+def kv_cache_writer() -> Callable[..., None]:
+    """Our Triton reshape_and_cache where Triton is installed (one launch on CUDA), else the
+    torch write above; both take (key, value, kv_cache, slot_mapping)."""
+    try:
+        from pagedserve.kernels import ops
+    except ImportError:
+        return write_kv_cache
+    return ops.reshape_and_cache
 
 
 def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
@@ -76,18 +86,28 @@ def paged_attention_ref(
 
 
 @dataclass
-class _Plan:
-    """Gather indices shared by all layers of one forward."""
+class _Prefill:
+    """One prefill chunk: its query rows, its context, and what it attends to."""
 
-    decode_rows: Optional[torch.Tensor]  # [n] rows that are single-token decodes; None = all
+    start: int
+    end: int
+    seq_len: int
+    blocks: torch.Tensor  # block ids of the context (long)
+    mask: Optional[torch.Tensor]  # [q_len, seq_len] True where attended; None = causal, no prefix
+
+
+@dataclass
+class _Plan:
+    """What every layer of one forward shares: decode rows and their contexts, prefills."""
+
+    decode_rows: Optional[torch.Tensor]  # query rows of the decodes; None = rows 0..n-1
     num_decodes: int
-    decode_blocks: torch.Tensor  # [n * max_blocks] block ids to gather (0 where unused)
-    decode_mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] True where attended
-    prefills: list[tuple[int, int, int, torch.Tensor]]  # (start, end, seq_len, block ids)
-    # For the C++ decode kernel instead of the gather: each decode's length and block row.
-    decode_seq_lens: Optional[torch.Tensor] = None  # [n] int32
-    decode_tables: Optional[torch.Tensor] = None  # [n, max_blocks] int32
-    slots_valid: bool = False  # no slot is -1 (checked once, not in every layer)
+    decode_seq_lens: Optional[torch.Tensor]  # [n] int32
+    decode_tables: Optional[torch.Tensor]  # [n, max_blocks] int32
+    prefills: list[_Prefill]
+    slots_valid: bool  # no slot is -1 (checked once, not in every layer)
+    # For the gather path only, built by the first layer that needs it.
+    gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (block ids, attend mask)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -107,19 +127,17 @@ class TorchAttentionBackend(AttentionBackend):
         self._decode_kernel: Any = None  # resolved on the first CPU forward (it may compile)
         self._kernel_checked = False
         if not torch.cuda.is_available():  # a CPU machine: build now, not in a request
-            self._cpu_kernel()
+            self._kernel_for(torch.empty(0))
 
-    def _cpu_kernel(self) -> Any:
+    def _kernel_for(self, kv_cache: torch.Tensor) -> Any:
+        """The C++ decode kernel when it serves this cache (fp32 on the CPU), else None."""
+        if kv_cache.device.type != "cpu" or kv_cache.dtype != torch.float32:
+            return None
         if not self._kernel_checked:
             self._kernel_checked = True
             module = cpu_decode.load() if cpu_decode is not None else None
             self._decode_kernel = module.paged_decode if module is not None else None
         return self._decode_kernel
-
-    def _kernel_for(self, kv_cache: torch.Tensor) -> Any:
-        if kv_cache.device.type == "cpu" and kv_cache.dtype == torch.float32:
-            return self._decode_kernel
-        return None
 
     def prepare(self, metadata: AttentionMetadata) -> None:
         bs = self.block_size
@@ -136,32 +154,29 @@ class TorchAttentionBackend(AttentionBackend):
         table = metadata.block_table
         device = table.device
         dec_idx = torch.nonzero(is_decode).flatten()
-        num_decodes = len(dec_idx)
-        if num_decodes:
-            dec_seq = seq_lens[dec_idx]
-            max_blocks = int(dec_seq.max() + bs - 1) // bs
-            all_decode = num_decodes == n
-            # Query rows of the decodes (a decode's single row starts its request's slice).
-            rows = None if all_decode else qsl[dec_idx].long().to(device)
-            tables = table[:, :max_blocks] if all_decode else table[dec_idx.to(device), :max_blocks]
-            if device.type == "cpu" and self._cpu_kernel() is not None:
-                dec_lens = dec_seq.to(torch.int32)
-                dec_tables = tables.to(torch.int32)
+        rows = lens = tables = None
+        if len(dec_idx):
+            lens = seq_lens[dec_idx].to(device=device, dtype=torch.int32)
+            max_blocks = (int(lens.max()) + bs - 1) // bs
+            if len(dec_idx) == n:  # rows past n are CUDA-graph padding, not decodes
+                tables = table[:, :max_blocks]
             else:
-                dec_lens = dec_tables = None
-            positions = torch.arange(max_blocks * bs)
-            mask = (positions[None, :] < dec_seq[:, None])[:, None, None, :].to(device)
-            blocks = tables.reshape(-1).long()
-        else:
-            rows = blocks = mask = torch.empty(0, dtype=torch.long, device=device)
-            dec_lens = dec_tables = None
+                # A decode's single query row starts its request's slice.
+                rows = qsl[dec_idx].long().to(device)
+                tables = table[dec_idx.to(device), :max_blocks]
+            tables = tables.to(torch.int32)
         prefills = []
         for i in torch.nonzero(~is_decode & (q_lens > 0)).flatten().tolist():
-            seq_len = int(seq_lens[i])
-            prefills.append((int(qsl[i]), int(qsl[i + 1]), seq_len,
-                             table[i, : (seq_len + bs - 1) // bs].long()))
+            start, end, seq_len = int(qsl[i]), int(qsl[i + 1]), int(seq_lens[i])
+            mask = None
+            if end - start < seq_len:  # a later chunk: causal within it, all of the prefix
+                q_pos = torch.arange(seq_len - (end - start), seq_len, device=device)
+                mask = torch.arange(seq_len, device=device)[None, :] <= q_pos[:, None]
+            prefills.append(
+                _Prefill(start, end, seq_len, table[i, : (seq_len + bs - 1) // bs].long(), mask)
+            )
         slots = metadata.slot_mapping[: metadata.num_actual_tokens]
-        metadata.plan = _Plan(rows, num_decodes, blocks, mask, prefills, dec_lens, dec_tables,
+        metadata.plan = _Plan(rows, len(dec_idx), lens, tables, prefills,
                               slots_valid=bool((slots >= 0).all()))
 
     def forward(
@@ -177,53 +192,52 @@ class TorchAttentionBackend(AttentionBackend):
         write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n],
                        all_valid=plan.slots_valid)
         out = torch.empty_like(query)
-        gqa = self.num_heads != self.num_kv_heads
-        kernel = self._kernel_for(kv_cache) if plan.decode_tables is not None else None
-        if plan.num_decodes and kernel is not None:
+        if plan.num_decodes:
             rows = plan.decode_rows
-            q = query[: plan.num_decodes] if rows is None else query[rows]
-            attn = torch.empty_like(q)
-            kernel(q.contiguous(), kv_cache, plan.decode_seq_lens, plan.decode_tables,
-                   self.scale, attn)
+            q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
+            attn = self._decode(q, kv_cache, plan)
             if rows is None:
                 out[: plan.num_decodes] = attn
             else:
                 out[rows] = attn
-        elif plan.num_decodes:
-            rows = plan.decode_rows
-            # All-decode: rows 0..n-1; rows past them are CUDA-graph padding, not decodes.
-            q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
-            b = q.shape[0]
-            k = self._gather(kv_cache[0], plan.decode_blocks, b)
-            v = self._gather(kv_cache[1], plan.decode_blocks, b)
-            attn = F.scaled_dot_product_attention(
-                q[:, :, None, :], k, v, attn_mask=plan.decode_mask, scale=self.scale,
-                enable_gqa=gqa,
-            )[:, :, 0, :]
-            if rows is None:
-                out[:b] = attn
-            else:
-                out[rows] = attn
         group = self.num_heads // self.num_kv_heads
-        for start, end, seq_len, blocks in plan.prefills:
-            q = query[start:end].transpose(0, 1)[None]  # [1, heads, q_len, dim]
-            q_len = end - start
-            if q_len == seq_len:  # nothing cached before this chunk
-                k, v = key[start:end].transpose(0, 1), value[start:end].transpose(0, 1)
-                mask, causal = None, True
+        for pf in plan.prefills:
+            q = query[pf.start:pf.end].transpose(0, 1)[None]  # [1, heads, q_len, dim]
+            if pf.mask is None:  # nothing cached before this chunk
+                k = key[pf.start:pf.end].transpose(0, 1)
+                v = value[pf.start:pf.end].transpose(0, 1)
             else:
-                k = self._gather(kv_cache[0], blocks, 1)[0, :, :seq_len]
-                v = self._gather(kv_cache[1], blocks, 1)[0, :, :seq_len]
-                q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-                mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]
-                causal = False
-            if gqa:  # SDPA's fused CPU kernel takes 4-D inputs with as many K/V heads as Q
+                k = self._gather(kv_cache[0], pf.blocks, 1)[0, :, :pf.seq_len]
+                v = self._gather(kv_cache[1], pf.blocks, 1)[0, :, :pf.seq_len]
+            if group > 1:  # SDPA's fused CPU kernel takes 4-D inputs with as many K/V heads as Q
                 k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             attn = F.scaled_dot_product_attention(
-                q, k[None], v[None], attn_mask=mask, is_causal=causal, scale=self.scale
+                q, k[None], v[None], attn_mask=pf.mask, is_causal=pf.mask is None,
+                scale=self.scale,
             )
-            out[start:end] = attn[0].transpose(0, 1)
+            out[pf.start:pf.end] = attn[0].transpose(0, 1)
         return out
+
+    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        kernel = self._kernel_for(kv_cache)
+        if kernel is not None:
+            attn = torch.empty_like(q)
+            kernel(q.contiguous(), kv_cache, plan.decode_seq_lens, plan.decode_tables,
+                   self.scale, attn)
+            return attn
+        if plan.gather is None:
+            width = plan.decode_tables.shape[1] * self.block_size
+            positions = torch.arange(width, device=q.device)
+            mask = positions[None, :] < plan.decode_seq_lens[:, None]
+            plan.gather = (plan.decode_tables.reshape(-1).long(), mask[:, None, None, :])
+        blocks, mask = plan.gather
+        b = q.shape[0]
+        k = self._gather(kv_cache[0], blocks, b)
+        v = self._gather(kv_cache[1], blocks, b)
+        return F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )[:, :, 0, :]
 
     @staticmethod
     def _gather(cache: torch.Tensor, blocks: torch.Tensor, batch: int) -> torch.Tensor:
