@@ -14,6 +14,15 @@ from typing import Any, Optional
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 _DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flashinfer")
+# What each field annotation accepts (annotations are strings here: postponed evaluation).
+_ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str, Path),
+    "Optional[str]": (str, Path, type(None)),
+    "int": (int,),
+    "Optional[int]": (int, type(None)),
+    "float": (float, int),
+    "bool": (bool,),
+}
 
 
 @dataclass
@@ -49,23 +58,12 @@ class EngineArgs:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"engine argument {name!r} {why}, got {getattr(self, name)!r}")
 
-        types: dict[str, tuple[type, ...]] = {
-            "model": (str, Path), "tokenizer": (str, Path, type(None)), "dtype": (str,),
-            "device": (str,), "attention_backend": (str,), "gpu_memory_utilization": (float, int),
-        }
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in types:
-                ok = isinstance(value, types[f.name])
-            elif f.type in ("bool",):
-                ok = isinstance(value, bool)
-            elif "int" in str(f.type):
-                ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-                    value is None and "Optional" in str(f.type)
-                )
-            else:
-                ok = True
-            if not ok:
+            value, accepted = getattr(self, f.name), _ACCEPTED_TYPES[f.type]
+            # bool is an int to Python, but true/false is no block size.
+            if not isinstance(value, accepted) or (
+                isinstance(value, bool) and bool not in accepted
+            ):
                 raise bad(f.name, f"has the wrong type (expected {f.type})")
         self.model = str(self.model)
         if not self.model:

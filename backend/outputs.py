@@ -40,7 +40,6 @@ class RequestMetrics:
     """Timestamps (time.monotonic seconds) and counts of one request, for serving metrics."""
 
     arrival_time: float
-    first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None

@@ -44,6 +44,7 @@ class CudaGraphRunner:
         self.max_model_len = runner.config.max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        # Kept alive: tensors a backend's prepare() made are read by the graphs by address.
         self.metadata: dict[int, AttentionMetadata] = {}
 
     def size_for(self, num_reqs: int) -> Optional[int]:

@@ -74,7 +74,6 @@ class ModelRunner:
             self.device,
         )
         self.kv_caches: list[torch.Tensor] = []
-        self.num_blocks = 0
         self.graphs: Optional[CudaGraphRunner] = None  # set up by capture_graphs()
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -154,7 +153,6 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
-        self.num_blocks = num_blocks
 
     # ---- one step ------------------------------------------------------------------------
 
