@@ -66,8 +66,9 @@ def test_grpc_stream_equals_in_process_greedy(triton_server, reference):
         assert result.error is None, result.error
         assert result.ids() == ref_ids
         assert result.text() == ref_text
-        # One response per generated token, the final flag on the last data response.
-        assert len(result.responses) == len(ref_ids)
+        # Streamed: a response per step, except that deltas queued behind a slow sender are
+        # merged (never split, never dropped); the final flag rides on the last one.
+        assert 1 < len(result.responses) <= len(ref_ids)
         reasons = [r["finish_reason"][0].decode() for r in result.responses]
         assert reasons[:-1] == ["None"] * (len(reasons) - 1)
         assert reasons[-1] in ("length", "stop")
@@ -148,7 +149,7 @@ def test_genai_perf_vllm_payload(triton_server):
     assert result.error is None, result.error
     assert result.final_seen
     assert len(result.ids()) == 16
-    assert len(result.responses) == 16
+    assert 1 < len(result.responses) <= 16  # streamed; merged only while the sender lags
 
 
 def test_genai_perf_tensorrtllm_payload(triton_server):
@@ -161,13 +162,16 @@ def test_genai_perf_tensorrtllm_payload(triton_server):
             tensor("exclude_input_in_output", True, batch=True),
             tensor("stream", True, batch=True),
             tensor("min_length", 16, batch=True),
+            tensor("return_num_output_tokens", True, batch=True),
         ])
         result = stream.collect([rid])[rid]
     finally:
         stream.close()
     assert result.error is None, result.error
     assert result.final_seen
-    assert len(result.responses) == 16  # one per token: min_length held off any EOS
+    # min_length held off any EOS
+    assert sum(int(r["num_output_tokens"].sum()) for r in result.responses) == 16
+    assert 1 < len(result.responses) <= 16  # streamed; merged only while the sender lags
     assert result.text()
 
 
@@ -201,7 +205,7 @@ def test_ensemble_stream_text_equals_non_streamed(triton_server, tokenizer):
     for prompt in PROMPTS:
         deltas = ensemble(prompt, True)
         (full,) = ensemble(prompt, False)
-        assert len(deltas) == 40
+        assert 1 < len(deltas) <= 40  # merged only while the sender lags
         assert "".join(deltas) == full
         # The same request on the llm model directly: same tokens, same text.
         stream = GrpcStream(triton_server.grpc_url)
