@@ -22,6 +22,7 @@ _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "Optional[int]": (int, type(None)),
     "float": (float, int),
     "bool": (bool,),
+    "Optional[bool]": (bool, type(None)),
 }
 
 
@@ -45,6 +46,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False
+    # Schedule and prepare step N+1 while the device runs step N; None: on for CUDA.
+    async_scheduling: Optional[bool] = None
     # Accepted for vllm_backend model.json compatibility.
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
@@ -152,6 +155,7 @@ class EngineConfig:
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    async_scheduling: bool = False
 
     @property
     def max_blocks_per_req(self) -> int:
@@ -203,4 +207,9 @@ def resolve_engine_config(
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        # Off on the CPU, where nothing runs asynchronously and it would only compute one
+        # extra token per finishing request.
+        async_scheduling=(
+            device == "cuda" if args.async_scheduling is None else args.async_scheduling
+        ),
     )

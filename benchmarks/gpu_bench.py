@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_bench.py [--json out.json] [--markdown docs/benchmarks.md]
 
-Measures: decode tokens/s at batch 1, 8, 64 with and without CUDA graphs; each decode step's
+Measures: decode tokens/s at batch 1, 8, 64 eager, with CUDA graphs, and with CUDA graphs and
+async scheduling (whether greedy tokens differ between the three is counted); each decode step's
 time against the roofline (weight bytes + KV bytes read, over the measured device-to-device
 copy bandwidth); offline throughput on the scaled-up request mix against HF transformers
 `generate` on the same GPU.
@@ -49,29 +50,35 @@ def measure_copy_bandwidth() -> float:
     return bandwidth
 
 
-def decode_step_time(llm: LLM, batch: int) -> float:
-    """Median seconds per step once ``batch`` requests are all decoding."""
+def decode_step_time(llm: LLM, batch: int) -> tuple[float, dict[str, list[int]]]:
+    """Seconds per step once ``batch`` requests are all decoding (steps timed back to back, as
+    they run: with async scheduling a step overlaps the host work of the next), and the
+    first tokens each request generated."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=DECODE_STEPS + 16, ignore_eos=True)
-    for i in range(batch):
+    params = SamplingParams(temperature=0.0, max_tokens=2 * DECODE_STEPS + 16, ignore_eos=True)
+    ids = [f"d{batch}-{i}" for i in range(batch)]
+    for i, rid in enumerate(ids):
         prompt = [(7 * i + j) % 30000 + 10 for j in range(DECODE_PROMPT_LEN)]
-        engine.add_request(f"d{batch}-{i}", {"prompt_token_ids": prompt}, params)
+        engine.add_request(rid, {"prompt_token_ids": prompt}, params)
     while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
         engine.step()
     for _ in range(3):
         engine.step()
     times = []
-    for _ in range(DECODE_STEPS):
+    for _ in range(4):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.step()
+        for _ in range(DECODE_STEPS // 4):
+            engine.step()
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / (DECODE_STEPS // 4))
+    tokens = {rid: list(engine.scheduler.requests[rid].output_token_ids[:DECODE_STEPS])
+              for rid in ids}
     engine.abort_request(list(engine.output_processor.states))
+    while engine.has_unfinished_requests():
+        engine.step()
     times.sort()
-    return times[len(times) // 2]
-
-
+    return times[len(times) // 2], tokens
 def weight_bytes(llm: LLM) -> int:
     model = llm.engine.runner.model
     total = 0
@@ -88,19 +95,32 @@ def kv_bytes_per_token(llm: LLM) -> int:
     return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * element
 
 
+DECODE_CONFIGS = (  # (CUDA graphs, async scheduling); tokens are compared with the first
+    (True, False), (True, True), (False, False),
+)
+
+
 def decode_table(path: str, bandwidth: float) -> list[dict[str, Any]]:
     rows = []
-    for graphs in (False, True):
-        llm = LLM(path, dtype="bfloat16", enforce_eager=not graphs, max_num_seqs=64,
-                  max_model_len=2048, gpu_memory_utilization=0.5)
+    reference: dict[int, dict[str, list[int]]] = {}
+    for graphs, overlap in DECODE_CONFIGS:
+        llm = LLM(path, dtype="bfloat16", enforce_eager=not graphs, async_scheduling=overlap,
+                  max_num_seqs=64, max_model_len=2048, gpu_memory_utilization=0.5)
         wbytes, kv_token = weight_bytes(llm), kv_bytes_per_token(llm)
         for batch in DECODE_BATCHES:
-            step = decode_step_time(llm, batch)
+            step, tokens = decode_step_time(llm, batch)
+            # Async scheduling must not change greedy tokens; count the requests that differ
+            # from the graphs-only run. (Eager steps may split attention differently, so in
+            # bf16 they can differ legitimately.)
+            reference.setdefault(batch, tokens)
+            mismatched = sum(tokens[r] != reference[batch][r] for r in tokens)
             context = DECODE_PROMPT_LEN + 16 + DECODE_STEPS // 2
             roofline = (wbytes + batch * context * kv_token) / bandwidth
-            rows.append(dict(batch=batch, cuda_graphs=graphs, step_ms=step * 1e3,
-                             tok_s=batch / step, roofline_ms=roofline * 1e3,
-                             roofline_frac=roofline / step))
+            rows.append(dict(batch=batch, cuda_graphs=graphs, async_scheduling=overlap,
+                             step_ms=step * 1e3, tok_s=batch / step,
+                             roofline_ms=roofline * 1e3, roofline_frac=roofline / step,
+                             mismatched_requests=mismatched))
+            print(rows[-1], flush=True)
         del llm  # the next engine sizes its KV cache from the memory this one frees
         gc.collect()
         torch.cuda.empty_cache()
@@ -125,12 +145,14 @@ def offline_table(path: str, num_hf_requests: int) -> dict[str, Any]:
 def markdown(card: str, bandwidth: float, decode: list[dict], offline: Optional[dict]) -> str:
     lines = [f"## {card}, {datetime.date.today().isoformat()}", "",
              f"Measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write).", "",
-             "| batch | CUDA graphs | step ms | tok/s | roofline ms | % of roofline |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| batch | CUDA graphs | async scheduling | step ms | tok/s | roofline ms "
+             "| % of roofline | tokens differ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in decode:
         lines.append(f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | "
+                     f"{'yes' if r['async_scheduling'] else 'no'} | "
                      f"{r['step_ms']:.2f} | {r['tok_s']:.0f} | {r['roofline_ms']:.2f} | "
-                     f"{100 * r['roofline_frac']:.0f}% |")
+                     f"{100 * r['roofline_frac']:.0f}% | {r['mismatched_requests']} |")
     if offline:
         lines += ["", f"Offline throughput (gpu-1b mix): engine {offline['engine_tok_s']:.0f} "
                       f"tok/s over {offline['engine_requests']} requests; HF generate "

@@ -15,7 +15,7 @@ from pagedserve.devtools.workload import model_dir
 
 def main() -> None:
     llm = LLM(str(model_dir("gpu-1b")), dtype="bfloat16", max_num_seqs=8, max_model_len=2048,
-              gpu_memory_utilization=0.3)
+              gpu_memory_utilization=0.3, async_scheduling=False)  # each step on its own
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     engine.add_request("probe", {"prompt_token_ids": list(range(10, 522))}, params)

@@ -3,6 +3,7 @@
 # using only what that machine has (its python3 with torch, triton, transformers; no network).
 #
 #   scripts/gpu_check.sh            # writes logs and JSON under $OUT (default: a temp dir)
+#   scripts/gpu_check.sh quick      # ~2 minutes: async-scheduling tests and the decode table
 #
 # Sections (each with its own time limit, so one failure does not cost the rest):
 #   1. kernel tests on CUDA (fp16/bf16/fp32, long-context split-KV)
@@ -43,6 +44,15 @@ run() {  # run NAME SECONDS COMMAND...
     tail -n 25 "$OUT/$name.log"
     status+=("$name: rc=$rc, $((SECONDS - start))s")
 }
+
+if [ "${1:-}" = quick ]; then
+    run gpu_bench 120 "$PY" benchmarks/gpu_bench.py --skip-offline --json "$OUT/gpu_bench.json" \
+        --markdown docs/benchmarks.md
+    cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
+    run async_tests 60 "$PY" -m pytest tests/test_async_scheduling.py -q -p no:cacheprovider -x
+    printf '%s\n' "${status[@]}"
+    exit 0
+fi
 
 xdist=()
 "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)

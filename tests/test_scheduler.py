@@ -30,31 +30,39 @@ def make_request(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 1,
 
 
 class FakeRunner:
-    """Plays the model runner: samples a fixed token for every request that completes."""
+    """Plays the model runner: keeps its own count of each request's known and computed
+    tokens (as the real one does) and samples ``token``, or ``token_fn(req_id, position)``,
+    for every request whose scheduled tokens reach the end of what it knows."""
 
-    def __init__(self, token: int = 7) -> None:
-        self.token = token
+    def __init__(self, token: int = 7, token_fn=None) -> None:
+        self.token_fn = token_fn or (lambda rid, pos: token)
         self.known: dict[str, int] = {}  # req -> computed tokens, as the runner would track
+        self.num_tokens: dict[str, int] = {}
 
     def run(self, sched: Scheduler, out: SchedulerOutput) -> ModelRunnerOutput:
         for rid in out.finished_req_ids:
             self.known.pop(rid, None)
+            self.num_tokens.pop(rid, None)
         for new in out.scheduled_new_reqs:
             self.known[new.req_id] = new.num_computed_tokens
+            self.num_tokens[new.req_id] = len(new.token_ids)
         req_ids, tokens = [], []
         for rid, num in out.num_scheduled_tokens.items():
             request = sched.requests[rid]
-            assert self.known[rid] == request.num_computed_tokens
             self.known[rid] += num
-            if self.known[rid] >= request.num_tokens:
+            # The scheduler counts scheduled tokens as computed at once.
+            assert self.known[rid] == request.num_computed_tokens
+            assert self.known[rid] <= self.num_tokens[rid]
+            if self.known[rid] == self.num_tokens[rid]:
                 req_ids.append(rid)
-                tokens.append(self.token)
+                tokens.append(self.token_fn(rid, self.num_tokens[rid]))
+                self.num_tokens[rid] += 1
         return ModelRunnerOutput(req_ids, tokens)
 
 
 def step(sched: Scheduler, runner: FakeRunner):
     out = sched.schedule()
-    return out, sched.update_from_output(out, runner.run(sched, out))
+    return out, sched.update_from_output(runner.run(sched, out))
 
 
 def run_to_end(sched: Scheduler, runner: FakeRunner, max_steps: int = 1000) -> list:
@@ -77,7 +85,7 @@ def test_running_first_then_fcfs_within_budget():
     # r0 fully, r1 chunked to the remaining 4 tokens, r2 waits.
     assert out.num_scheduled_tokens == {"r0": 6, "r1": 4}
     runner = FakeRunner()
-    sched.update_from_output(out, runner.run(sched, out))
+    sched.update_from_output(runner.run(sched, out))
     out = sched.schedule()
     assert list(out.num_scheduled_tokens) == ["r0", "r1", "r2"]
     assert out.num_scheduled_tokens == {"r0": 1, "r1": 2, "r2": 6}
@@ -222,3 +230,69 @@ def test_random_workload_no_leaks(seed: int):
     run_to_end(sched, runner)
     assert sched.kv.pool.num_free_blocks == sched.kv.pool.num_blocks
     assert not sched.kv.req_blocks
+
+
+def _varied_token(rid: str, position: int) -> int:
+    return 1 + (sum(map(ord, rid)) * 7 + position * 13) % 40  # never EOS
+
+
+def _async_run(sched: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> dict:
+    """Drives the scheduler as the engine does with async scheduling: step k is scheduled
+    and run before step k-1's tokens are handed back."""
+    finished: dict[str, list[int]] = {}
+    previous = None
+    late_to_preempted = 0
+    for _ in range(max_steps):
+        if not sched.has_unfinished_requests() and previous is None:
+            return {"finished": finished, "late_to_preempted": late_to_preempted}
+        out = sched.schedule()
+        assert out.total_num_scheduled_tokens <= sched.max_num_batched_tokens
+        current = runner.run(sched, out) if not out.is_empty else None
+        if previous is not None:
+            late_to_preempted += sum(
+                1 for rid in previous.req_ids
+                if rid in sched.requests
+                and sched.requests[rid].status == RequestStatus.PREEMPTED
+            )
+            for core in sched.update_from_output(previous):
+                if core.finished:
+                    finished[core.request.request_id] = list(core.request.output_token_ids)
+        previous = current
+    raise AssertionError("scheduler did not finish")
+
+
+@pytest.mark.parametrize("num_blocks", [7, 64])
+def test_async_scheduling_gives_the_same_tokens(num_blocks):
+    """Scheduling a step before the previous one's tokens are back changes nothing a request
+    sees: the same tokens, also when a request is preempted with a token in flight (its token
+    still counts), and no block leaks."""
+    def make(sched):
+        for i in range(5):
+            sched.add_request(make_request(f"r{i}", 5 + 2 * i, max_tokens=4 + i, first=10 * i))
+
+    sync_sched, sync_runner = make_scheduler(num_blocks=num_blocks, budget=12), FakeRunner(
+        token_fn=_varied_token)
+    make(sync_sched)
+    expected = {r.request_id: list(r.output_token_ids)
+                for r in run_to_end(sync_sched, sync_runner)}
+    sched = make_scheduler(num_blocks=num_blocks, budget=12)
+    make(sched)
+    result = _async_run(sched, FakeRunner(token_fn=_varied_token))
+    assert result["finished"] == expected
+    assert all(len(t) == 4 + int(rid[1:]) for rid, t in expected.items())
+    assert sched.kv.pool.num_free_blocks == num_blocks
+    if num_blocks == 7:
+        assert sched.num_preemptions_total > 0
+        assert result["late_to_preempted"] > 0
+
+
+def test_async_scheduling_skips_a_request_its_in_flight_token_finishes():
+    sched = make_scheduler()
+    sched.add_request(make_request("a", 3, max_tokens=1))
+    runner = FakeRunner()
+    first = sched.schedule()
+    pending = runner.run(sched, first)
+    # Its one token is in flight: scheduling it again would compute a token past max_tokens.
+    assert sched.schedule().is_empty
+    (core,) = sched.update_from_output(pending)
+    assert core.finished and core.request.status == RequestStatus.FINISHED_LENGTH

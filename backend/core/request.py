@@ -45,6 +45,7 @@ class Request:
         "all_token_ids", "sampling_params", "eos_token_ids", "stop_token_ids", "max_tokens",
         "min_tokens", "num_computed_tokens", "num_cached_tokens", "status", "stop_reason",
         "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
+        "num_output_placeholders",
     )
 
     def __init__(
@@ -73,6 +74,8 @@ class Request:
         self.max_tokens = min(sampling_params.max_tokens or room, room)
         self.min_tokens = sampling_params.min_tokens
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still on the device, not yet appended (async scheduling).
+        self.num_output_placeholders = 0
         self.num_cached_tokens = -1  # set when first scheduled
         self.status = RequestStatus.WAITING
         self.stop_reason: Union[int, str, None] = None
@@ -98,10 +101,23 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return len(self.all_token_ids) + self.num_output_placeholders
+
+    @property
+    def length_reached_with_placeholders(self) -> bool:
+        """Whether the tokens still in flight already take the sequence to its length limit:
+        it will finish on them, so scheduling it again would only compute a token to drop."""
+        return self.num_output_tokens + self.num_output_placeholders >= self.max_tokens
+
     def check_stop(self, token_id: int, max_model_len: int) -> bool:
         """Decides, after ``token_id`` was appended, whether the sequence is done (vLLM's order:
-        min_tokens, EOS, stop token ids, then length)."""
+        length, then min_tokens, EOS, stop token ids)."""
         num_out = len(self.output_token_ids)
+        if num_out >= self.max_tokens or len(self.all_token_ids) >= max_model_len:
+            self.status = RequestStatus.FINISHED_LENGTH
+            return True
         if num_out < self.min_tokens:
             return False
         if token_id in self.eos_token_ids:
@@ -110,9 +126,6 @@ class Request:
         if token_id in self.stop_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
             self.stop_reason = token_id
-            return True
-        if num_out >= self.max_tokens or len(self.all_token_ids) >= max_model_len:
-            self.status = RequestStatus.FINISHED_LENGTH
             return True
         return False
 

@@ -42,6 +42,11 @@ class Scheduler:
     ``max_num_seqs`` cap and the free blocks allow. A request simply needs
     ``num_tokens - num_computed_tokens`` more tokens computed; phases do not exist. When blocks
     run out the newest running request is preempted (its blocks freed, recomputed later).
+
+    Scheduled tokens count as computed as soon as they are scheduled, and a token the step
+    will sample is a placeholder until its value arrives. So the next step can be scheduled
+    while this one still runs (async scheduling): a decode's input is then the placeholder,
+    which the runner fills on the device.
     """
 
     def __init__(
@@ -108,7 +113,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.num_output_placeholders and request.length_reached_with_placeholders:
+                i += 1  # finishes on its in-flight token
+                continue
+            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
+                          budget)
             scheduled = True
             while (added := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
@@ -123,6 +132,7 @@ class Scheduler:
             budget -= num_new
             if added:
                 new_block_ids[request.request_id] = added
+            self._advance(request, num_new)
             i += 1
 
         while (
@@ -130,6 +140,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             request = self.waiting[0]
+            if request.num_output_placeholders:
+                break  # preempted with a token in flight: resumes once it has arrived
             hits, num_hit = kv.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit
             if num_new > budget:
@@ -148,6 +160,7 @@ class Scheduler:
             num_scheduled[request.request_id] = num_new
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
+            self._advance(request, num_new)
 
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(
@@ -158,6 +171,12 @@ class Scheduler:
             finished_req_ids=finished,
             num_preempted=num_preempted,
         )
+
+    @staticmethod
+    def _advance(request: Request, num_new: int) -> None:
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens_with_placeholders:
+            request.num_output_placeholders += 1  # this step samples its next token
 
     def _new_request_data(self, request: Request) -> NewRequestData:
         params = request.sampling_params
@@ -180,15 +199,11 @@ class Scheduler:
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(
-        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
-    ) -> list[EngineCoreOutput]:
-        """Advances computed counts, appends sampled tokens, and finishes what should stop."""
+    def update_from_output(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Appends a step's sampled tokens and finishes what should stop. With async
+        scheduling this runs after the next step was scheduled: a request may meanwhile have
+        been preempted (its token still counts) or finished (its token is dropped)."""
         requests = self.requests
-        for rid, num in scheduler_output.num_scheduled_tokens.items():
-            request = requests.get(rid)
-            if request is not None:
-                request.num_computed_tokens += num
         outputs: list[EngineCoreOutput] = []
         logprobs: Optional[LogprobsLists] = runner_output.logprobs
         max_model_len = self.max_model_len
@@ -196,8 +211,10 @@ class Scheduler:
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
         ):
             request = requests.get(rid)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if request is None:
+                continue  # finished or aborted while the step ran
+            request.num_output_placeholders -= 1
+            preempted = request.status == RequestStatus.PREEMPTED
             request.append_output_token(token)
             stopped = request.check_stop(token, max_model_len)
             new_logprobs = (
@@ -207,8 +224,11 @@ class Scheduler:
             outputs.append(EngineCoreOutput(request, [token], new_logprobs, stopped))
             if stopped:
                 del requests[rid]
-                self.running.remove(request)
-                self._free(request)
+                if preempted:  # its blocks are already free
+                    self.waiting.remove(request)
+                else:
+                    self.running.remove(request)
+                    self._free(request)
         return outputs
 
     def stats(self) -> SchedulerStats:

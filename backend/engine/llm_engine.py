@@ -16,13 +16,14 @@ from pagedserve.config import EngineArgs, resolve_engine_config
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
+from pagedserve.core.scheduler_output import ModelRunnerOutput
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer.tokenizer import load_tokenizer
-from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.model_runner import LaunchedStep, ModelRunner
 
 PromptType = Union[str, dict[str, Any]]
 
@@ -96,6 +97,7 @@ class LLMEngine:
         )
         self.eos_token_ids = frozenset(eos)
         self._request_counter = itertools.count()
+        self._in_flight: Optional[LaunchedStep] = None  # launched, not yet collected
         _freeze_startup_objects()
 
     # ---- requests ------------------------------------------------------------------------
@@ -210,14 +212,24 @@ class LLMEngine:
         self.kv_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # ---- one step ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedules and runs one step and returns the outputs it produced.
+
+        With async scheduling the step is only launched; the outputs returned are the
+        previous step's, processed on the host while the device runs this one."""
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute_model(scheduler_output)
-        core_outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if not self.config.async_scheduling:
+            return self._update(self.runner.execute_model(scheduler_output))
+        launched = self.runner.launch(scheduler_output)
+        previous, self._in_flight = self._in_flight, launched
+        return [] if previous is None else self._update(self.runner.collect(previous))
+
+    def _update(self, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
+        core_outputs = self.scheduler.update_from_output(runner_output)
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)

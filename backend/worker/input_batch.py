@@ -29,6 +29,12 @@ class InputBatch:
         self.num_computed = np.zeros(max_num_reqs, dtype=np.int32)
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int32)
+        # Per row: index of its newest token in the latest launched step's device output, or
+        # -1. Its value reaches token_ids only when that step is collected.
+        self.pending_idx = np.full(max_num_reqs, -1, dtype=np.int64)
+        # Bumped each time a row is given to a request, so late results can tell it changed.
+        self.serial = np.zeros(max_num_reqs, dtype=np.int64)
+        self._next_serial = 0
         self.row_of: dict[str, int] = {}
         self.req_id_of: list[Optional[str]] = [None] * max_num_reqs
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
@@ -50,6 +56,8 @@ class InputBatch:
         row = self._free_rows.pop()
         self.row_of[req.req_id] = row
         self.req_id_of[row] = req.req_id
+        self._next_serial += 1
+        self.serial[row] = self._next_serial
         n = len(req.token_ids)
         self.token_ids[row, :n] = req.token_ids
         self.num_tokens[row] = n
@@ -90,6 +98,7 @@ class InputBatch:
         if row is None:
             return
         self.req_id_of[row] = None
+        self.pending_idx[row] = -1
         self.generators.pop(row, None)
         self.banned_until_min.pop(row, None)
         self._penalized_rows.discard(row)
@@ -100,9 +109,26 @@ class InputBatch:
         self.block_table[row, start:start + len(block_ids)] = block_ids
         self.num_blocks[row] = start + len(block_ids)
 
-    def append_sampled(self, rows: np.ndarray, tokens: np.ndarray) -> None:
-        self.token_ids[rows, self.num_tokens[rows]] = tokens
+    def reserve_sampled(self, rows: np.ndarray) -> np.ndarray:
+        """Counts a token the device is sampling for each row; returns where each goes.
+        Its value comes later, by ``fill_sampled``."""
+        positions = self.num_tokens[rows].copy()
         self.num_tokens[rows] += 1
+        self.pending_idx.fill(-1)
+        self.pending_idx[rows] = np.arange(len(rows))
+        return positions
+
+    def fill_sampled(
+        self, rows: np.ndarray, positions: np.ndarray, serials: np.ndarray, tokens: np.ndarray
+    ) -> None:
+        """Writes sampled tokens into the rows that still hold the request they were sampled
+        for (``serials``: the rows' serial numbers then; a row reused since has a new one)."""
+        same = self.serial[rows] == serials
+        self.token_ids[rows[same], positions[same]] = tokens[same]
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self._penalized_rows)
 
     def sampling_metadata(self, rows: np.ndarray, device: torch.device) -> SamplingMetadata:
         """Tensors for the rows that sample this step, in batch order."""
@@ -113,20 +139,20 @@ class InputBatch:
         if not all_greedy:
             k = self.top_k[rows]
             if k.any():
-                top_k = torch.from_numpy(np.where(k > 0, k, self.vocab_size)).to(device)
+                top_k = _to_device(np.where(k > 0, k, self.vocab_size), device)
             p = self.top_p[rows]
             if (p < 1.0).any():
-                top_p = torch.from_numpy(p).to(device)
+                top_p = _to_device(p, device)
             m = self.min_p[rows]
             if m.any():
-                min_p = torch.from_numpy(m).to(device)
+                min_p = _to_device(m, device)
         generators = {}
         if self.generators:
             for i, row in enumerate(rows.tolist()):
                 if row in self.generators:
                     generators[i] = self.generators[row]
         meta = SamplingMetadata(
-            temperature=None if all_greedy else torch.from_numpy(temperature).to(device),
+            temperature=None if all_greedy else _to_device(temperature, device),
             all_greedy=all_greedy,
             all_random=not greedy.any(),
             top_k=top_k,
@@ -178,3 +204,8 @@ class InputBatch:
         if ban_rows:
             meta.banned_rows = torch.tensor(ban_rows, device=device)
             meta.banned_tokens = torch.tensor(ban_tokens, device=device)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # Not blocking: a blocking copy would wait for the step still running on the device.
+    return torch.from_numpy(array).to(device, non_blocking=True)

@@ -22,12 +22,30 @@ from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes
 from pagedserve.worker.input_batch import InputBatch
-from pagedserve.worker.sampler import Sampler
+from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
 _CPU_KV_CACHE_BYTES = 1 << 30  # default KV budget on the CPU
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward and sampling are queued on the device; ``collect`` waits for its
+    tokens. Until then the tokens exist only on the device (``sampled``), where the next step
+    takes its decode inputs from."""
+
+    req_ids: list[str]
+    rows: np.ndarray  # batch rows that sampled, in output order
+    positions: np.ndarray  # where each sampled token goes in its row
+    serials: np.ndarray  # the rows' serial numbers (see InputBatch.serial)
+    sampled: torch.Tensor  # [n] int64, on the device
+    sampled_host: torch.Tensor  # its copy to the host, in flight until ``done``
+    logprobs_host: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    num_logprobs: np.ndarray  # per sampled row, -1 for none
+    done: Optional[torch.cuda.Event]  # None on the CPU, where all of it has already run
+    output: Optional[ModelRunnerOutput] = None  # set by collect
 
 
 @dataclass
@@ -75,6 +93,10 @@ class ModelRunner:
         )
         self.kv_caches: list[torch.Tensor] = []
         self.graphs: Optional[CudaGraphRunner] = None  # set up by capture_graphs()
+        # The last two launched steps; only the latest may still be uncollected when the
+        # next one is prepared.
+        self._latest: Optional[LaunchedStep] = None
+        self._older: Optional[LaunchedStep] = None
 
     # ---- KV cache ------------------------------------------------------------------------
 
@@ -156,33 +178,78 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """Runs one step and waits for its tokens."""
+        launched = self.launch(sched)
+        return EMPTY_RUNNER_OUTPUT if launched is None else self.collect(launched)
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> Optional[LaunchedStep]:
+        """Queues one step on the device and returns without waiting for it (None if the
+        step is empty). Decodes that follow a step not yet collected read their input token
+        from that step's device output, so the two need not meet on the host."""
+        if self._older is not None:
+            self.collect(self._older)  # pending inputs may only refer to the latest step
         self._update_batch(sched)
         if sched.is_empty:
-            return EMPTY_RUNNER_OUTPUT
+            return None
         batch = self.batch
         row_of = batch.row_of
         rows = np.fromiter((row_of[r] for r in sched.num_scheduled_tokens), np.int64,
                            len(sched.num_scheduled_tokens))
         num_sched = np.fromiter(sched.num_scheduled_tokens.values(), np.int32, len(rows))
-        inputs, sample_mask = self._prepare_inputs(rows, num_sched)
+        pending_from = self._latest if self._latest is not None and self._latest.output is None \
+            else None
+        if pending_from is not None and batch.has_penalties:
+            self.collect(pending_from)  # penalties count the previous tokens on the host
+            pending_from = None
+        inputs, sample_mask = self._prepare_inputs(rows, num_sched, pending_from)
         logits = self._forward_logits(inputs)
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
-        if len(sample_rows) == 0:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        meta = batch.sampling_metadata(sample_rows, self.device)
-        out = self.sampler(logits, meta)
-        sampled = out.sampled.cpu().numpy()
-        batch.append_sampled(sample_rows, sampled)
-        req_ids = [batch.req_id_of[r] for r in sample_rows.tolist()]
+        if len(sample_rows):
+            out = self.sampler(logits, batch.sampling_metadata(sample_rows, self.device))
+        else:  # only partial prefill chunks this step
+            out = SamplerOutput(sampled=torch.empty(0, dtype=torch.int64, device=self.device))
+        launched = LaunchedStep(
+            req_ids=[batch.req_id_of[r] for r in sample_rows.tolist()],
+            rows=sample_rows,
+            positions=batch.reserve_sampled(sample_rows),
+            serials=batch.serial[sample_rows],
+            sampled=out.sampled,
+            sampled_host=self._to_host(out.sampled),
+            logprobs_host=None if out.logprobs is None else (
+                self._to_host(out.logprob_token_ids), self._to_host(out.logprobs),
+                self._to_host(out.sampled_rank),
+            ),
+            num_logprobs=batch.num_logprobs[sample_rows],
+            done=None,
+        )
+        if self.device.type == "cuda":
+            launched.done = torch.cuda.Event()
+            launched.done.record()
+        self._older, self._latest = self._latest, launched
+        return launched
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        # Into pinned memory without waiting; LaunchedStep.done says when it has landed.
+        return t.to("cpu", non_blocking=True) if t.device.type == "cuda" else t
+
+    def collect(self, launched: LaunchedStep) -> ModelRunnerOutput:
+        """Waits for a launched step's tokens, records them in the batch, returns them."""
+        if launched.output is not None:
+            return launched.output
+        if launched.done is not None:
+            launched.done.synchronize()
+        sampled = launched.sampled_host.numpy()
+        self.batch.fill_sampled(launched.rows, launched.positions, launched.serials, sampled)
         logprobs = None
-        if out.logprobs is not None:
-            logprobs = self._logprobs_lists(
-                sample_rows, out.logprob_token_ids, out.logprobs, out.sampled_rank
-            )
-        return ModelRunnerOutput(req_ids, sampled.tolist(), logprobs)
+        if launched.logprobs_host is not None:
+            logprobs = self._logprobs_lists(launched.num_logprobs, *launched.logprobs_host)
+        launched.output = ModelRunnerOutput(launched.req_ids, sampled.tolist(), logprobs)
+        if launched is self._older:
+            self._older = None
+        return launched.output
 
     def _update_batch(self, sched: SchedulerOutput) -> None:
         batch = self.batch
@@ -194,10 +261,13 @@ class ModelRunner:
             batch.append_blocks(batch.row_of[rid], block_ids)
 
     def _prepare_inputs(
-        self, rows: np.ndarray, num_sched: np.ndarray
+        self, rows: np.ndarray, num_sched: np.ndarray, pending_from: Optional[LaunchedStep]
     ) -> tuple[ForwardInputs, np.ndarray]:
-        """Writes the flattened batch into the step buffers; returns it and which rows sample."""
+        """Writes the flattened batch into the step buffers; returns it and which rows sample.
+
+        Rows whose last token ``pending_from`` has not delivered yet get it on the device."""
         batch, bs, buf = self.batch, self.block_size, self.buffers
+        buf.wait_for_upload()  # the last step's copies must have left the host buffers
         num_reqs = len(rows)
         computed = batch.num_computed[rows]
         cu = np.cumsum(num_sched)
@@ -237,7 +307,28 @@ class ModelRunner:
         max_seq_len = int(seq_lens.max())
         width = -(-max_seq_len // bs)
         buf.block_table_host(num_reqs, width)[:] = batch.block_table[rows, :width]
-        buf.upload(padded, graph_size or num_reqs, num_logits, num_reqs, width)
+        num_pending, in_order = 0, False
+        if pending_from is not None:
+            # Such a row decodes exactly one token: the one its previous step sampled.
+            src = batch.pending_idx[rows]
+            has = src >= 0
+            num_pending = int(has.sum())
+            # The steady state: the same decodes as last step, in the same order.
+            in_order = num_pending == num_reqs == total and bool(
+                (src == np.arange(num_reqs)).all()
+            )
+            if num_pending and not in_order:
+                host(buf.pending_dst)[:num_pending] = (cu - 1)[has]
+                host(buf.pending_src)[:num_pending] = src[has]
+        buf.upload(padded, graph_size or num_reqs, num_logits, num_reqs, width,
+                   0 if in_order else num_pending)
+        if in_order:
+            buf.input_ids[1][:num_reqs].copy_(pending_from.sampled[:num_reqs])
+        elif num_pending:
+            buf.input_ids[1].index_copy_(
+                0, buf.pending_dst[1][:num_pending],
+                pending_from.sampled.index_select(0, buf.pending_src[1][:num_pending]),
+            )
 
         meta = AttentionMetadata(
             num_actual_tokens=total,
@@ -270,12 +361,11 @@ class ModelRunner:
             )
         return self.model.compute_logits(hidden[inputs.logits_indices])
 
+    @staticmethod
     def _logprobs_lists(
-        self, rows: np.ndarray, token_ids: torch.Tensor, logprobs: torch.Tensor,
-        ranks: torch.Tensor,
+        wanted: np.ndarray, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor
     ) -> LogprobsLists:
-        wanted = self.batch.num_logprobs[rows]
-        ids, lps = token_ids.cpu().tolist(), logprobs.cpu().tolist()
+        ids, lps = token_ids.tolist(), logprobs.tolist()
         out_ids: list[list[int]] = []
         out_lps: list[list[float]] = []
         for i, k in enumerate(wanted.tolist()):
@@ -285,7 +375,7 @@ class ModelRunner:
             else:
                 out_ids.append(ids[i][: k + 1])
                 out_lps.append(lps[i][: k + 1])
-        return LogprobsLists(out_ids, out_lps, ranks.cpu().tolist())
+        return LogprobsLists(out_ids, out_lps, ranks.tolist())
 
     def _uses_graphs(self) -> bool:
         return self.device.type == "cuda" and not self.config.args.enforce_eager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -23,6 +25,9 @@ class StepBuffers:
         self.logits_indices = self._pair(max_reqs, torch.int64)
         self.query_start_loc = self._pair(max_reqs + 1, torch.int32)
         self.seq_lens = self._pair(max_reqs, torch.int32)
+        # Decode inputs still on the device: flat token index, and index into the sampled ids.
+        self.pending_dst = self._pair(max_reqs, torch.int64)
+        self.pending_src = self._pair(max_reqs, torch.int64)
         # Host side: a contiguous [reqs, width] staging area; device side: full-width rows.
         self._block_table_host = torch.zeros(max_reqs * max_blocks, dtype=torch.int32,
                                              pin_memory=self._pinned)
@@ -30,6 +35,7 @@ class StepBuffers:
             torch.zeros(max_reqs, max_blocks, dtype=torch.int32, device=device)
             if self._pinned else None
         )
+        self._uploaded: Optional[torch.cuda.Event] = None
 
     def _pair(self, size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         host = torch.zeros(size, dtype=dtype, pin_memory=self._pinned)
@@ -52,7 +58,8 @@ class StepBuffers:
         return self.block_table[:num_reqs, :width]
 
     def upload(
-        self, num_tokens: int, num_rows: int, num_logits: int, num_reqs: int, width: int
+        self, num_tokens: int, num_rows: int, num_logits: int, num_reqs: int, width: int,
+        num_pending: int = 0,
     ) -> None:
         """Copies the written prefix of every host buffer to the device (no-op on the CPU).
 
@@ -61,9 +68,20 @@ class StepBuffers:
         """
         if not self._pinned:
             return
-        sizes = (num_tokens, num_tokens, num_tokens, num_logits, num_rows + 1, num_rows)
+        sizes = (num_tokens, num_tokens, num_tokens, num_logits, num_rows + 1, num_rows,
+                 num_pending, num_pending)
         for (host, device), size in zip(self._pairs, sizes):
-            device[:size].copy_(host[:size], non_blocking=True)
+            if size:
+                device[:size].copy_(host[:size], non_blocking=True)
         self.block_table[:num_reqs, :width].copy_(
             self._block_table_host[: num_reqs * width].view(num_reqs, width), non_blocking=True
         )
+        if self._uploaded is None:
+            self._uploaded = torch.cuda.Event()
+        self._uploaded.record()
+
+    def wait_for_upload(self) -> None:
+        """Blocks until the last upload has read the host side, which may then be rewritten.
+        (With async scheduling the host prepares a step while the previous one is queued.)"""
+        if self._uploaded is not None:
+            self._uploaded.synchronize()

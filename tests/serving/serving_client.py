@@ -118,6 +118,16 @@ class GrpcStream:
         self.client.close()
 
 
+def sse_token_ids(events: list[dict]) -> list[int]:
+    """The output_ids of streamed events, in order (an event holds one id, or a list of them
+    when deltas were merged)."""
+    ids: list[int] = []
+    for e in events:
+        value = e["output_ids"]
+        ids.extend(value if isinstance(value, list) else [value])
+    return ids
+
+
 def sse_events(response: requests.Response) -> list[dict]:
     """The JSON events of a generate_stream (SSE) response."""
     events = []

@@ -8,7 +8,14 @@ import time
 
 import pytest
 import requests
-from serving_client import GrpcStream, metrics, sse_events, tensor, wait_for_metrics
+from serving_client import (
+    GrpcStream,
+    metrics,
+    sse_events,
+    sse_token_ids,
+    tensor,
+    wait_for_metrics,
+)
 
 pytestmark = pytest.mark.triton_server
 
@@ -164,4 +171,5 @@ def test_server_keeps_serving_after_errors(triton_server):
         timeout=60,
     )
     events = sse_events(r)
-    assert len(events) == 5 and all("error" not in e for e in events), events
+    assert all("error" not in e for e in events), events
+    assert len(sse_token_ids(events)) == 5
