@@ -105,7 +105,7 @@ def decode_table(path: str, bandwidth: float) -> list[dict[str, Any]]:
     reference: dict[int, dict[str, list[int]]] = {}
     for graphs, overlap in DECODE_CONFIGS:
         llm = LLM(path, dtype="bfloat16", enforce_eager=not graphs, async_scheduling=overlap,
-                  max_num_seqs=64, max_model_len=2048, gpu_memory_utilization=0.5)
+                  max_num_seqs=64, max_model_len=2048, kv_cache_memory_bytes=8 << 30)
         wbytes, kv_token = weight_bytes(llm), kv_bytes_per_token(llm)
         for batch in DECODE_BATCHES:
             step, tokens = decode_step_time(llm, batch)

@@ -9,6 +9,8 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import LLMEngine
 
+KV = 64 << 20  # a fixed KV budget: several engines share one process (and GPU) here
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
@@ -18,7 +20,7 @@ def model(tiny_model_dir):
 @pytest.fixture(scope="module")
 def probe(model):
     """Greedy text of one prompt, to pick stop strings and stop tokens that really occur."""
-    llm = LLM(str(model), max_model_len=128, async_scheduling=False)
+    llm = LLM(str(model), max_model_len=128, async_scheduling=False, kv_cache_memory_bytes=KV)
     out = llm.generate("Once upon a time", SamplingParams(temperature=0.0, max_tokens=24,
                                                           ignore_eos=True), use_tqdm=False)
     return out[0].outputs[0]
@@ -70,7 +72,8 @@ def _assert_idle(llm: LLM) -> None:
 def test_async_outputs_equal_sync(model, probe, tight):
     # Tight: 24 blocks of 8 tokens (one 128-token request needs 16) and a 16-token budget, so
     # prompts are chunked and requests are preempted, some with a token in flight.
-    kwargs = dict(num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=6) if tight else {}
+    kwargs = dict(num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=6) if tight else {
+        "kv_cache_memory_bytes": KV}
     expected, sync_llm = _run(model, probe, async_scheduling=False, **kwargs)
     got, async_llm = _run(model, probe, async_scheduling=True, **kwargs)
     assert async_llm.engine.config.async_scheduling
@@ -84,7 +87,8 @@ def test_async_outputs_equal_sync(model, probe, tight):
 
 def test_abort_with_a_step_in_flight(model):
     def engine() -> LLMEngine:
-        return LLMEngine(EngineArgs(str(model), max_model_len=128, async_scheduling=True))
+        return LLMEngine(EngineArgs(str(model), max_model_len=128, async_scheduling=True,
+                                    kv_cache_memory_bytes=KV))
 
     params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     reference = engine()

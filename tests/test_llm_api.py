@@ -214,3 +214,19 @@ def test_unsupported_architecture_lists_supported(model, tmp_path):
 def test_too_small_kv_cache_is_explained(model):
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(model), num_kv_blocks=4, block_size=16, max_model_len=512)
+
+
+def test_a_deleted_engine_is_freed_when_the_next_one_starts(model):
+    """Start-up freezes the objects alive then (away from the garbage collector); an engine
+    deleted later must still be reclaimed, or its KV cache would leave the next one no room."""
+    import gc
+    import weakref
+
+    first = LLM(str(model), max_model_len=64)
+    # A reference cycle, like the runner's with its CUDA graphs: only a collection frees it.
+    first.engine.runner.owner = first.engine
+    kv_cache = weakref.ref(first.engine.runner.kv_caches[0])
+    del first
+    gc.collect()
+    LLM(str(model), max_model_len=64)
+    assert kv_cache() is None
