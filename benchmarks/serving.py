@@ -203,13 +203,43 @@ class Served:
         await self.client.close()
 
 
+def _process_tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by ``root`` and its descendants:
+    the launcher, tritonserver and the Python backend's stub process."""
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(stat.parent.name)
+        parent[pid] = int(fields[1])
+        ticks[pid] = int(fields[11]) + int(fields[12])
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += ticks.get(pid, 0)
+        stack.extend(child for child, ppid in parent.items() if ppid == pid)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 async def compare(
-    engine_json: Path, grpc_port: int, requests: list, concurrency: int, repeat: int
+    engine_json: Path, grpc_port: int, server_pid: int, requests: list, concurrency: int,
+    repeat: int,
 ) -> list[dict]:
     """Alternates in-process and served runs, so that both see the same machine load."""
     in_process, served = InProcess(engine_json), Served(grpc_port)
     timings: dict[str, list[RequestTiming]] = {"in-process": [], "served (gRPC stream)": []}
     walls = {name: 0.0 for name in timings}
+    # CPU seconds per mode: this process (the in-process engine, or the gRPC client), and the
+    # server's processes (idle during in-process rounds).
+    cpu = {name: {"this process": 0.0, "server": 0.0} for name in timings}
     try:
         # One full pass each first: allocator and cache warm-up made the first timed round slow.
         await in_process.run(requests, concurrency)
@@ -217,15 +247,21 @@ async def compare(
         for round_ in range(repeat):
             for name, runner in (("in-process", in_process), ("served (gRPC stream)", served)):
                 start = time.perf_counter()
+                own, server = _own_cpu_s(), _process_tree_cpu_s(server_pid)
                 timings[name] += await runner.run(requests, concurrency)
                 wall = time.perf_counter() - start
                 walls[name] += wall
+                cpu[name]["this process"] += _own_cpu_s() - own
+                cpu[name]["server"] += _process_tree_cpu_s(server_pid) - server
                 tokens = sum(r.output_len for r in requests)
                 print(f"  round {round_ + 1} {name}: {tokens / wall:.1f} tok/s", flush=True)
     finally:
         in_process.close()
         await served.close()
-    return [summarize(name, timings[name], walls[name]) for name in timings]
+    results = [summarize(name, timings[name], walls[name]) for name in timings]
+    for r in results:
+        r["cpu_s"] = cpu[r["mode"]]
+    return results
 
 
 # ---- main ----------------------------------------------------------------------------------
@@ -236,6 +272,12 @@ def _print(results: list[dict]) -> None:
         ttft = "/".join(f"{r['ttft_ms'][k]:.1f}" for k in ("p50", "p90", "p99"))
         itl = "/".join(f"{r['itl_ms'][k]:.1f}" for k in ("p50", "p90", "p99"))
         print(f"{r['mode']:<22}{r['throughput_tok_s']:>9.1f}{ttft:>26}{itl:>26}")
+    print("CPU seconds per 1000 output tokens (2 cores):")
+    for r in results:
+        per_k = {k: 1e3 * v / r["output_tokens"] for k, v in r["cpu_s"].items()}
+        wall_k = 1e3 * r["wall_s"] / r["output_tokens"]
+        print(f"  {r['mode']:<22} " + ", ".join(f"{k} {v:.2f}" for k, v in per_k.items())
+              + f"; wall {wall_k:.2f}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -282,7 +324,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         process, grpc_port = start_server(repository, work / "tritonserver.log")
         try:
             results = asyncio.run(
-                compare(engine_json, grpc_port, requests, args.concurrency, args.repeat)
+                compare(engine_json, grpc_port, process.pid, requests, args.concurrency,
+                        args.repeat)
             )
         finally:
             process.send_signal(signal.SIGTERM)
