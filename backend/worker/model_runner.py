@@ -198,8 +198,8 @@ class ModelRunner:
         rows = np.fromiter((row_of[r] for r in sched.num_scheduled_tokens), np.int64,
                            len(sched.num_scheduled_tokens))
         num_sched = np.fromiter(sched.num_scheduled_tokens.values(), np.int32, len(rows))
-        pending_from = self._latest if self._latest is not None and self._latest.output is None \
-            else None
+        latest = self._latest
+        pending_from = latest if latest is not None and latest.output is None else None
         if pending_from is not None and batch.has_penalties:
             self.collect(pending_from)  # penalties count the previous tokens on the host
             pending_from = None
