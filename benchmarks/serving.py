@@ -203,25 +203,33 @@ class Served:
         await self.client.close()
 
 
-def _process_tree_cpu_s(root: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by ``root`` and its descendants:
-    the launcher, tritonserver and the Python backend's stub process."""
+def _process_tree_cpu_s(root: int) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) used so far by ``root`` and its descendants,
+    by process name: tritonserver, and the Python backend's stub (which runs the engine)."""
     parent: dict[int, int] = {}
-    ticks: dict[int, int] = {}
+    ticks: dict[int, tuple[str, int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            text = stat.read_text()
         except OSError:
             continue  # exited meanwhile
+        name = text[text.index("(") + 1:text.rindex(")")]
+        fields = text[text.rindex(")") + 1:].split()
         pid = int(stat.parent.name)
         parent[pid] = int(fields[1])
-        ticks[pid] = int(fields[11]) + int(fields[12])
-    total, stack = 0, [root]
+        ticks[pid] = (name, int(fields[11]) + int(fields[12]))
+    totals: dict[str, float] = {}
+    stack = [root]
     while stack:
         pid = stack.pop()
-        total += ticks.get(pid, 0)
+        if pid in ticks:
+            name, used = ticks[pid]
+            # The kernel keeps 15 characters of a name: "triton_python_b(ackend_stub)".
+            name = "stub" if name.startswith("triton_python") else (
+                name if name == "tritonserver" else "other")
+            totals[name] = totals.get(name, 0.0) + used / os.sysconf("SC_CLK_TCK")
         stack.extend(child for child, ppid in parent.items() if ppid == pid)
-    return total / os.sysconf("SC_CLK_TCK")
+    return totals
 
 
 def _own_cpu_s() -> float:
@@ -239,7 +247,7 @@ async def compare(
     walls = {name: 0.0 for name in timings}
     # CPU seconds per mode: this process (the in-process engine, or the gRPC client), and the
     # server's processes (idle during in-process rounds).
-    cpu = {name: {"this process": 0.0, "server": 0.0} for name in timings}
+    cpu: dict[str, dict[str, float]] = {name: {"this process": 0.0} for name in timings}
     try:
         # One full pass each first: allocator and cache warm-up made the first timed round slow.
         await in_process.run(requests, concurrency)
@@ -252,7 +260,8 @@ async def compare(
                 wall = time.perf_counter() - start
                 walls[name] += wall
                 cpu[name]["this process"] += _own_cpu_s() - own
-                cpu[name]["server"] += _process_tree_cpu_s(server_pid) - server
+                for proc, used in _process_tree_cpu_s(server_pid).items():
+                    cpu[name][proc] = cpu[name].get(proc, 0.0) + used - server.get(proc, 0.0)
                 tokens = sum(r.output_len for r in requests)
                 print(f"  round {round_ + 1} {name}: {tokens / wall:.1f} tok/s", flush=True)
     finally:
@@ -272,11 +281,13 @@ def _print(results: list[dict]) -> None:
         ttft = "/".join(f"{r['ttft_ms'][k]:.1f}" for k in ("p50", "p90", "p99"))
         itl = "/".join(f"{r['itl_ms'][k]:.1f}" for k in ("p50", "p90", "p99"))
         print(f"{r['mode']:<22}{r['throughput_tok_s']:>9.1f}{ttft:>26}{itl:>26}")
-    print("CPU seconds per 1000 output tokens (2 cores):")
+    print("CPU seconds per 1000 output tokens (this process: the in-process engine or the gRPC "
+          "client; stub: the served engine):")
     for r in results:
         per_k = {k: 1e3 * v / r["output_tokens"] for k, v in r["cpu_s"].items()}
         wall_k = 1e3 * r["wall_s"] / r["output_tokens"]
-        print(f"  {r['mode']:<22} " + ", ".join(f"{k} {v:.2f}" for k, v in per_k.items())
+        print(f"  {r['mode']:<22} " + ", ".join(f"{k} {v:.2f}" for k, v in per_k.items()
+                                                if v >= 0.005)
               + f"; wall {wall_k:.2f}")
 
 
