@@ -207,5 +207,10 @@ class InputBatch:
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    # Not blocking: a blocking copy would wait for the step still running on the device.
-    return torch.from_numpy(array).to(device, non_blocking=True)
+    # Staged through pinned memory and not blocking: a blocking copy, or one from pageable
+    # memory, may wait for the step still running on the device. (PyTorch's pinned-memory
+    # cache keeps the staging buffer until the copy is done.)
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
