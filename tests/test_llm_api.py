@@ -230,3 +230,11 @@ def test_a_deleted_engine_is_freed_when_the_next_one_starts(model):
     gc.collect()
     LLM(str(model), max_model_len=64)
     assert kv_cache() is None
+
+
+def test_min_tokens_beyond_the_room_left_stops_at_max_model_len(llm):
+    out = llm.generate({"prompt_token_ids": [5] * 200},
+                       greedy(None, min_tokens=500), use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 56  # max_model_len 256
+    assert out.finish_reason == "length"
+    assert_no_leaks(llm)
