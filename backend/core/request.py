@@ -10,6 +10,8 @@ from pagedserve.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
+    """Where a request is in its life: queued, running, preempted, or how it finished."""
+
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2

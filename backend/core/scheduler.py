@@ -28,6 +28,8 @@ class EngineCoreOutput:
 
 @dataclass
 class SchedulerStats:
+    """A snapshot of the queues and the KV cache, for EngineStats."""
+
     num_running: int
     num_waiting: int
     num_preemptions_total: int

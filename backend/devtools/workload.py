@@ -14,6 +14,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 @dataclass(frozen=True)
 class BenchRequest:
+    """One benchmark request: its prompt ids and how many tokens to generate."""
+
     prompt_token_ids: list[int]
     output_len: int
 

@@ -39,6 +39,8 @@ class SamplingMetadata:
 
 @dataclass
 class SamplerOutput:
+    """The sampled ids of one step and, when asked, their logprobs and ranks."""
+
     sampled: torch.Tensor  # [n] int64
     # Sampled token first, then the top-k: ids [n, k+1] and logprobs [n, k+1].
     logprob_token_ids: Optional[torch.Tensor] = None
