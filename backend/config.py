@@ -155,7 +155,7 @@ class EngineConfig:
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
-    async_scheduling: bool = False
+    async_scheduling: bool
 
     @property
     def max_blocks_per_req(self) -> int:

@@ -219,6 +219,7 @@ def _process_tree_cpu_s(root: int) -> dict[str, float]:
         parent[pid] = int(fields[1])
         ticks[pid] = (name, int(fields[11]) + int(fields[12]))
     totals: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     stack = [root]
     while stack:
         pid = stack.pop()
@@ -227,7 +228,7 @@ def _process_tree_cpu_s(root: int) -> dict[str, float]:
             # The kernel keeps 15 characters of a name: "triton_python_b(ackend_stub)".
             name = "stub" if name.startswith("triton_python") else (
                 name if name == "tritonserver" else "other")
-            totals[name] = totals.get(name, 0.0) + used / os.sysconf("SC_CLK_TCK")
+            totals[name] = totals.get(name, 0.0) + used / tick
         stack.extend(child for child, ppid in parent.items() if ppid == pid)
     return totals
 

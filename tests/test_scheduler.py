@@ -16,10 +16,10 @@ BS = 4
 EOS = 0
 
 
-def make_scheduler(num_blocks=64, max_num_seqs=8, budget=32, chunked=True, caching=True,
-                   max_model_len=256) -> Scheduler:
+def make_scheduler(num_blocks=64, max_num_seqs=8, budget=32, chunked=True,
+                   caching=True) -> Scheduler:
     kv = KVCacheManager(num_blocks, BS, caching)
-    return Scheduler(kv, max_num_seqs, budget, max_model_len, chunked)
+    return Scheduler(kv, max_num_seqs, budget, chunked)
 
 
 def make_request(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 1,
@@ -138,7 +138,7 @@ def test_stop_conditions():
 
 
 def test_max_tokens_and_model_len():
-    sched = make_scheduler(max_model_len=10)
+    sched = make_scheduler()
     req = Request("a", [1] * 8, SamplingParams(max_tokens=100), frozenset(), 10)
     sched.add_request(req)
     run_to_end(sched, FakeRunner())
@@ -214,7 +214,7 @@ def test_prefix_cache_counters():
 def test_random_workload_no_leaks(seed: int):
     rng = random.Random(seed)
     sched = make_scheduler(num_blocks=24, max_num_seqs=4, budget=rng.choice([4, 9, 32]),
-                           caching=rng.random() < 0.5, max_model_len=64)
+                           caching=rng.random() < 0.5)
     runner = FakeRunner()
     added = 0
     for _i in range(300):

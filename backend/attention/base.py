@@ -35,7 +35,7 @@ class AttentionMetadata:
     # Host copies, for backends that plan on the CPU (torch reference, FlashInfer).
     query_start_loc_cpu: Optional[torch.Tensor] = None
     seq_lens_cpu: Optional[torch.Tensor] = None
-    # Per-backend plan (e.g. FlashInfer wrappers, padded gather indices); built by build().
+    # Per-backend plan (e.g. FlashInfer wrappers, padded gather indices); built by prepare().
     plan: Optional[object] = None
 
     @property

@@ -85,8 +85,6 @@ class FlashAttnBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        if not isinstance(metadata.plan, _FlashAttnPlan):
-            self.prepare(metadata)
         plan: _FlashAttnPlan = metadata.plan
         n = metadata.num_actual_tokens
         self._write_kv(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])

@@ -117,8 +117,6 @@ class FlashInferBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        if not isinstance(metadata.plan, _FlashInferPlan):
-            self.prepare(metadata)
         plan: _FlashInferPlan = metadata.plan
         n = metadata.num_actual_tokens
         self._write_kv(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])

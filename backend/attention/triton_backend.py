@@ -66,10 +66,7 @@ class TritonAttentionBackend(AttentionBackend):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        plan = metadata.plan
-        if not isinstance(plan, _TritonPlan):
-            self.prepare(metadata)
-            plan = metadata.plan
+        plan: _TritonPlan = metadata.plan
         n = metadata.num_actual_tokens
         self._ops.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
         return self._ops.unified_attention(

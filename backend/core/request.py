@@ -113,11 +113,12 @@ class Request:
         it will finish on them, so scheduling it again would only compute a token to drop."""
         return self.num_output_tokens + self.num_output_placeholders >= self.max_tokens
 
-    def check_stop(self, token_id: int, max_model_len: int) -> bool:
+    def check_stop(self, token_id: int) -> bool:
         """Decides, after ``token_id`` was appended, whether the sequence is done (vLLM's order:
-        length, then min_tokens, EOS, stop token ids)."""
+        length, then min_tokens, EOS, stop token ids). ``max_tokens`` is already capped by
+        the room max_model_len leaves after the prompt."""
         num_out = len(self.output_token_ids)
-        if num_out >= self.max_tokens or len(self.all_token_ids) >= max_model_len:
+        if num_out >= self.max_tokens:
             self.status = RequestStatus.FINISHED_LENGTH
             return True
         if num_out < self.min_tokens:

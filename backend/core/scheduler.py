@@ -56,13 +56,11 @@ class Scheduler:
         kv_manager: KVCacheManager,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        max_model_len: int,
         enable_chunked_prefill: bool,
     ) -> None:
         self.kv = kv_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -208,7 +206,6 @@ class Scheduler:
         requests = self.requests
         outputs: list[EngineCoreOutput] = []
         logprobs: Optional[LogprobsLists] = runner_output.logprobs
-        max_model_len = self.max_model_len
         for i, (rid, token) in enumerate(
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
         ):
@@ -218,7 +215,7 @@ class Scheduler:
             request.num_output_placeholders -= 1
             preempted = request.status == RequestStatus.PREEMPTED
             request.append_output_token(token)
-            stopped = request.check_stop(token, max_model_len)
+            stopped = request.check_stop(token)
             new_logprobs = (
                 (logprobs.token_ids[i], logprobs.logprobs[i], logprobs.ranks[i])
                 if logprobs is not None else None

@@ -98,7 +98,6 @@ class LLMEngine:
             self.kv_manager,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
-            max_model_len=self.config.max_model_len,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
         self.output_processor = OutputProcessor(self.tokenizer)

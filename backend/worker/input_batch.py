@@ -3,6 +3,7 @@ each step's inputs come from a few vectorized gathers instead of a loop over req
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Optional
 
 import numpy as np
@@ -147,10 +148,8 @@ class InputBatch:
             if m.any():
                 min_p = _to_device(m, device)
         generators = {}
-        if self.generators:
-            for i, row in enumerate(rows.tolist()):
-                if row in self.generators:
-                    generators[i] = self.generators[row]
+        for i, row in _rows_among(rows, self.generators):
+            generators[i] = self.generators[row]
         meta = SamplingMetadata(
             temperature=None if all_greedy else _to_device(temperature, device),
             all_greedy=all_greedy,
@@ -178,9 +177,7 @@ class InputBatch:
         n = len(rows)
         counts = np.zeros((n, self.vocab_size), dtype=np.int32)
         seen = np.zeros((n, self.vocab_size), dtype=bool)
-        for i, row in enumerate(rows.tolist()):
-            if row not in self._penalized_rows:
-                continue
+        for i, row in _rows_among(rows, self._penalized_rows):
             prompt, total = self.num_prompt_tokens[row], self.num_tokens[row]
             np.add.at(counts[i], self.token_ids[row, prompt:total], 1)
             seen[i, self.token_ids[row, :total]] = True
@@ -193,10 +190,8 @@ class InputBatch:
     def _add_min_tokens_bans(self, meta: SamplingMetadata, rows: np.ndarray, device):
         ban_rows: list[int] = []
         ban_tokens: list[int] = []
-        for i, row in enumerate(rows.tolist()):
-            tokens = self.banned_until_min.get(row)
-            if tokens is None:
-                continue
+        for i, row in _rows_among(rows, self.banned_until_min):
+            tokens = self.banned_until_min[row]
             num_out = self.num_tokens[row] - self.num_prompt_tokens[row]
             if num_out < self.min_tokens[row]:
                 ban_rows.extend([i] * len(tokens))
@@ -204,6 +199,15 @@ class InputBatch:
         if ban_rows:
             meta.banned_rows = torch.tensor(ban_rows, device=device)
             meta.banned_tokens = torch.tensor(ban_tokens, device=device)
+
+
+def _rows_among(rows: np.ndarray, wanted: Collection[int]) -> list[tuple[int, int]]:
+    """(index in ``rows``, row) for the rows in ``wanted``: the few that need per-row work,
+    found without a Python loop over the whole batch."""
+    if not wanted:
+        return []
+    (idx,) = np.isin(rows, np.fromiter(wanted, np.int64, len(wanted))).nonzero()
+    return list(zip(idx.tolist(), rows[idx].tolist()))
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -223,13 +223,17 @@ class ModelRunner:
                 self._to_host(out.sampled_rank),
             ),
             num_logprobs=batch.num_logprobs[sample_rows],
-            done=None,
+            done=self._record_event(),  # last: after the copies above
         )
-        if self.device.type == "cuda":
-            launched.done = torch.cuda.Event()
-            launched.done.record()
         self._older, self._latest = self._latest, launched
         return launched
+
+    def _record_event(self) -> Optional[torch.cuda.Event]:
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         # Into pinned memory without waiting; LaunchedStep.done says when it has landed.
