@@ -68,8 +68,8 @@ def _decode_problem(batch: int, ctx: int) -> dict[str, Any]:
 
 
 def bench_attention(copy_gbps: float, sweep: bool) -> list[dict[str, Any]]:
-    from pagedserve.kernels.attention import AttentionConfig, _pick_splits
-    from pagedserve.kernels.ops import unified_attention
+    from pagedserve_kernels.attention import AttentionConfig, _pick_splits
+    from pagedserve_kernels.ops import unified_attention
 
     rows = []
     print(f"\n{'batch':>5} {'ctx':>6} {'path':>12} {'splits':>6} {'ms':>8} {'GB/s':>7} "
@@ -110,8 +110,8 @@ def bench_attention(copy_gbps: float, sweep: bool) -> list[dict[str, Any]]:
 
 def _sweep(p: dict[str, Any], out: torch.Tensor, kv_bytes: int,
            copy_gbps: float) -> list[dict[str, Any]]:
-    from pagedserve.kernels.attention import AttentionConfig
-    from pagedserve.kernels.ops import unified_attention
+    from pagedserve_kernels.attention import AttentionConfig
+    from pagedserve_kernels.ops import unified_attention
 
     configs = [AttentionConfig(tile_n=t, num_warps=w, num_stages=s, min_split_len=m)
                for t, w, s in ((32, 4, 3), (64, 4, 2), (64, 4, 4), (64, 8, 3), (128, 4, 2),
@@ -138,9 +138,9 @@ def _sweep(p: dict[str, Any], out: torch.Tensor, kv_bytes: int,
 
 
 def bench_other_kernels() -> list[dict[str, Any]]:
-    from pagedserve.kernels import ops
-    from pagedserve.kernels import reference as ref
     from pagedserve.layers.rotary import build_cos_sin_cache, rope_inv_freq
+    from pagedserve_kernels import ops
+    from pagedserve_kernels import reference as ref
 
     t, hidden, inter = 4096, 4096, 14336
     x = torch.randn(t, hidden, dtype=DTYPE, device="cuda")

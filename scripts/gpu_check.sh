@@ -21,15 +21,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PAGEDSERVE_CACHE=${PAGEDSERVE_CACHE:-/tmp/pagedserve-cache}
 status=()
 
-# pagedserve maps backend/ and kernels/ to one import name: install it without dependencies
-# (none can be downloaded there), or lay the package out by hand if pip cannot build.
-if ! "$PY" -m pip install -q --no-deps --no-build-isolation --no-index . >"$OUT/install.log" 2>&1; then
-    root=/tmp/pagedserve-src
-    rm -rf "$root" && mkdir -p "$root/pagedserve"
-    cp -r backend/. "$root/pagedserve/" && cp -r kernels "$root/pagedserve/kernels"
-    export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-    echo "pip install failed (see install.log); using $root" | tee -a "$OUT/install.log"
-fi
+# The packages' folders are their import names: no install (nothing can be downloaded there).
+export PYTHONPATH="$PWD/backend:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
 triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"

@@ -23,4 +23,4 @@ fi
 # (python backend + the stub for this Python + pagedserve), so a missing piece fails here.
 .venv/bin/pagedserve backend-dir >/dev/null
 # Builds the C++ decode-attention kernel the CPU engine uses (cached; ~35 s the first time).
-.venv/bin/python -m pagedserve.kernels.cpu_decode
+.venv/bin/python -m pagedserve_kernels.cpu_decode

@@ -1,7 +1,7 @@
 """Kernel tests run on CUDA when present, else in Triton's interpreter on the CPU.
 
 TRITON_INTERPRET is read when ``@triton.jit`` decorates a kernel, so it is set here, before any
-test module imports ``pagedserve.kernels``; kernel modules imported earlier in the session
+test module imports ``pagedserve_kernels``; kernel modules imported earlier in the session
 (without it) are reloaded so that they pick it up.
 """
 
@@ -15,15 +15,15 @@ import pytest
 import torch
 
 _KERNEL_MODULES = (
-    "pagedserve.kernels.attention_common",
-    "pagedserve.kernels.attention_unified",
-    "pagedserve.kernels.attention_split",
-    "pagedserve.kernels.attention",
-    "pagedserve.kernels.norm",
-    "pagedserve.kernels.rotary",
-    "pagedserve.kernels.activation",
-    "pagedserve.kernels.cache",
-    "pagedserve.kernels.ops",
+    "pagedserve_kernels.attention_common",
+    "pagedserve_kernels.attention_unified",
+    "pagedserve_kernels.attention_split",
+    "pagedserve_kernels.attention",
+    "pagedserve_kernels.norm",
+    "pagedserve_kernels.rotary",
+    "pagedserve_kernels.activation",
+    "pagedserve_kernels.cache",
+    "pagedserve_kernels.ops",
 )
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from pagedserve.kernels import activation, attention_split, attention_unified, cache, norm, rotary
+from pagedserve_kernels import activation, attention_split, attention_unified, cache, norm, rotary
 
 SM90 = GPUTarget("cuda", 90, 32)
 H100_SHARED_BYTES = 227 * 1024

@@ -1,4 +1,4 @@
-"""unified_attention (and its split-KV decode path) against paged_attention_ref."""
+"""unified_attention (and its split-KV decode path) against reference.paged_attention."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from kernel_testing import assert_close, device, make_batch
 
-from pagedserve.kernels import ops
-from pagedserve.kernels import reference as ref
-from pagedserve.kernels.attention import AttentionConfig, _pick_splits
+from pagedserve_kernels import ops
+from pagedserve_kernels import reference as ref
+from pagedserve_kernels.attention import AttentionConfig, _pick_splits
 
 CPU_DTYPES = [torch.float32, torch.float16]
 DTYPES = CPU_DTYPES + [pytest.param(torch.bfloat16, marks=pytest.mark.cuda_only)]

@@ -1,4 +1,4 @@
-"""reshape_and_cache against write_kv_cache."""
+"""reshape_and_cache against its torch reference."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from kernel_testing import device
 
-from pagedserve.kernels import ops
-from pagedserve.kernels import reference as ref
+from pagedserve_kernels import ops
+from pagedserve_kernels import reference as ref
 
 DTYPES = [torch.float32, torch.float16,
           pytest.param(torch.bfloat16, marks=pytest.mark.cuda_only)]

@@ -6,9 +6,9 @@ import pytest
 import torch
 from kernel_testing import ELEMENTWISE_TOLERANCES, assert_close, device
 
-from pagedserve.kernels import ops
-from pagedserve.kernels import reference as ref
 from pagedserve.layers.rotary import build_cos_sin_cache, rope_inv_freq
+from pagedserve_kernels import ops
+from pagedserve_kernels import reference as ref
 
 DTYPES = [torch.float32, torch.float16,
           pytest.param(torch.bfloat16, marks=pytest.mark.cuda_only)]

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels._utils import check, next_power_of_2
+from pagedserve_kernels._utils import check, next_power_of_2
 
 
 @triton.jit
@@ -85,7 +85,7 @@ def _launch(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of ``x`` ([..., hidden]); same numerics as ``rms_norm_ref``."""
+    """RMSNorm over the last dim of ``x`` ([..., hidden]); numerics of ``reference.rms_norm``."""
     out, _ = _launch(x, None, weight, eps)
     return out
 

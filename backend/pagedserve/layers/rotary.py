@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pagedserve.layers import kernel_dispatch
+from pagedserve_kernels import reference
 
 
 def rope_inv_freq(
@@ -49,21 +50,6 @@ def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Ten
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
 
-def apply_rotary_ref(
-    positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> torch.Tensor:
-    """Reference NeoX rotary on ``x`` [tokens, heads, head_dim]; returns a new tensor.
-
-    Each half is rotated against the other: (x1 cos - x2 sin, x2 cos + x1 sin), the same
-    products HF's ``x * cos + rotate_half(x) * sin`` forms, without building rotate_half.
-    """
-    half = cos_sin_cache.shape[-1] // 2
-    cos_sin = cos_sin_cache[positions].to(x.dtype)
-    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """Owns the cos/sin cache; rotates queries and keys by their token positions."""
 
@@ -85,10 +71,5 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, Hq, D], key [T, Hkv, D] -> rotated (query, key)."""
-        ops = kernel_dispatch.ops_for(query)
-        if ops is not None:
-            return ops.rotary_embedding(positions, query, key, self.cos_sin_cache)
-        return (
-            apply_rotary_ref(positions, query, self.cos_sin_cache),
-            apply_rotary_ref(positions, key, self.cos_sin_cache),
-        )
+        ops = kernel_dispatch.ops_for(query) or reference
+        return ops.rotary_embedding(positions, query, key, self.cos_sin_cache)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pagedserve.devtools.tiny_model import build_preset
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each decode row reads its context's keys and values once, straight from the cache blocks, for
 all the query heads of a KV head; the pure-torch path (gather the blocks, then SDPA) moves the
-context three times. The reference is ``pagedserve.attention.torch_backend.paged_attention_ref``.
+context three times. The reference is ``pagedserve_kernels.reference.paged_attention``.
 
 The kernel is compiled with torch's C++ extension machinery (a C++ compiler and ninja are
 needed) and cached under ``~/.cache/torch_extensions``. Where it cannot be built, ``load()``
@@ -66,7 +66,7 @@ def load() -> Optional[ModuleType]:
 
 
 def main() -> None:
-    """``python -m pagedserve.kernels.cpu_decode``: builds the kernel now (setup does this, so
+    """``python -m pagedserve_kernels.cpu_decode``: builds the kernel now (setup does this, so
     that no request waits for the compiler)."""
     logging.basicConfig(level=logging.INFO)
     print("CPU decode kernel:", "ready" if load() is not None else "unavailable (see warning)")

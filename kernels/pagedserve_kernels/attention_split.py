@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.attention_common import attend_tile
+from pagedserve_kernels.attention_common import attend_tile
 
 
 @triton.jit(do_not_specialize=["num_splits"])

@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 import triton
 
-from pagedserve.kernels._utils import check, device_sms, is_power_of_2, next_power_of_2
-from pagedserve.kernels.attention_split import merge_splits_kernel, split_kv_decode_kernel
-from pagedserve.kernels.attention_unified import unified_attention_kernel
+from pagedserve_kernels._utils import check, device_sms, is_power_of_2, next_power_of_2
+from pagedserve_kernels.attention_split import merge_splits_kernel, split_kv_decode_kernel
+from pagedserve_kernels.attention_unified import unified_attention_kernel
 
 
 @dataclass(frozen=True)

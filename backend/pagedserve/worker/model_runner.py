@@ -388,5 +388,8 @@ class ModelRunner:
         """Captures decode CUDA graphs (CUDA only, unless enforce_eager)."""
         if not self._uses_graphs():
             return
-        self.graphs = CudaGraphRunner(self)
+        self.graphs = CudaGraphRunner(
+            self.model, self.attn, self.buffers, self.kv_caches,
+            self.config.max_num_seqs, self.config.max_model_len,
+        )
         self.graphs.capture()

@@ -1,7 +1,7 @@
 """The llm model's tensor contract: vllm_backend's inputs and outputs, plus input_ids/output_ids.
 
 Parsing here is plain numpy and JSON so that it is testable without a tritonserver; the Triton
-side (``backend/model.py``, ``handler.py``) only moves tensors in and out.
+side (``model.py``, ``handler.py``) only moves tensors in and out.
 """
 
 from __future__ import annotations

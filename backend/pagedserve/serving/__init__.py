@@ -1,4 +1,4 @@
-"""Triton-side helpers of the pagedserve backend (backend/model.py) and its launcher.
+"""Triton-side helpers of the pagedserve backend (backend/pagedserve/model.py) and its launcher.
 
 contract (tensor contract, request parsing), responses (output tensors), handler (one request's
 coroutine), responder (response thread, cancellation polling), event_loop, metrics, watchdog,

@@ -149,7 +149,8 @@ def prepare_backend_dir(install: TritonInstall, dest: Optional[Path] = None) -> 
     The installation's own directory is returned as is when it already holds pagedserve.
     Otherwise ``dest`` (by default a directory in the cache, one per installation and Python)
     is filled: the python backend and the stub are copied, other backends are linked, and
-    ``pagedserve/model.py`` is a link, so edits to backend/model.py take effect on the next start.
+    ``pagedserve/model.py`` is a link, so edits to the package's model.py take effect on the
+    next start.
     """
     if dest is None and install.stub is None and install.has_pagedserve():
         return install.backends_dir

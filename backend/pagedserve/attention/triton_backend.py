@@ -43,7 +43,7 @@ class TritonAttentionBackend(AttentionBackend):
             raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads "
                              f"{num_kv_heads}")
         # Imported here so that merely naming the backend never imports Triton.
-        from pagedserve.kernels import ops
+        from pagedserve_kernels import ops
 
         self._ops = ops
 

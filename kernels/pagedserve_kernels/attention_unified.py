@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from pagedserve.kernels.attention_common import attend_tile
+from pagedserve_kernels.attention_common import attend_tile
 
 
 @triton.jit

@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional, Union
 
 from pagedserve.devtools.tiny_model import build_tiny_model
 
-# backend/devtools/default_model.py -> repository root (backend/ is the `pagedserve` package).
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+# backend/pagedserve/devtools/default_model.py -> the repository root.
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 DEFAULT_OUT = REPO_ROOT / "model_repository" / "llm" / "1" / "default_model"
 
 DEFAULT_MODEL_KWARGS: Dict[str, Any] = dict(

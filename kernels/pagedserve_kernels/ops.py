@@ -6,11 +6,11 @@ Importing this module imports Triton (and decorates the kernels: on a machine wi
 
 from __future__ import annotations
 
-from pagedserve.kernels.activation import silu_and_mul
-from pagedserve.kernels.attention import AttentionConfig, unified_attention
-from pagedserve.kernels.cache import reshape_and_cache
-from pagedserve.kernels.norm import fused_add_rms_norm, rms_norm
-from pagedserve.kernels.rotary import rotary_embedding
+from pagedserve_kernels.activation import silu_and_mul
+from pagedserve_kernels.attention import AttentionConfig, unified_attention
+from pagedserve_kernels.cache import reshape_and_cache
+from pagedserve_kernels.norm import fused_add_rms_norm, rms_norm
+from pagedserve_kernels.rotary import rotary_embedding
 
 __all__ = [
     "AttentionConfig",

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.kernels._utils import check, is_power_of_2, next_power_of_2
+from pagedserve_kernels._utils import check, is_power_of_2, next_power_of_2
 
 
 @triton.jit

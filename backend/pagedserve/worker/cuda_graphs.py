@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
+from torch import nn
 
-from pagedserve.attention.base import AttentionMetadata
-
-if TYPE_CHECKING:
-    from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.worker.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +29,29 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 class CudaGraphRunner:
     """Owns the captured decode graphs and their shared memory pool.
 
-    The graphs read the runner's step buffers, so the runner's input preparation is all a
-    replay needs. A decode step of ``n`` requests replays the smallest graph of size ``>= n``;
+    The graphs read the model runner's step buffers, so its input preparation is all a replay
+    needs. A decode step of ``n`` requests replays the smallest graph of size ``>= n``;
     rows past ``n`` are padding whose slot is -1 (nothing written) and whose context is one
     token. Attention kernels read each row's length from ``seq_lens``, so one capture serves
     every context length up to max_model_len.
     """
 
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-        self.sizes = capture_sizes(runner.config.max_num_seqs)
+    def __init__(
+        self,
+        model: nn.Module,
+        attn: AttentionBackend,
+        buffers: StepBuffers,
+        kv_caches: list[torch.Tensor],
+        max_num_seqs: int,
+        max_model_len: int,
+    ) -> None:
+        self.model = model
+        self.attn = attn
+        self.buffers = buffers
+        self.kv_caches = kv_caches
+        self.sizes = capture_sizes(max_num_seqs)
         self.max_size = self.sizes[-1]
-        self.max_model_len = runner.config.max_model_len
+        self.max_model_len = max_model_len
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         # Kept alive: tensors a backend's prepare() made are read by the graphs by address.
@@ -54,7 +64,7 @@ class CudaGraphRunner:
         return next(s for s in self.sizes if s >= num_reqs)
 
     def _metadata(self, size: int) -> AttentionMetadata:
-        buf = self.runner.buffers
+        buf = self.buffers
         return AttentionMetadata(
             num_actual_tokens=size,
             num_reqs=size,
@@ -71,7 +81,7 @@ class CudaGraphRunner:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        runner, buf = self.runner, self.runner.buffers
+        buf = self.buffers
         # Inputs that are safe to run: one token per row, attending to one slot, writing none.
         n = self.max_size
         buf.input_ids[1][:n].zero_()
@@ -85,16 +95,16 @@ class CudaGraphRunner:
         # Largest first, so the smaller graphs fit in the memory the largest reserved.
         for size in reversed(self.sizes):
             meta = self._metadata(size)
-            runner.attn.prepare(meta)
-            args = (buf.input_ids[1][:size], buf.positions[1][:size], runner.kv_caches, meta)
+            self.attn.prepare(meta)
+            args = (buf.input_ids[1][:size], buf.positions[1][:size], self.kv_caches, meta)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):  # warm up: compile kernels, allocate workspaces
-                    runner.model(*args)
+                    self.model(*args)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = runner.model(*args)
+                out = self.model(*args)
             self.graphs[size], self.outputs[size], self.metadata[size] = graph, out, meta
         torch.cuda.synchronize()
         logger.info("captured %d decode CUDA graphs (sizes %s)", len(self.sizes), self.sizes)

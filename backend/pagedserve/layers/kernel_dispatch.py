@@ -20,7 +20,7 @@ def _load_ops() -> Optional[ModuleType]:
     if os.environ.get("PAGEDSERVE_DISABLE_KERNELS", "0") == "1":
         return None
     try:
-        from pagedserve.kernels import ops
+        from pagedserve_kernels import ops
     except ImportError:
         return None
     return ops

@@ -1,4 +1,4 @@
-"""Paged attention in plain torch: the CPU backend, and the reference for the kernel tests."""
+"""Paged attention in plain torch (and our C++ decode kernel): the CPU backend."""
 
 from __future__ import annotations
 
@@ -9,80 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
-
-try:
-    from pagedserve.kernels import cpu_decode
-except ImportError:  # a partial install without the kernels package
-    cpu_decode = None
-
-
-def write_kv_cache(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    all_valid: bool = False,
-) -> None:
-    """Stores each token's key/value at its slot; rows whose slot is -1 are skipped
-    (``all_valid`` says there are none, sparing the check)."""
-    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    keep = None if all_valid else slot_mapping >= 0
-    if keep is not None and not bool(keep.all()):
-        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
-    flat[0].index_copy_(0, slot_mapping, key)
-    flat[1].index_copy_(0, slot_mapping, value)
+from pagedserve_kernels import cpu_decode, reference
 
 
 def kv_cache_writer() -> Callable[..., None]:
-    """Our Triton reshape_and_cache where Triton is installed (one launch on CUDA), else the
-    torch write above; both take (key, value, kv_cache, slot_mapping)."""
+    """Our Triton reshape_and_cache where Triton is installed (one launch on CUDA), else its
+    torch reference; both take (key, value, kv_cache, slot_mapping)."""
     try:
-        from pagedserve.kernels import ops
+        from pagedserve_kernels import ops
     except ImportError:
-        return write_kv_cache
+        return reference.reshape_and_cache
     return ops.reshape_and_cache
-
-
-def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
-    """The cache slots holding positions 0..seq_len-1 of one request."""
-    positions = torch.arange(seq_len, device=block_table.device)
-    return block_table[positions // block_size].long() * block_size + positions % block_size
-
-
-def paged_attention_ref(
-    query: torch.Tensor,
-    kv_cache: torch.Tensor,
-    metadata: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """Attention of every query row over its request's cached context, one request at a time.
-
-    The simplest correct statement of what every backend computes (after the cache is written):
-    row j of request i sits at position ``seq_len - q_len + j`` and sees positions ``<=`` it.
-    """
-    block_size = kv_cache.shape[2]
-    num_kv_heads = kv_cache.shape[3]
-    flat = kv_cache.flatten(1, 2)  # [2, slots, kv_heads, dim]
-    qsl = metadata.query_start_loc.tolist()
-    seq_lens = metadata.seq_lens.tolist()
-    out = torch.empty_like(query)
-    for i in range(metadata.num_reqs):
-        start, end, seq_len = qsl[i], qsl[i + 1], seq_lens[i]
-        if end == start:
-            continue
-        slots = context_slots(metadata.block_table[i], seq_len, block_size)
-        k, v = flat[0, slots], flat[1, slots]  # [seq, kv_heads, dim]
-        q = query[start:end]
-        group = q.shape[1] // num_kv_heads
-        k = k.repeat_interleave(group, dim=1).float()
-        v = v.repeat_interleave(group, dim=1).float()
-        scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(out.dtype)
-    return out
 
 
 @dataclass
@@ -112,7 +49,7 @@ class _Plan:
 
 class TorchAttentionBackend(AttentionBackend):
     """Paged attention for the CPU. Decodes are batched: in fp32 on the CPU through our C++
-    decode kernel (one pass over each context, ``pagedserve.kernels.cpu_decode``), otherwise
+    decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``), otherwise
     by gathering their blocks whole (one index_select per layer) into one masked SDPA call.
     Prefill chunks go one at a time through causal SDPA; a chunk with no cached prefix reads
     its own new keys and values without touching the cache. ``prepare`` builds the plan once
@@ -135,7 +72,7 @@ class TorchAttentionBackend(AttentionBackend):
             return None
         if not self._kernel_checked:
             self._kernel_checked = True
-            module = cpu_decode.load() if cpu_decode is not None else None
+            module = cpu_decode.load()
             self._decode_kernel = module.paged_decode if module is not None else None
         return self._decode_kernel
 
@@ -189,8 +126,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         n = metadata.num_actual_tokens
         plan: _Plan = metadata.plan
-        write_kv_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n],
-                       all_valid=plan.slots_valid)
+        reference.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping,
+                                    all_valid=plan.slots_valid)
         out = torch.empty_like(query)
         if plan.num_decodes:
             rows = plan.decode_rows

@@ -1,0 +1,147 @@
+"""The pure-torch reference of every kernel in ``pagedserve_kernels.ops``, with the same
+signatures. They are the oracle the kernel tests compare against and the code the engine runs
+where a kernel does not (the CPU). Importing this module imports only torch, never Triton.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, in fp32 like HF, rounded to ``x``'s dtype before the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual)."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps), summed
+
+
+def apply_rotary(
+    positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> torch.Tensor:
+    """NeoX rotary on ``x`` [tokens, heads, head_dim]; returns a new tensor.
+
+    Each half is rotated against the other: (x1 cos - x2 sin, x2 cos + x1 sin), the same
+    products HF's ``x * cos + rotate_half(x) * sin`` forms, without building rotate_half.
+    ``cos_sin_cache`` is [max_positions, head_dim]: the cosines, then the sines.
+    """
+    half = cos_sin_cache.shape[-1] // 2
+    cos_sin = cos_sin_cache[positions].to(x.dtype)
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query [T, Hq, D], key [T, Hkv, D] -> rotated (query, key)."""
+    return (apply_rotary(positions, query, cos_sin_cache),
+            apply_rotary(positions, key, cos_sin_cache))
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]`` for a merged [gate; up] projection."""
+    d = x.shape[-1] // 2
+    return F.silu(x[..., :d]) * x[..., d:]
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    all_valid: bool = False,
+) -> None:
+    """Stores key/value [T, Hkv, D] into ``kv_cache`` [2, num_blocks, block_size, Hkv, D] at
+    ``slot_mapping[:T]``; rows whose slot is -1 are skipped (``all_valid`` says there are none,
+    sparing the check)."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    slot_mapping = slot_mapping[: key.shape[0]]
+    keep = None if all_valid else slot_mapping >= 0
+    if keep is not None and not bool(keep.all()):
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
+    flat[0].index_copy_(0, slot_mapping, key)
+    flat[1].index_copy_(0, slot_mapping, value)
+
+
+def context_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """The cache slots holding positions 0..seq_len-1 of one request."""
+    positions = torch.arange(seq_len, device=block_table.device)
+    return block_table[positions // block_size].long() * block_size + positions % block_size
+
+
+def paged_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of every query row over its request's cached context, one request at a time.
+
+    The simplest correct statement of what every attention kernel and backend computes once the
+    cache is written: request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``;
+    row ``j`` of it sits at position ``seq_lens[i] - q_len + j`` and sees positions ``<=`` it.
+    Rows past the last request are left unset.
+    """
+    block_size = kv_cache.shape[2]
+    num_kv_heads = kv_cache.shape[3]
+    flat = kv_cache.flatten(1, 2)  # [2, slots, kv_heads, dim]
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    out = torch.empty_like(query)
+    for i in range(len(qsl) - 1):
+        start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
+        if end == start:
+            continue
+        slots = context_slots(block_table[i], seq_len, block_size)
+        k, v = flat[0, slots], flat[1, slots]  # [seq, kv_heads, dim]
+        q = query[start:end]
+        group = q.shape[1] // num_kv_heads
+        k = k.repeat_interleave(group, dim=1).float()
+        v = v.repeat_interleave(group, dim=1).float()
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        scores.masked_fill_(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(out.dtype)
+    return out
+
+
+def unified_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: Optional[torch.Tensor] = None,
+    num_actual_tokens: Optional[int] = None,
+) -> torch.Tensor:
+    """The Triton kernel's contract (padding rows past ``query_start_loc[-1]`` zeroed),
+    computed by ``paged_attention``; ``max_query_len``/``max_seq_len``/``num_actual_tokens``
+    only size the kernel's launch."""
+    del max_query_len, max_seq_len, num_actual_tokens
+    num_seqs = query_start_loc.numel() - 1
+    res = paged_attention(query, kv_cache, query_start_loc, seq_lens[:num_seqs],
+                          block_table[:num_seqs], scale)
+    res[int(query_start_loc[-1]):] = 0
+    if out is None:
+        return res
+    out.copy_(res)
+    return out
