@@ -24,6 +24,7 @@ from typing import Any, Optional
 import triton_python_backend_utils as pb_utils
 
 from pagedserve.config import EngineArgs
+from pagedserve.serving.abort_channel import AbortRegistry, abort_target
 from pagedserve.serving.contract import INPUTS, OUTPUTS
 from pagedserve.serving.event_loop import EventLoopThread
 from pagedserve.serving.handler import UNLOADING, RequestHandler
@@ -91,6 +92,7 @@ class TritonPythonModel:
         self.watchdog = OrphanWatchdog()
         self.engine = AsyncLLMEngine(engine_args)
         self._accepting = True
+        self.aborts = AbortRegistry()  # requests from tensorrt_llm_bls, by Triton request id
         self.loop = EventLoopThread()
         self.responder = Responder(pb_utils, self._on_client_cancelled, self.logger.log_error)
         self.reporter = self._start_metrics(args, engine_args)
@@ -123,10 +125,23 @@ class TritonPythonModel:
         self.logger.log_verbose(f"pagedserve: {state.request_id} cancelled by the client")
         self.loop.call(self.handler.cancel, state)
 
+    def _abort(self, target: str, request: Any) -> None:
+        """A BLS model's request to abort the llm request it sent with id ``target``
+        (serving/abort_channel.py): cancelled as if its client had; the answer is empty."""
+        state = self.aborts.pop(target)
+        if state is not None:
+            self._on_client_cancelled(state)
+        request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
     def execute(self, requests: list) -> None:
         now = time.monotonic()
         for request in requests:
+            target = abort_target(request.parameters())
+            if target is not None:
+                self._abort(target, request)
+                continue
             state = self.handler.new_state(request, now)
+            self.aborts.register(request.request_id(), state)
             if not self._accepting:
                 self.responder.send_error(state, *UNLOADING)
                 continue
