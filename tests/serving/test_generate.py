@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import requests
 from serving_client import GrpcStream, sse_events, sse_token_ids, tensor
@@ -121,15 +120,14 @@ def test_input_ids_prompt_and_postprocessing(triton_server, reference, tokenizer
     assert result.ids() == reference[0][0]
     assert result.text() == reference[0][1]
 
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{triton_server.http_port}")
-    ids = httpclient.InferInput("output_ids", [len(result.ids())], "INT32")
-    ids.set_data_from_numpy(np.array(result.ids(), dtype=np.int32))
-    try:
-        decoded = client.infer("postprocessing", [ids]).as_numpy("text_output")[0].decode()
-    finally:
-        client.close()
+    # postprocessing is decoupled (see its config.pbtxt): HTTP generate or a gRPC stream.
+    r = requests.post(
+        f"{triton_server.http_url}/v2/models/postprocessing/generate",
+        json={"output_ids": result.ids()},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    decoded = r.json()["text_output"]
     assert decoded == tokenizer.decode(result.ids(), skip_special_tokens=True)
 
 
@@ -151,29 +149,6 @@ def test_genai_perf_vllm_payload(triton_server):
     assert result.final_seen
     assert len(result.ids()) == 16
     assert 1 < len(result.responses) <= 16  # streamed; merged only while the sender lags
-
-
-def test_genai_perf_tensorrtllm_payload(triton_server):
-    """genai-perf --backend tensorrtllm on the ensemble: [1, 1] shapes, min_length."""
-    stream = GrpcStream(triton_server.grpc_url)
-    try:
-        rid = stream.send("ensemble", [
-            tensor("text_input", PROMPTS[2], batch=True),
-            tensor("max_tokens", 16, batch=True),
-            tensor("exclude_input_in_output", True, batch=True),
-            tensor("stream", True, batch=True),
-            tensor("min_length", 16, batch=True),
-            tensor("return_num_output_tokens", True, batch=True),
-        ])
-        result = stream.collect([rid])[rid]
-    finally:
-        stream.close()
-    assert result.error is None, result.error
-    assert result.final_seen
-    # min_length held off any EOS
-    assert sum(int(r["num_output_tokens"].sum()) for r in result.responses) == 16
-    assert 1 < len(result.responses) <= 16  # streamed; merged only while the sender lags
-    assert result.text()
 
 
 def _naive_concat(tokenizer, deltas: list[list[int]]) -> str:
