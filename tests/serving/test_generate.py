@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import requests
 from serving_client import GrpcStream, sse_events, sse_token_ids, tensor
@@ -120,14 +121,15 @@ def test_input_ids_prompt_and_postprocessing(triton_server, reference, tokenizer
     assert result.ids() == reference[0][0]
     assert result.text() == reference[0][1]
 
-    # postprocessing is decoupled (see its config.pbtxt): HTTP generate or a gRPC stream.
-    r = requests.post(
-        f"{triton_server.http_url}/v2/models/postprocessing/generate",
-        json={"output_ids": result.ids()},
-        timeout=30,
-    )
-    assert r.status_code == 200, r.text
-    decoded = r.json()["text_output"]
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{triton_server.http_port}")
+    ids = httpclient.InferInput("output_ids", [len(result.ids())], "INT32")
+    ids.set_data_from_numpy(np.array(result.ids(), dtype=np.int32))
+    try:
+        decoded = client.infer("postprocessing", [ids]).as_numpy("text_output")[0].decode()
+    finally:
+        client.close()
     assert decoded == tokenizer.decode(result.ids(), skip_special_tokens=True)
 
 

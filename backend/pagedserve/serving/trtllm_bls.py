@@ -24,6 +24,7 @@ import numpy as np
 
 from pagedserve.serving.abort_channel import ABORT_PARAMETER, new_request_id
 from pagedserve.serving.contract import InvalidRequest
+from pagedserve.serving.error_sender import ErrorSender
 from pagedserve.serving.trtllm import (
     INPUT_NAMES,
     TrtllmRequest,
@@ -66,6 +67,7 @@ class _Call:
 
     sender: Any  # pb_utils.InferenceResponseSender
     items: list[_Item]
+    arrival: float
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False  # the final response was sent; later outputs are dropped
     last_poll: float = field(default_factory=time.monotonic)
@@ -90,6 +92,7 @@ class TrtllmBls:
         self.translator = translator
         self.llm_model = llm_model
         self.log_error = log_error
+        self._errors = ErrorSender(pb_utils, log_error)
         self._pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="pagedserve-bls")
         self._inflight: dict[int, _Call] = {}
         self._inflight_lock = threading.Lock()
@@ -102,17 +105,18 @@ class TrtllmBls:
     # ---- Triton's thread -------------------------------------------------------------------
 
     def execute(self, requests: list) -> None:
+        now = time.monotonic()
         for request in requests:
             sender = request.get_response_sender()
             if self._stopping.is_set():
-                self._send_error(sender, *UNLOADING)
+                self._errors.send(sender, *UNLOADING, now)
                 continue
             try:
                 items = self._translate(request)
             except InvalidRequest as e:
-                self._send_error(sender, str(e), "INVALID_ARG")
+                self._errors.send(sender, str(e), "INVALID_ARG", now)
                 continue
-            call = _Call(sender, items)
+            call = _Call(sender, items, now)
             with self._inflight_lock:
                 self._inflight[id(call)] = call
             for item in items:
@@ -144,6 +148,7 @@ class TrtllmBls:
             self._close(call, UNLOADING)
         self._poller.join(timeout=5)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._errors.stop()
 
     # ---- worker threads --------------------------------------------------------------------
 
@@ -234,7 +239,7 @@ class TrtllmBls:
                 return
             call.closed = True
             running = [item for item in call.items if item.issued and not item.finished]
-        self._send_error(call.sender, *why)
+        self._errors.send(call.sender, *why, call.arrival)
         for item in running:
             self._abort_once(call, item)
 
@@ -256,14 +261,6 @@ class TrtllmBls:
             self.log_error(f"pagedserve: tensorrt_llm_bls: aborting an llm request: {e!r}")
 
     # ---- helpers ---------------------------------------------------------------------------
-
-    def _send_error(self, sender: Any, message: str, code: str) -> None:
-        error = self.pb.TritonError(message, getattr(self.pb.TritonError, code))
-        try:
-            sender.send(self.pb.InferenceResponse(error=error),
-                        flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        except Exception as e:  # e.g. the client is gone; nothing else to tell it
-            self.log_error(f"pagedserve: tensorrt_llm_bls: sending an error failed: {e!r}")
 
     def _calls(self) -> list[_Call]:
         with self._inflight_lock:

@@ -9,37 +9,49 @@ detokenizer instead, and tensorrt_llm_bls passes those on.
 """
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from pagedserve.serving.contract import InvalidRequest
+from pagedserve.serving.error_sender import ErrorSender
 from pagedserve.serving.trtllm import tokenizer_dir_parameter
 from pagedserve.tokenizer.tokenizer import load_tokenizer
 
 
 class TritonPythonModel:
-    """Owns the tokenizer; one final response per request (decoupled: see config.pbtxt)."""
+    """Owns the tokenizer; one response per request, sent through the response sender so
+    that an error can be held back (pagedserve.serving.error_sender)."""
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.tokenizer = load_tokenizer(tokenizer_dir_parameter(config, args["model_repository"]))
         self.vocab_size = len(self.tokenizer)
+        self.errors = ErrorSender(pb_utils, pb_utils.Logger.log_error)
 
-    def _response(self, request):
+    def _outputs(self, request):
         ids = pb_utils.get_input_tensor_by_name(request, "output_ids").as_numpy().reshape(-1)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            message = (f"input 'output_ids' holds token ids outside the vocabulary "
-                       f"[0, {self.vocab_size}): {ids.min()}..{ids.max()}")
-            error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
-            return pb_utils.InferenceResponse(error=error)
+            raise InvalidRequest(f"input 'output_ids' holds token ids outside the vocabulary "
+                                 f"[0, {self.vocab_size}): {ids.min()}..{ids.max()}")
         skip = pb_utils.get_input_tensor_by_name(request, "skip_special_tokens")
         skip = True if skip is None else bool(skip.as_numpy().reshape(-1)[0])
         text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=skip)
-        output = np.array([text.encode("utf-8")], dtype=np.object_)
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("text_output", output)])
+        return [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
 
     def execute(self, requests):
+        now = time.monotonic()
         for request in requests:
-            request.get_response_sender().send(
-                self._response(request), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            )
+            sender = request.get_response_sender()
+            try:
+                outputs = self._outputs(request)
+            except InvalidRequest as e:
+                self.errors.send(sender, str(e), "INVALID_ARG", now)
+                continue
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self):
+        self.errors.stop()
