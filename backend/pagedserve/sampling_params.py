@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -35,6 +36,13 @@ class _SamplingFields:
     (excluded unless ``include_stop_str_in_output``); ``stop_token_ids`` end it too (the token is
     kept in ``token_ids``, its text is not). ``logprobs=k`` returns the sampled token's logprob
     and the top-k for each generated token.
+
+    ``bad_words``: words never generated (vLLM's rule: each word is tokenized with and without
+    a leading space, and a word's last token is banned whenever the tokens generated just
+    before it are the word's other tokens). ``logit_bias``: token id -> value added to its
+    logit before sampling (clamped to [-100, 100], as OpenAI does; keys may be strings, as in
+    JSON). ``allowed_token_ids``: only these tokens may be sampled. Token ids are checked
+    against the model's vocabulary when the engine takes the request.
     """
 
     n: int = 1
@@ -55,12 +63,26 @@ class _SamplingFields:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    bad_words: Optional[list[str]] = None
+    logit_bias: Optional[dict[int, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    # bad_words as token id sequences; set by the engine, which holds the tokenizer.
+    bad_words_token_ids: Optional[list[list[int]]] = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop else []
         self.stop_token_ids = [int(t) for t in self.stop_token_ids] if self.stop_token_ids else []
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        self.bad_words = list(dict.fromkeys(self.bad_words)) if self.bad_words else []
+        if self.logit_bias:
+            self.logit_bias = _logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -104,13 +126,29 @@ class _SamplingFields:
             raise bad("stop", "must hold non-empty strings")
         if any(t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative token ids")
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise bad("bad_words", "must hold non-empty strings")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise bad("allowed_token_ids", "must not be empty (None allows every token)")
+            if any(not _is_int(t) or t < 0 for t in self.allowed_token_ids):
+                raise bad("allowed_token_ids", "must hold non-negative token ids")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def token_ids_to_check(self) -> dict[str, list[int]]:
+        """Every token id the request names, by field, for the engine's vocabulary check."""
+        return {
+            "stop_token_ids": self.stop_token_ids,
+            "logit_bias": list(self.logit_bias or ()),
+            "allowed_token_ids": self.allowed_token_ids or [],
+        }
+
     def clone(self, **changes: Any) -> SamplingParams:
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        values = {name: getattr(self, name) for name in _FIELD_NAMES}
         values.update(changes)
         return SamplingParams(**values)
 
@@ -147,7 +185,34 @@ class SamplingParams(_SamplingFields):
             raise ValueError(f"invalid sampling parameters: {e}") from None
 
 
-_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(_SamplingFields))
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(_SamplingFields) if f.init)
+_MAX_ABS_LOGIT_BIAS = 100.0
+
+
+def _logit_bias(values: Any) -> dict[int, float]:
+    """Token id -> bias, with ids given as ints or decimal strings (JSON object keys)."""
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"SamplingParams.logit_bias must map token ids to numbers, got {values!r}"
+        )
+    out: dict[int, float] = {}
+    for key, bias in values.items():
+        try:
+            if isinstance(key, (bool, float)):
+                raise ValueError
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"SamplingParams.logit_bias keys must be token ids, got {key!r}"
+            ) from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
+            raise ValueError(
+                f"SamplingParams.logit_bias[{token}] must be a number, got {bias!r}"
+            )
+        if token < 0:
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids >= 0, got {token}")
+        out[token] = min(_MAX_ABS_LOGIT_BIAS, max(-_MAX_ABS_LOGIT_BIAS, float(bias)))
+    return out
 
 
 _INT_FIELDS = {"n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs"}
@@ -174,9 +239,9 @@ def _coerce(name: str, text: str) -> Any:
             if lowered in ("false", "0"):
                 return False
             raise ValueError
-        if name in ("stop", "stop_token_ids"):
+        if name in ("stop", "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias"):
             stripped = text.strip()
-            if name == "stop" and not stripped.startswith("["):
+            if name in ("stop", "bad_words") and not stripped.startswith("["):
                 return text
             return json.loads(stripped)
     except (ValueError, json.JSONDecodeError):
