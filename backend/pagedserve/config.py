@@ -25,6 +25,18 @@ _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "Optional[bool]": (bool, type(None)),
 }
 
+_INT32_MAX = 2**31 - 1  # token positions, block ids and counts are int32 arrays
+# Every integer argument's range, inclusive (None, where allowed, means "derive it").
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "seed": (0, 2**64 - 1),  # what torch's generators take
+    "max_num_seqs": (1, _INT32_MAX),
+    "max_num_batched_tokens": (1, _INT32_MAX),
+    "max_model_len": (1, _INT32_MAX),
+    "num_kv_blocks": (2, _INT32_MAX),
+    "kv_cache_memory_bytes": (1, 2**63 - 1),
+    "max_logprobs": (-1, _INT32_MAX),
+}
+
 
 @dataclass
 class EngineArgs:
@@ -48,6 +60,8 @@ class EngineArgs:
     enforce_eager: bool = False
     # Schedule and prepare step N+1 while the device runs step N; None: on for CUDA.
     async_scheduling: Optional[bool] = None
+    # The most logprobs a request may ask for (vLLM's name and default); -1: no cap.
+    max_logprobs: int = 20
     # Accepted for vllm_backend model.json compatibility.
     tensor_parallel_size: int = 1
     trust_remote_code: bool = False
@@ -82,12 +96,10 @@ class EngineArgs:
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             # 256 is what FlashAttention-2's paged KV cache needs.
             raise bad("block_size", "must be one of 8, 16, 32, 64, 128, 256")
-        if self.max_num_seqs < 1:
-            raise bad("max_num_seqs", "must be at least 1")
-        if self.max_num_batched_tokens < 1:
-            raise bad("max_num_batched_tokens", "must be at least 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise bad("max_model_len", "must be at least 1")
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise bad(name, f"must be in [{low}, {high}]")
         if (
             not self.enable_chunked_prefill
             and self.max_model_len is not None
@@ -97,16 +109,10 @@ class EngineArgs:
                 "max_num_batched_tokens",
                 f"must be >= max_model_len ({self.max_model_len}) without chunked prefill",
             )
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise bad("num_kv_blocks", "must be at least 2")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
-            raise bad("kv_cache_memory_bytes", "must be positive")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:  # also false for nan
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1 (pagedserve runs one model per GPU)")
-        if self.seed < 0:
-            raise bad("seed", "must be non-negative")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: Optional[Path] = None) -> EngineArgs:

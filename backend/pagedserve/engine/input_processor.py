@@ -8,6 +8,8 @@ from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer.tokenizer import bad_words_token_ids
 
 PromptType = Union[str, dict[str, Any]]
+# Each step checks every bad word of the rows that have them (vLLM's limit).
+MAX_BAD_WORD_SEQUENCES = 128
 
 
 class InputProcessor:
@@ -16,10 +18,19 @@ class InputProcessor:
     everything that needs the engine's configuration is here, so bad input is a ValueError
     naming the field before a request reaches the scheduler."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_logprobs: int,
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_logprobs = max_logprobs  # -1: up to the vocabulary
 
     def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         """Validates a prompt and returns (text or None, token ids)."""
@@ -70,19 +81,44 @@ class InputProcessor:
 
     def process_params(self, params: SamplingParams) -> SamplingParams:
         """Checks ``params`` against the engine; returns them ready for the scheduler (a copy
-        with the bad words as token ids, when there are bad words)."""
+        when something had to be resolved: ``logprobs=-1``, the bad words' token ids)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params)}")
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
+        if params.n > self.max_num_seqs:
+            # Its completions run side by side: more would wait for each other forever.
             raise ValueError(
-                f"SamplingParams.logprobs must not exceed the vocabulary size "
-                f"({self.vocab_size}), got {params.logprobs}"
+                f"SamplingParams.n must be at most the engine's max_num_seqs "
+                f"({self.max_num_seqs}), got {params.n}"
             )
+        changes: dict[str, Any] = {}
+        logprobs = params.logprobs
+        if logprobs is not None:
+            cap = self.vocab_size if self.max_logprobs == -1 else self.max_logprobs
+            if logprobs == -1 and self.max_logprobs != -1:
+                raise ValueError(
+                    "SamplingParams.logprobs=-1 (the whole vocabulary) needs the engine "
+                    f"argument max_logprobs=-1; it is {self.max_logprobs}"
+                )
+            if logprobs > min(cap, self.vocab_size):
+                raise ValueError(
+                    f"SamplingParams.logprobs must be at most {min(cap, self.vocab_size)} (the "
+                    f"engine's max_logprobs={self.max_logprobs}, vocabulary "
+                    f"{self.vocab_size}), got {logprobs}"
+                )
+            if logprobs == -1:
+                changes["logprobs"] = self.vocab_size
         for name, ids in params.token_ids_to_check.items():
             self._check_in_vocab(f"SamplingParams.{name}", ids)
+        sequences = None
         if params.bad_words:
             sequences = bad_words_token_ids(params.bad_words, self.tokenizer)
+            if len(sequences) > MAX_BAD_WORD_SEQUENCES:
+                raise ValueError(
+                    f"SamplingParams.bad_words must come to at most {MAX_BAD_WORD_SEQUENCES} "
+                    f"token sequences (each word counts once or twice), got {len(sequences)}"
+                )
             self._check_in_vocab("SamplingParams.bad_words", [t for s in sequences for t in s])
-            params = params.clone()
+        if changes or sequences:
+            params = params.clone(**changes)
             params.bad_words_token_ids = sequences
         return params

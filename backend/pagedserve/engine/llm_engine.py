@@ -101,7 +101,11 @@ class LLMEngine:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.input_processor = InputProcessor(
-            self.tokenizer, model_config.vocab_size, self.config.max_model_len
+            self.tokenizer,
+            model_config.vocab_size,
+            self.config.max_model_len,
+            self.config.max_num_seqs,
+            args.max_logprobs,
         )
         eos = model_config.eos_token_ids or (
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []

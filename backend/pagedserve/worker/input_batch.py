@@ -79,14 +79,16 @@ class InputBatch:
     def _set_sampling(self, row: int, req: NewRequestData, device: torch.device) -> None:
         p: SamplingParams = req.sampling_params
         self.temperature[row] = p.temperature
-        self.top_k[row] = p.top_k
+        # Any top_k or min_tokens beyond the vocabulary or the context means the same as
+        # those bounds, which the arrays hold.
+        self.top_k[row] = min(p.top_k, self.vocab_size)
         self.top_p[row] = p.top_p
         self.min_p[row] = p.min_p
         self.repetition_penalty[row] = p.repetition_penalty
         self.presence_penalty[row] = p.presence_penalty
         self.frequency_penalty[row] = p.frequency_penalty
         self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
-        self.min_tokens[row] = p.min_tokens
+        self.min_tokens[row] = min(p.min_tokens, self.token_ids.shape[1])
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             self._penalized_rows.add(row)
             self._history_rows.add(row)
