@@ -12,12 +12,14 @@ import math
 import random
 import time
 
+import numpy as np
 import pytest
 
 from pagedserve import EngineArgs, SamplingParams
 from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.sampling_params import RequestOutputKind
+from pagedserve.serving.contract import parse_request
 
 MAX_NUM_SEQS = 16
 ENGINE = dict(max_model_len=64, max_num_seqs=MAX_NUM_SEQS, block_size=8,
@@ -105,6 +107,8 @@ EDGES = [
     {"repetition_penalty": 1e-30, "frequency_penalty": 2, "presence_penalty": -2},
     {"n": MAX_NUM_SEQS},
     {"temperature": None, "n": None, "top_p": None},
+    {"stop": "[INST]", "bad_words": "[x"},
+    {"stop": '["[INST]", "</s>"]', "stop_token_ids": "5", "allowed_token_ids": "[5, 6, 7]"},
 ]
 
 
@@ -220,6 +224,33 @@ def test_sampling_params_reject_what_the_engine_cannot_hold():
                                     coerce_strings=True).seed == 2**63 - 1  # exact, not via float
     assert SamplingParams.from_dict({"n": "3.0", "temperature": None},
                                     coerce_strings=True).n == 3
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[INST]", ["[INST]"]),
+    ('["a", "b"]', ["a", "b"]),
+    (' ["a"] ', ["a"]),
+    ("[1, 2]", ["[1, 2]"]),  # a JSON list, but not of strings: the text itself
+    ('"quoted"', ['"quoted"']),
+    ("[", ["["]),
+    ("[]", []),
+])
+def test_stop_strings_are_json_only_as_a_list_of_strings(text, expected):
+    tensors = {"text_input": np.array([b"Hi"], dtype=object),
+               "sampling_parameters": np.array([json.dumps({"stop": text}).encode()],
+                                               dtype=object)}
+    assert parse_request(tensors).params.stop == expected
+    params = SamplingParams.from_dict({"bad_words": text, "stop": text}, coerce_strings=True)
+    assert params.stop == expected and params.bad_words == expected
+
+
+def test_a_stop_string_sent_as_a_string_stops_the_text(engine):
+    full = _run(engine, "full", "Once upon a time", SamplingParams(**GOOD, stop=None))[0].text
+    stop = full[2:5]
+    for sent in (stop, json.dumps([stop, "[INST]"])):
+        params = SamplingParams.from_dict({**GOOD, "stop": sent}, coerce_strings=True)
+        (c,) = _run(engine, "stop", "Once upon a time", params)
+        assert c.text == full[: full.index(stop)] and c.stop_reason == stop
 
 
 # ---- fuzz -------------------------------------------------------------------------------------

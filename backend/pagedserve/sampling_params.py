@@ -276,7 +276,26 @@ def _int_text(text: str) -> int:
         return int(number)
 
 
+_WORD_LIST_FIELDS = {"stop", "bad_words"}
+_ID_LIST_FIELDS = {"stop_token_ids", "allowed_token_ids"}
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:  # JSONDecodeError is one
+        return _NOT_JSON
+
+
+_NOT_JSON = object()
+
+
 def _coerce(name: str, text: str) -> Any:
+    """A string value as the field's type, for clients that send every parameter as a string.
+
+    A word list (``stop``, ``bad_words``) is read as JSON only when the text is a JSON list of
+    strings, so that ``"[INST]"`` stays one stop string; a token id list is a JSON list or one
+    integer; ``logit_bias`` is a JSON object."""
     try:
         if name in _INT_FIELDS:
             return _int_text(text)
@@ -288,16 +307,29 @@ def _coerce(name: str, text: str) -> Any:
                 return True
             if lowered in ("false", "0"):
                 return False
-            raise ValueError
-        if name in ("stop", "stop_token_ids", "bad_words", "allowed_token_ids", "logit_bias"):
-            stripped = text.strip()
-            if name in ("stop", "bad_words") and not stripped.startswith("["):
-                return text
-            return json.loads(stripped)
-    except ValueError:  # JSONDecodeError is one too
+            raise ValueError(text)
+    except ValueError:
         kind = ("an integer" if name in _INT_FIELDS else "a number" if name in _FLOAT_FIELDS
-                else "true or false" if name in _BOOL_FIELDS else "valid JSON")
+                else "true or false")
         raise _invalid(name, kind, text) from None
+    if name in _WORD_LIST_FIELDS:
+        value = _json(text)
+        is_words = isinstance(value, list) and all(isinstance(w, str) for w in value)
+        return value if is_words else text
+    if name in _ID_LIST_FIELDS:
+        value = _json(text)
+        if isinstance(value, list):
+            return value
+        try:
+            return [_int_text(text)]
+        except ValueError:
+            raise _invalid(name, "a list of token ids (a JSON list, or one integer)",
+                           text) from None
+    if name == "logit_bias":
+        value = _json(text)
+        if not isinstance(value, dict):
+            raise _invalid(name, "a JSON object mapping token ids to numbers", text)
+        return value
     if name == "output_kind":
         raise ValueError("sampling parameter 'output_kind' cannot be set from a string")
     return text
