@@ -18,7 +18,9 @@ from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.scheduler_output import ModelRunnerOutput
 from pagedserve.engine.input_processor import InputProcessor, PromptType
+from pagedserve.engine.loggers import RequestLogger, StatLogger, make_visible
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
@@ -74,18 +76,25 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         _reclaim_frozen_objects()
-        model_config = ModelConfig.from_pretrained(args.model)
+        model_path = resolve_checkpoint(
+            args.model, revision=args.revision, download_dir=args.download_dir
+        )
+        model_config = ModelConfig.from_pretrained(model_path, args.trust_remote_code)
         model_class(model_config.architecture)  # unsupported architectures fail before loading
         checkpoint_dtype = str(model_config.checkpoint_dtype).removeprefix("torch.")
         self.config = resolve_engine_config(
             args,
             model_config.max_position_embeddings,
             checkpoint_dtype,
-            sliding_window=model_config.raw.get("sliding_window"),
+            sliding_window=model_config.sliding_window,
             cuda_available=torch.cuda.is_available(),
         )
         self.model_config = model_config
-        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer_path = model_path if args.tokenizer is None else resolve_checkpoint(
+            args.tokenizer, what="tokenizer", revision=args.tokenizer_revision,
+            download_dir=args.download_dir,
+        )
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
         self.runner = ModelRunner(self.config, model_config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
@@ -99,7 +108,11 @@ class LLMEngine:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.request_logger = RequestLogger() if args.log_requests else None
+        self.output_processor = OutputProcessor(self.tokenizer, self.request_logger)
+        self.stat_logger = None if args.disable_log_stats else StatLogger(self.get_stats)
+        if self.request_logger or self.stat_logger:
+            make_visible()
         self.input_processor = InputProcessor(
             self.tokenizer,
             model_config.vocab_size,
@@ -140,6 +153,8 @@ class LLMEngine:
             params if params is not None else SamplingParams()
         )
         text, token_ids = self.process_prompt(prompt)
+        if self.request_logger is not None:
+            self.request_logger.log_added(request_id, text, token_ids, params)
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         salt = request_id if params.n > 1 and not self.config.args.enable_prefix_caching else None
         children = [
@@ -203,6 +218,8 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.stat_logger is not None:
+            self.stat_logger.record(core_outputs)
         return outputs
 
     def get_stats(self) -> EngineStats:
