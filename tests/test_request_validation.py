@@ -224,6 +224,9 @@ def test_sampling_params_reject_what_the_engine_cannot_hold():
                                     coerce_strings=True).seed == 2**63 - 1  # exact, not via float
     assert SamplingParams.from_dict({"n": "3.0", "temperature": None},
                                     coerce_strings=True).n == 3
+    for name in ("n", "seed", "max_tokens", "temperature"):
+        with pytest.raises(ValueError, match=rf"SamplingParams\.{name} must be"):
+            SamplingParams(**{name: 10**5000})  # more digits than Python prints
 
 
 @pytest.mark.parametrize("text, expected", [

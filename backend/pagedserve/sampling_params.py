@@ -182,7 +182,10 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(_SamplingFields) if f
 
 
 def _invalid(name: str, rule: str, value: Any) -> ValueError:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int with more digits than Python will print
+        text = "an integer too large to print"
     if len(text) > 80:
         text = text[:77] + "..."
     return ValueError(f"SamplingParams.{name} must be {rule}, got {text}")
@@ -280,14 +283,14 @@ _WORD_LIST_FIELDS = {"stop", "bad_words"}
 _ID_LIST_FIELDS = {"stop_token_ids", "allowed_token_ids"}
 
 
+_NOT_JSON = object()
+
+
 def _json(text: str) -> Any:
     try:
         return json.loads(text)
     except ValueError:  # JSONDecodeError is one
         return _NOT_JSON
-
-
-_NOT_JSON = object()
 
 
 def _coerce(name: str, text: str) -> Any:

@@ -95,9 +95,10 @@ class InputBatch:
         if p.min_tokens > 0 and req.eos_token_ids:
             self.banned_until_min[row] = sorted(req.eos_token_ids)
         if p.allowed_token_ids is not None:
-            mask = torch.ones(self.vocab_size, dtype=torch.bool)
-            mask[p.allowed_token_ids] = False
-            self.disallowed[row] = mask.to(device)
+            allowed = _to_device(np.asarray(p.allowed_token_ids, dtype=np.int64), device)
+            self.disallowed[row] = torch.ones(
+                self.vocab_size, dtype=torch.bool, device=device
+            ).index_fill_(0, allowed, False)
         if p.logit_bias:
             self.logit_bias[row] = (
                 np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias)),
@@ -244,8 +245,8 @@ class InputBatch:
             ban_rows.extend([i] * len(tokens))
             ban_tokens.extend(tokens)
         if ban_rows:
-            meta.banned_rows = torch.tensor(ban_rows, device=device)
-            meta.banned_tokens = torch.tensor(ban_tokens, device=device)
+            meta.banned_rows = _to_device(np.array(ban_rows, dtype=np.int64), device)
+            meta.banned_tokens = _to_device(np.array(ban_tokens, dtype=np.int64), device)
 
     def _add_allowed(self, meta: SamplingMetadata, rows: np.ndarray, device: torch.device):
         found = _rows_among(rows, self.disallowed)

@@ -57,7 +57,8 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row. Steps, in order (vLLM's):
+    """Samples one token per row. Steps, in order (the bans come last here, first in vLLM;
+    a banned token is -inf either way, so the results are vLLM's):
 
     1. allowed_token_ids: every other token gets -inf, on the rows that have them;
     2. logit_bias: added to the rows that have one;
