@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from pagedserve.serving.error_sender import ERROR_DELAY_S, ErrorSender
+
 # How often an in-flight request's client is asked whether it cancelled. Each is_cancelled()
 # is an IPC round trip (measured: ~75 us, ~40 us of it CPU in this process), so with hundreds
 # of requests in flight a shorter period costs real throughput; the engine aborts the request
@@ -74,6 +76,7 @@ class Responder:
         self._inflight: dict[int, Inflight] = {}
         self._drained = threading.Condition(self._lock)
         self._last_sweep = 0.0
+        self._errors = ErrorSender(pb_utils, log_error)
         self._thread = threading.Thread(
             target=self._run, name="pagedserve-responder", daemon=True
         )
@@ -91,7 +94,16 @@ class Responder:
         self._queue.put(_Outgoing(state, tensors, None, final))
 
     def send_error(self, state: Inflight, message: str, code: str) -> None:
-        """A final error response; ``code`` names a TritonError code (INVALID_ARG, ...)."""
+        """A final error response; ``code`` names a TritonError code (INVALID_ARG, ...).
+
+        A rejection that would follow its request within ERROR_DELAY_S is held back that long
+        (Triton 2.51 crashes on fast errors on some gRPC streams: serving/error_sender.py)."""
+        if state.num_queued == 0 and time.monotonic() - state.arrival < ERROR_DELAY_S:
+            # Sent by another thread, but never polled again: its first poll would be due
+            # CANCEL_POLL_S after arrival, and it leaves _inflight now.
+            self._errors.send(state.sender, message, code, state.arrival)
+            self._done(state)
+            return
         self._queue.put(_Outgoing(state, None, (message, code), True))
 
     def num_inflight(self) -> int:
@@ -109,6 +121,7 @@ class Responder:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        self._errors.stop()
 
     # ---- the thread ------------------------------------------------------------------------
 
@@ -131,10 +144,14 @@ class Responder:
         if item.tensors is not None:
             item.state.num_sent += 1
         if item.final:
-            with self._lock:
-                self._inflight.pop(id(item.state), None)
-                if not self._inflight:
-                    self._drained.notify_all()
+            self._done(item.state)
+
+    def _done(self, state: Inflight) -> None:
+        """The request's final response is sent (or handed on): no more polling for it."""
+        with self._lock:
+            self._inflight.pop(id(state), None)
+            if not self._inflight:
+                self._drained.notify_all()
 
     def _poll(self, now: float) -> None:
         if now - self._last_sweep < CANCEL_POLL_S / 2:
