@@ -45,6 +45,7 @@ MIN_POLL_S = 0.02
 MAX_POLLS_PER_S = 500.0
 # Concurrent batch items (threads, each mostly blocked on its llm stream).
 MAX_WORKERS = 1024
+# The llm model's own (serving/handler.py; importing it would load torch here).
 CANCELLED = ("Request was cancelled", "CANCELLED")
 UNLOADING = ("The model is being unloaded", "UNAVAILABLE")
 
@@ -57,6 +58,7 @@ class _Item:
     responses: TrtllmResponses
     llm_request_id: str = field(default_factory=new_request_id)
     issued: bool = False
+    started: bool = False  # an llm output arrived
     finished: bool = False
     abort_sent: bool = False
 
@@ -169,9 +171,9 @@ class TrtllmBls:
                     self._abort_once(call, item)  # the cancellation came while the request started
                     continue
                 if response.has_error():
-                    error = response.error()
-                    self._close(call, (error.message(), _code_name(self.pb, error)))
+                    self._close(call, _llm_error(self.pb, response.error(), item.started))
                     continue
+                item.started = True
                 self._forward(call, item, self._tensors(response))
         except Exception as e:  # the llm model is gone, or a bug here: end the request
             self.log_error(f"pagedserve: tensorrt_llm_bls: {traceback.format_exc()}")
@@ -271,11 +273,26 @@ class TrtllmBls:
             self._inflight.pop(id(call), None)
 
 
-def _code_name(pb_utils: Any, error: Any) -> str:
-    """The TritonError code name of a BLS response's error (INTERNAL when unknown)."""
-    code = error.code() if hasattr(error, "code") else None
-    for name in ("INVALID_ARG", "CANCELLED", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED",
-                 "ALREADY_EXISTS", "UNKNOWN", "INTERNAL"):
-        if code == getattr(pb_utils.TritonError, name, object()):
-            return name
-    return "INTERNAL"
+_CODES = ("INVALID_ARG", "CANCELLED", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED",
+          "ALREADY_EXISTS", "UNKNOWN", "INTERNAL")
+
+
+def _llm_error(pb_utils: Any, error: Any, started: bool) -> tuple[str, str]:
+    """(message, TritonError code name) of an llm response's error.
+
+    python_backend r24.10 keeps only the message of a BLS response's error (its code reads
+    INTERNAL; later releases keep it), so an INTERNAL code is read with the llm model's
+    conventions: its own failures are vllm_backend's "Error generating stream: ...", a
+    cancellation and an unload have their messages, and any other error before the first
+    output rejects the request (INVALID_ARG, e.g. a prompt longer than max_model_len).
+    """
+    message = error.message()
+    code = next((name for name in _CODES
+                 if error.code() == getattr(pb_utils.TritonError, name, object())), "INTERNAL")
+    if code != "INTERNAL" or message.startswith("Error generating stream"):
+        return message, code
+    if message == CANCELLED[0]:
+        return CANCELLED
+    if message == UNLOADING[0]:
+        return UNLOADING
+    return message, "INTERNAL" if started else "INVALID_ARG"
