@@ -141,7 +141,7 @@ class TritonPythonModel:
                 self._abort(target, request)
                 continue
             state = self.handler.new_state(request, now)
-            self.aborts.register(request.request_id(), state)
+            state.bls_caller = self.aborts.register(request.request_id(), state)
             if not self._accepting:
                 self.responder.send_error(state, *UNLOADING)
                 continue

@@ -86,6 +86,35 @@ def test_client_cancel_stops_the_llm_request(triton_server, capsys):
     assert beyond / rate < 0.25, (beyond, rate)
 
 
+def test_cancellations_leave_every_instance_serving(triton_server):
+    """More cancellations (streamed or not, one completion or two) than tensorrt_llm_bls has
+    instances, each after a few tokens; then requests to every instance still complete.
+    (An llm stream that ended with an error after its first response used to leave its
+    instance waiting forever: python_backend r24.10 loses such errors on the way back.)"""
+    for round_ in range(6):
+        stream = GrpcStream(triton_server.grpc_url)
+        stream.send("tensorrt_llm_bls", [
+            *_long_request(round_ % 2 == 0),
+            tensor("num_return_sequences", 1 + round_ % 3 // 2, batch=True),
+            tensor("top_k", 5, batch=True),
+        ])
+        if round_ % 2 == 0:
+            stream.queue.get(timeout=60)
+        else:
+            wait_for_metrics(triton_server.metrics_url, lambda m: m.get(RUNNING) == 1, timeout=20)
+        stream.close(cancel=True)
+    streams = [GrpcStream(triton_server.grpc_url) for _ in range(6)]
+    try:
+        ids = [s.send("tensorrt_llm_bls", [tensor("text_input", "Still there?", batch=True),
+                                           tensor("max_tokens", 4, batch=True)])
+               for s in streams]
+        results = [s.collect([rid], timeout=60)[rid] for s, rid in zip(streams, ids)]
+    finally:
+        for s in streams:
+            s.close()
+    assert all(r.error is None and r.final_seen for r in results), results
+
+
 def test_client_cancel_of_a_non_streamed_request(triton_server):
     """Without streaming the client sees nothing before the end; the cancellation still
     reaches the llm."""

@@ -210,6 +210,28 @@ def test_non_streamed_text_has_the_prompt_in_front_unless_excluded(translator):
     assert out["text_output"].tolist() == [b" there"]
 
 
+def test_a_client_that_does_not_stream_gets_the_gathered_deltas(translator):
+    """The llm always streams to tensorrt_llm_bls; without streaming its client gets one
+    response per completion at the end, with everything."""
+    request = translator.translate({**BASE, "num_return_sequences": _i(2), "top_k": _i(5),
+                                    "return_num_output_tokens": np.array([True]),
+                                    "return_log_probs": np.array([True])})
+    responses = TrtllmResponses(request, batch_index=None)
+
+    def lp(token, value):
+        return [{str(token): {"logprob": value, "rank": 1, "decoded_token": "x"}}]
+
+    assert responses.convert(_llm(["a", "b"], [1, 1], [None, None],
+                                  [lp(97, -0.5), lp(98, -1.0)])) == []
+    first, second = responses.convert(_llm([" c", ""], [1, 0], ["length", "stop"],
+                                           [lp(99, -0.25), []]))
+    assert first["text_output"].tolist() == [b"hia c"]  # the prompt in front, then both deltas
+    assert second["text_output"].tolist() == [b"hib"]
+    assert first["num_output_tokens"].tolist() == [[2]]
+    assert first["output_log_probs"].tolist() == [[[-0.5, -0.25]]]
+    assert [r["sequence_index"].tolist() for r in (first, second)] == [[[0]], [[1]]]
+
+
 def test_a_final_llm_response_without_news_still_yields_the_final_response(translator):
     request = translator.translate({**BASE, "stream": np.array([True])})
     (out,) = TrtllmResponses(request, None).convert(_llm([""], [0], ["stop"]))
@@ -227,8 +249,8 @@ def test_abort_channel():
         pass
 
     state = State()
-    registry.register(rid, state)
-    registry.register("chosen-by-a-client", State())
+    assert registry.register(rid, state)
+    assert not registry.register("chosen-by-a-client", State())
     assert len(registry) == 1
     assert registry.pop(rid) is state and registry.pop(rid) is None
     registry.register(rid, state)

@@ -47,9 +47,12 @@ class AbortRegistry:
     def __init__(self) -> None:
         self._states: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
-    def register(self, request_id: str, state: Any) -> None:
-        if request_id.startswith(REQUEST_ID_PREFIX):
-            self._states[request_id] = state
+    def register(self, request_id: str, state: Any) -> bool:
+        """Registers a BLS-issued request; returns whether it is one."""
+        if not request_id.startswith(REQUEST_ID_PREFIX):
+            return False
+        self._states[request_id] = state
+        return True
 
     def pop(self, request_id: str) -> Optional[Any]:
         return self._states.pop(request_id, None)

@@ -41,6 +41,11 @@ class Inflight:
     # event loop, the responder thread), so their difference is safe to read anywhere.
     num_queued: int = 0
     num_sent: int = 0
+    # Sent by a BLS model (tensorrt_llm_bls): python_backend r24.10 loses a BLS response's
+    # error unless it is the first response (its shared-memory copy carries no request id, so
+    # the caller's iterator never ends); such a request ends with a bare final flag instead,
+    # which the caller reports as a stream that ended early.
+    bls_caller: bool = False
 
     @property
     def backlogged(self) -> bool:
@@ -138,7 +143,10 @@ class Responder:
     def _deliver(self, item: _Outgoing) -> None:
         flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if item.final else 0
         try:
-            item.state.sender.send(self._response(item), flags=flags)
+            if item.error is not None and item.state.bls_caller and item.state.num_sent:
+                item.state.sender.send(flags=flags)  # see Inflight.bls_caller
+            else:
+                item.state.sender.send(self._response(item), flags=flags)
         except Exception as e:  # e.g. the client is gone; the request still has to end
             self._log_error(f"pagedserve: sending a response failed: {e!r}")
         if item.tensors is not None:

@@ -1,22 +1,31 @@
 """The tensorrt_llm_bls model: TensorRT-LLM's request in, the llm model through BLS, out again.
 
+Each model instance serves one request at a time, and makes every BLS call on the thread that
+Triton runs execute() on. Why: python_backend r24.10 deadlocks when several threads of one stub
+use decoupled BLS response iterators. A thread waking in the iterator's ``__next__`` holds the
+iterator's lock while it waits for the GIL; the stub's response thread holds the iterator map's
+lock while it waits for that iterator's lock; a thread starting a BLS request holds the GIL
+while it waits for the map's lock (seen under load: every thread of the stub waiting).
+TensorRT-LLM's own tensorrt_llm_bls works the same way: its concurrency is its instance count
+(``instance_group`` in config.pbtxt).
+
 Threads, each with one job:
 
-* Triton's thread calls ``execute``, which validates each request (every batch item, before
-  anything is generated) and hands its items to the worker pool;
-* one worker per batch item sends the llm request (streaming when the client streams), turns
-  each llm response into TensorRT-LLM responses and sends them; a BLS response iterator blocks,
-  hence a thread each;
-* the cancellation thread asks each in-flight request's client whether it cancelled, and stops
-  the llm requests of those that did (``abort_channel``), within one engine step of noticing.
+* Triton's thread runs execute(): validates the request (every batch item, before anything is
+  generated), starts the llm request of each item (always streamed), and passes the llm's
+  responses on, as TensorRT-LLM's, until the end; a cancellation seen on the way stops the llm
+  requests (``abort_channel``) within an engine step;
+* the cancellation thread asks the client whether it cancelled, every MIN_POLL_S, and raises a
+  flag for execute(); it makes no BLS call;
+* the error thread (``error_sender``) sends rejections.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -25,12 +34,7 @@ import numpy as np
 from pagedserve.serving.abort_channel import ABORT_PARAMETER, new_request_id
 from pagedserve.serving.contract import InvalidRequest
 from pagedserve.serving.error_sender import ErrorSender
-from pagedserve.serving.trtllm import (
-    INPUT_NAMES,
-    TrtllmRequest,
-    TrtllmTranslator,
-    split_batch,
-)
+from pagedserve.serving.trtllm import INPUT_NAMES, TrtllmTranslator, split_batch
 from pagedserve.serving.trtllm_outputs import (
     TrtllmResponses,
     is_final,
@@ -38,29 +42,34 @@ from pagedserve.serving.trtllm_outputs import (
     llm_outputs,
 )
 
-# Cancellation polling: every is_cancelled() is an IPC round trip (~75 us), so the period per
-# request grows with the number in flight to keep the total near MAX_POLLS_PER_S; a lone
-# request is asked every MIN_POLL_S, about one engine step.
+# How often the client of the request in progress is asked whether it cancelled (an IPC round
+# trip, ~75 us): about an engine step.
 MIN_POLL_S = 0.02
-MAX_POLLS_PER_S = 500.0
-# Concurrent batch items (threads, each mostly blocked on its llm stream).
-MAX_WORKERS = 1024
-# The llm model's own (serving/handler.py; importing it would load torch here).
+# How long a finished BLS response iterator is kept referenced from Python. python_backend
+# r24.10's stub also references it until its response thread has sent the iterator's cleanup
+# (normally within a millisecond); if that reference were the last one, the iterator and its
+# responses' numpy arrays would be freed on that thread without the GIL, corrupting the heap
+# (seen as "malloc(): unaligned fastbin chunk detected" under load).
+ITERATOR_GRACE_S = 5.0
+# The llm model's own messages (serving/handler.py; importing it would load torch here).
 CANCELLED = ("Request was cancelled", "CANCELLED")
 UNLOADING = ("The model is being unloaded", "UNAVAILABLE")
 
 
 @dataclass(eq=False)
 class _Item:
-    """One batch item: its llm request, once sent."""
+    """One batch item and its llm request."""
 
-    request: TrtllmRequest
     responses: TrtllmResponses
     llm_request_id: str = field(default_factory=new_request_id)
-    issued: bool = False
+    iterator: Any = None  # the llm request's BLS response iterator, once sent
     started: bool = False  # an llm output arrived
-    finished: bool = False
-    abort_sent: bool = False
+    finished: bool = False  # the llm request's last response arrived
+    aborted: bool = False  # the llm model was asked to stop it
+
+    @property
+    def running(self) -> bool:
+        return self.iterator is not None and not self.finished and not self.aborted
 
 
 @dataclass(eq=False)
@@ -71,17 +80,14 @@ class _Call:
     items: list[_Item]
     arrival: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: bool = False  # the final response was sent; later outputs are dropped
+    closed: bool = False  # the final response was sent; later llm outputs are dropped
+    cancel_seen: bool = False  # set by the cancellation thread
     last_poll: float = field(default_factory=time.monotonic)
-
-    @property
-    def remaining(self) -> int:
-        return sum(not item.finished for item in self.items)
 
 
 class TrtllmBls:
-    """Owns the BLS model's work: the worker pool, the in-flight requests and their
-    cancellation. ``llm_model`` names the llm model the requests go to."""
+    """Owns one instance's work: the request in progress, its cancellation, the rejections.
+    ``llm_model`` names the llm model the requests go to."""
 
     def __init__(
         self,
@@ -95,9 +101,9 @@ class TrtllmBls:
         self.llm_model = llm_model
         self.log_error = log_error
         self._errors = ErrorSender(pb_utils, log_error)
-        self._pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="pagedserve-bls")
-        self._inflight: dict[int, _Call] = {}
-        self._inflight_lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._calls_lock = threading.Lock()
+        self._finished_iterators: collections.deque[tuple[float, Any]] = collections.deque()
         self._stopping = threading.Event()
         self._poller = threading.Thread(
             target=self._poll_cancellation, name="pagedserve-bls-cancel", daemon=True
@@ -119,10 +125,18 @@ class TrtllmBls:
                 self._errors.send(sender, str(e), "INVALID_ARG", now)
                 continue
             call = _Call(sender, items, now)
-            with self._inflight_lock:
-                self._inflight[id(call)] = call
-            for item in items:
-                self._pool.submit(self._serve_item, call, item)
+            with self._calls_lock:
+                self._calls[id(call)] = call
+            try:
+                self._serve(call)
+            except Exception as e:  # the llm model is gone, or a bug here: end the request
+                self.log_error(f"pagedserve: tensorrt_llm_bls: {traceback.format_exc()}")
+                self._close(call, (f"Error generating stream: {e}", "INTERNAL"))
+            finally:
+                with self._calls_lock:
+                    self._calls.pop(id(call), None)
+                for item in call.items:
+                    self._bury(item.iterator)
 
     def _translate(self, request: Any) -> list[_Item]:
         tensors = {}
@@ -138,139 +152,131 @@ class TrtllmBls:
                 parsed = self.translator.translate(item)
             except InvalidRequest as e:
                 raise InvalidRequest(f"batch item {index}: {e}" if batched else str(e)) from None
-            translated.append(_Item(parsed, TrtllmResponses(parsed, index if batched else None)))
+            translated.append(_Item(TrtllmResponses(parsed, index if batched else None)))
         return translated
 
-    def finalize(self, grace_s: float = 5.0) -> None:
-        self._stopping.set()
-        deadline = time.monotonic() + grace_s
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for call in self._calls():
-            self._close(call, UNLOADING)
-        self._poller.join(timeout=5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._errors.stop()
+    def _serve(self, call: _Call) -> None:
+        """Starts every item's llm request, then passes each item's responses on in turn (the
+        engine generates them all meanwhile)."""
+        for item in call.items:
+            if call.cancel_seen:
+                break
+            item.iterator = self._send_llm_request(item)
+        for item in call.items:
+            if item.iterator is None:
+                continue
+            for response in item.iterator:
+                if call.cancel_seen and not call.closed:
+                    self._cancel(call)
+                if response.has_error():
+                    item.finished = True
+                    self._close(call, _llm_error(self.pb, response.error(), item.started))
+                    self._abort_running(call)
+                    continue
+                if call.closed:
+                    continue  # cancelled or failed: the llm streams end with their aborts
+                item.started = True
+                self._forward(call, item, {t.name(): t.as_numpy()
+                                           for t in response.output_tensors()})
+        if not call.closed:  # an llm stream ended without its last response
+            self._close(call, ("Error generating stream: the llm stream ended early",
+                               "INTERNAL"))
 
-    # ---- worker threads --------------------------------------------------------------------
-
-    def _serve_item(self, call: _Call, item: _Item) -> None:
-        with call.lock:
-            if call.closed:
-                return
-            item.issued = True
+    def _send_llm_request(self, item: _Item) -> Any:
+        request = item.responses.request
         llm_request = self.pb.InferenceRequest(
             model_name=self.llm_model,
-            inputs=[self.pb.Tensor(n, a) for n, a in llm_inputs(item.request).items()],
-            requested_output_names=llm_outputs(item.request),
+            inputs=[self.pb.Tensor(n, a) for n, a in llm_inputs(request).items()],
+            requested_output_names=llm_outputs(request),
             request_id=item.llm_request_id,
         )
-        try:
-            for response in llm_request.exec(decoupled=True):
-                if call.closed:
-                    self._abort_once(call, item)  # the cancellation came while the request started
-                    continue
-                if response.has_error():
-                    self._close(call, _llm_error(self.pb, response.error(), item.started))
-                    continue
-                item.started = True
-                self._forward(call, item, self._tensors(response))
-        except Exception as e:  # the llm model is gone, or a bug here: end the request
-            self.log_error(f"pagedserve: tensorrt_llm_bls: {traceback.format_exc()}")
-            self._close(call, (f"Error generating stream: {e}", "INTERNAL"))
-        finally:
-            with call.lock:
-                item.finished = True
-                done = call.remaining == 0
-            if done:
-                if not call.closed:  # the llm stream ended without a final response
-                    self._close(call, ("Error generating stream: the llm stream ended early",
-                                       "INTERNAL"))
-                self._forget(call)
-
-    def _tensors(self, response: Any) -> dict[str, np.ndarray]:
-        return {t.name(): t.as_numpy() for t in response.output_tensors()}
+        return llm_request.exec(decoupled=True)
 
     def _forward(self, call: _Call, item: _Item, llm: dict[str, np.ndarray]) -> None:
-        final_for_item = is_final(llm)
+        item.finished = is_final(llm)
         responses = item.responses.convert(llm)
-        with call.lock:
-            if call.closed:
-                return
-            if final_for_item:
-                item.finished = True
-            final = final_for_item and call.remaining == 0
-            flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        final = item.finished and item is call.items[-1]
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        with call.lock:  # no is_cancelled() once the final response is on its way
             for k, tensors in enumerate(responses):
                 last = final and k == len(responses) - 1
                 out = [self.pb.Tensor(name, array) for name, array in tensors.items()]
                 call.sender.send(self.pb.InferenceResponse(output_tensors=out),
                                  flags=flags if last else 0)
-            if final:
-                call.closed = True
+            call.closed = final
 
     # ---- cancellation ----------------------------------------------------------------------
 
-    def _poll_cancellation(self) -> None:
-        while not self._stopping.wait(MIN_POLL_S):
-            calls = self._calls()
-            period = max(MIN_POLL_S, len(calls) / MAX_POLLS_PER_S)
-            now = time.monotonic()
-            for call in calls:
-                if now - call.last_poll >= period and self._client_cancelled(call):
-                    self._close(call, CANCELLED)
-
-    @staticmethod
-    def _client_cancelled(call: _Call) -> bool:
-        """Asks Triton whether the client cancelled. Never after the final response: Triton
-        frees the request's response factory then, and asking would read freed memory."""
-        with call.lock:
-            if call.closed:
-                return False
-            call.last_poll = time.monotonic()
-            try:
-                return call.sender.is_cancelled()
-            except Exception:  # the sender is already closed: nothing left to cancel
-                return False
+    def _cancel(self, call: _Call) -> None:
+        self._close(call, CANCELLED)
+        self._abort_running(call)
 
     def _close(self, call: _Call, why: tuple[str, str]) -> None:
-        """Ends the client's request with an error response (no-op once it has ended), and
-        stops the llm requests still running for it."""
+        """Ends the client's request with an error response (no-op once it has ended)."""
         with call.lock:
             if call.closed:
                 return
             call.closed = True
-            running = [item for item in call.items if item.issued and not item.finished]
         self._errors.send(call.sender, *why, call.arrival)
-        for item in running:
-            self._abort_once(call, item)
 
-    def _abort_once(self, call: _Call, item: _Item) -> None:
-        with call.lock:
-            if item.abort_sent:
-                return
-            item.abort_sent = True
-        request = self.pb.InferenceRequest(
-            model_name=self.llm_model,
-            inputs=[],
-            requested_output_names=[],
-            parameters={ABORT_PARAMETER: item.llm_request_id},
-        )
-        try:
-            for _ in request.exec(decoupled=True):
-                pass
-        except Exception as e:
-            self.log_error(f"pagedserve: tensorrt_llm_bls: aborting an llm request: {e!r}")
+    def _abort_running(self, call: _Call) -> None:
+        """Asks the llm model to stop the call's llm requests still running."""
+        for item in call.items:
+            if not item.running:
+                continue
+            item.aborted = True
+            request = self.pb.InferenceRequest(
+                model_name=self.llm_model,
+                inputs=[],
+                requested_output_names=[],
+                parameters={ABORT_PARAMETER: item.llm_request_id},
+            )
+            try:
+                responses = request.exec(decoupled=True)
+                for _ in responses:
+                    pass
+                self._bury(responses)
+            except Exception as e:
+                self.log_error(f"pagedserve: tensorrt_llm_bls: aborting an llm request: {e!r}")
+
+    def _poll_cancellation(self) -> None:
+        while not self._stopping.wait(MIN_POLL_S):
+            self._release_iterators(time.monotonic() - ITERATOR_GRACE_S)
+            with self._calls_lock:
+                calls = list(self._calls.values())
+            for call in calls:
+                if not call.cancel_seen and _client_cancelled(call):
+                    call.cancel_seen = True
 
     # ---- helpers ---------------------------------------------------------------------------
 
-    def _calls(self) -> list[_Call]:
-        with self._inflight_lock:
-            return list(self._inflight.values())
+    def _bury(self, iterator: Any) -> None:
+        if iterator is not None:
+            self._finished_iterators.append((time.monotonic(), iterator))
 
-    def _forget(self, call: _Call) -> None:
-        with self._inflight_lock:
-            self._inflight.pop(id(call), None)
+    def _release_iterators(self, before: float) -> None:
+        """Drops the finished response iterators older than ``before`` (with the GIL)."""
+        while self._finished_iterators and self._finished_iterators[0][0] < before:
+            self._finished_iterators.popleft()
+
+    def finalize(self) -> None:
+        self._stopping.set()
+        self._poller.join(timeout=5)
+        self._errors.stop()
+        self._release_iterators(time.monotonic())
+
+
+def _client_cancelled(call: _Call) -> bool:
+    """Asks Triton whether the client cancelled. Never after the final response: Triton frees
+    the request's response factory then, and asking would read freed memory."""
+    with call.lock:
+        if call.closed:
+            return False
+        call.last_poll = time.monotonic()
+        try:
+            return call.sender.is_cancelled()
+        except Exception:  # the sender is already closed: nothing left to cancel
+            return False
 
 
 _CODES = ("INVALID_ARG", "CANCELLED", "UNAVAILABLE", "NOT_FOUND", "UNSUPPORTED",
@@ -296,3 +302,4 @@ def _llm_error(pb_utils: Any, error: Any, started: bool) -> tuple[str, str]:
     if message == UNLOADING[0]:
         return UNLOADING
     return message, "INTERNAL" if started else "INVALID_ARG"
+
