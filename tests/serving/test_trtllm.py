@@ -63,7 +63,7 @@ def test_streaming_without_exclude_input_streams_the_new_text(triton_server, gre
     result = run(triton_server.grpc_url, model, PROMPTS, output_len=LEN, streaming=True)
     assert not result.errors, result.errors
     assert result.texts == [[text] for text, _ in greedy]
-    assert len(result.responses) > 2 * 2  # streamed: several responses per prompt
+    assert len(result.responses) > len(PROMPTS)  # streamed (merged only while a sender lags)
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -81,9 +81,9 @@ def test_client_cancel_stops_the_llm_request(triton_server, capsys):
               f"cancelled; KV empty {freed_after * 1000:.0f} ms later (gauges refresh every "
               "0.5 s)")
     # Those include the tokens still on their way to the client. The BLS asks every 20 ms and
-    # the llm aborts at its next step: ~10 ms measured; generous for a loaded machine, and far
-    # from the 3000 tokens the request would run to.
-    assert beyond / rate < 0.25, (beyond, rate)
+    # the llm aborts at its next step (~10-30 ms measured); generous for a loaded machine, and
+    # far from the 3000 tokens the request would run to.
+    assert beyond / rate < 0.4, (beyond, rate)
 
 
 def test_cancellations_leave_every_instance_serving(triton_server):

@@ -161,7 +161,7 @@ def test_streaming_asks_the_llm_for_deltas_only(translator):
                                     "return_log_probs": np.array([True])})
     inputs = llm_inputs(request)
     assert inputs["exclude_input_in_output"].tolist() == [True]
-    assert inputs["input_ids"].tolist() == [1, ord("h"), ord("i")]
+    assert inputs["text_input"].tolist() == [b"hi"]
     assert json.loads(inputs["sampling_parameters"][0]) == {
         "max_tokens": 8, "temperature": 0.0, "logprobs": 0}
     assert inputs["return_logprobs"].tolist() == [True]
@@ -265,3 +265,17 @@ def test_tokenizer_dir_follows_a_model_json(tmp_path):
     expected = (tmp_path / "llm" / "1" / "ckpt").resolve()
     assert resolve_tokenizer_dir("../llm/1", str(tmp_path / "pre")) == expected
     assert resolve_tokenizer_dir("../llm/1/ckpt", str(tmp_path / "pre")) == expected
+
+
+def test_the_bls_tokenizer_agrees_with_hf(serving_checkpoint):
+    """tensorrt_llm_bls tokenizes words with the tokenizers library alone; its ids and
+    vocabulary are the HF tokenizer's."""
+    from pagedserve.serving.trtllm import RustTokenizer
+    from pagedserve.tokenizer.tokenizer import load_tokenizer
+
+    hf, rust = load_tokenizer(serving_checkpoint), RustTokenizer(serving_checkpoint)
+    assert len(rust) == len(hf)
+    for word in ("the", " hello", "Grüße 東京 🚀", "[INST]"):
+        for special in (False, True):
+            assert (rust(word, add_special_tokens=special).input_ids
+                    == hf(word, add_special_tokens=special).input_ids)

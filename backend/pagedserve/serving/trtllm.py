@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import numpy as np
@@ -63,7 +64,6 @@ class TrtllmRequest:
     """One TensorRT-LLM request (one batch item), translated for the llm model."""
 
     prompt: str
-    input_ids: np.ndarray  # int32, the prompt tokenized as the engine would
     sampling: dict[str, Any]  # the llm model's sampling_parameters
     stream: bool
     exclude_input: bool  # a non-streamed text_output without the prompt in front
@@ -137,11 +137,12 @@ class TrtllmTranslator:
     """Owns the tokenizer, and turns one TensorRT-LLM request's tensors into an llm request."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # the checkpoint's: HF's, or a RustTokenizer
         self.vocab_size = len(tokenizer)
 
     def encode(self, text: str) -> np.ndarray:
-        """The prompt's token ids, special tokens included, as the engine tokenizes it."""
+        """The prompt's token ids, special tokens included, as the engine tokenizes it (with
+        HF's tokenizer: its post-processing follows tokenizer_config.json too)."""
         return np.asarray(self.tokenizer(text).input_ids, dtype=np.int32)
 
     def translate(self, tensors: Mapping[str, np.ndarray]) -> TrtllmRequest:
@@ -155,7 +156,6 @@ class TrtllmTranslator:
         stream = _flag(tensors, "stream")
         return TrtllmRequest(
             prompt=prompt,
-            input_ids=self.encode(prompt),
             sampling=sampling,
             stream=stream,
             exclude_input=_flag(tensors, "exclude_input_in_output"),
@@ -258,6 +258,34 @@ class TrtllmTranslator:
             for token in self.tokenizer(word, add_special_tokens=False).input_ids:
                 bias[token] = bias.get(token, 0.0) + weight
         return bias
+
+
+class RustTokenizer:
+    """A checkpoint's tokenizer.json through the tokenizers library alone: token ids of words
+    and the vocabulary size, which is all tensorrt_llm_bls needs, without transformers (which
+    loads torch: ~300 MB more in each of its instances). The llm model tokenizes prompts."""
+
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+
+    def __len__(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> Any:
+        encoding = self._tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return SimpleNamespace(input_ids=encoding.ids)
+
+
+def words_tokenizer(path: Path) -> Any:
+    """The tokenizer tensorrt_llm_bls needs: a RustTokenizer where the checkpoint has a
+    tokenizer.json, else HF's (which transformers builds from e.g. a SentencePiece model)."""
+    if (path / "tokenizer.json").is_file():
+        return RustTokenizer(path)
+    from pagedserve.tokenizer.tokenizer import load_tokenizer
+
+    return load_tokenizer(path)
 
 
 def resolve_tokenizer_dir(value: str, model_dir: str) -> Path:

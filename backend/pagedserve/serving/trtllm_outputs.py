@@ -30,10 +30,11 @@ def _one(value: object, dtype: type) -> np.ndarray:
 
 
 def llm_inputs(request: TrtllmRequest) -> Tensors:
-    """The llm model's inputs: streamed, without the prompt echoed (added here, from the exact
-    prompt), with the finish reasons and token counts that tell what is new and what ended."""
+    """The llm model's inputs: the prompt as text (the engine tokenizes it), streamed, without
+    the prompt echoed (added here, exactly as given), with the finish reasons and token counts
+    that tell what is new and what ended."""
     inputs: Tensors = {
-        "input_ids": request.input_ids,
+        "text_input": np.array([request.prompt.encode("utf-8")], dtype=np.object_),
         "sampling_parameters": np.array([request.sampling_json()], dtype=np.object_),
         "stream": np.array([True]),
         "exclude_input_in_output": np.array([True]),

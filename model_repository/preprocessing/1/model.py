@@ -37,7 +37,8 @@ class TritonPythonModel:
                 tensors[name] = tensor.as_numpy()
         translated = self.translator.translate(tensors)
         params = np.array([translated.sampling_json()], dtype=np.object_)
-        return [pb_utils.Tensor("input_ids", translated.input_ids),
+        input_ids = self.translator.encode(translated.prompt)
+        return [pb_utils.Tensor("input_ids", input_ids),
                 pb_utils.Tensor("sampling_parameters", params)]
 
     def execute(self, requests):

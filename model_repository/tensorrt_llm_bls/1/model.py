@@ -7,20 +7,20 @@ import json
 
 import triton_python_backend_utils as pb_utils
 
-from pagedserve.serving.trtllm import TrtllmTranslator, tokenizer_dir_parameter
+from pagedserve.serving.trtllm import TrtllmTranslator, tokenizer_dir_parameter, words_tokenizer
 from pagedserve.serving.trtllm_bls import TrtllmBls
-from pagedserve.tokenizer.tokenizer import load_tokenizer
 
 
 class TritonPythonModel:
-    """Owns the BLS runtime (its tokenizer, worker threads and in-flight requests)."""
+    """Owns this instance's BLS runtime: its tokenizer, the request in progress, the
+    cancellation and error threads."""
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise ValueError("tensorrt_llm_bls streams: its config.pbtxt must set "
                              "model_transaction_policy { decoupled: true }")
-        tokenizer = load_tokenizer(tokenizer_dir_parameter(config, args["model_repository"]))
+        tokenizer = words_tokenizer(tokenizer_dir_parameter(config, args["model_repository"]))
         llm = config["parameters"].get("tensorrt_llm_model_name", {}).get("string_value") or "llm"
         self.bls = TrtllmBls(pb_utils, TrtllmTranslator(tokenizer), llm, pb_utils.Logger.log_error)
 
