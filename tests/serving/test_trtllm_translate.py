@@ -265,6 +265,9 @@ def test_tokenizer_dir_follows_a_model_json(tmp_path):
     expected = (tmp_path / "llm" / "1" / "ckpt").resolve()
     assert resolve_tokenizer_dir("../llm/1", str(tmp_path / "pre")) == expected
     assert resolve_tokenizer_dir("../llm/1/ckpt", str(tmp_path / "pre")) == expected
+    (tmp_path / "llm" / "1" / "model.json").write_text('{"model": "org/not-cached"}')
+    with pytest.raises(ValueError, match="'org/not-cached'.*local Hugging Face cache"):
+        resolve_tokenizer_dir("../llm/1", str(tmp_path / "pre"))
 
 
 def test_the_bls_tokenizer_agrees_with_hf(serving_checkpoint):

@@ -290,15 +290,25 @@ def words_tokenizer(path: Path) -> Any:
 
 def resolve_tokenizer_dir(value: str, model_dir: str) -> Path:
     """A ``tokenizer_dir`` parameter as a directory: relative to the model's directory, and
-    when it holds a model.json (e.g. ``../llm/1``), the tokenizer of the checkpoint it names."""
+    when it holds a model.json (e.g. ``../llm/1``), the tokenizer of the checkpoint it names
+    (a directory, or a hub id in the local Hugging Face cache, as the engine resolves it)."""
     path = Path(value)
     if not path.is_absolute():
         path = Path(model_dir) / path
     engine_args = path / "model.json"
     if engine_args.is_file():
         args = json.loads(engine_args.read_text())
-        target = Path(args.get("tokenizer") or args.get("model", ""))
-        path = target if target.is_absolute() else path / target
+        name = args.get("tokenizer") or args.get("model", "")
+        target = Path(name) if Path(name).is_absolute() else path / name
+        if not target.is_dir():  # a hub id, found in the local cache as the engine finds it
+            from pagedserve.models.hub import resolve_checkpoint
+
+            target = resolve_checkpoint(
+                name, what="tokenizer",
+                revision=args.get("tokenizer_revision") or args.get("revision"),
+                download_dir=args.get("download_dir"),
+            )
+        path = target
     return path.resolve()
 
 
