@@ -20,7 +20,7 @@ from pagedserve.core.scheduler_output import (
 )
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
-from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes
+from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
 from pagedserve.worker.input_batch import InputBatch
 from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.step_buffers import StepBuffers
@@ -84,7 +84,8 @@ class ModelRunner:
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
         )
         self.sampler = Sampler()
-        max_graph = capture_sizes(config.max_num_seqs)[-1] if self._uses_graphs() else 0
+        uses_graphs = graphs_unusable(self.device, config.args.enforce_eager, self.attn) is None
+        max_graph = capture_sizes(config.max_num_seqs)[-1] if uses_graphs else 0
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, max_graph),
             max(config.max_num_seqs, max_graph),
@@ -381,12 +382,13 @@ class ModelRunner:
                 out_lps.append(lps[i][: k + 1])
         return LogprobsLists(out_ids, out_lps, ranks.tolist())
 
-    def _uses_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.config.args.enforce_eager
-
     def capture_graphs(self) -> None:
-        """Captures decode CUDA graphs (CUDA only, unless enforce_eager)."""
-        if not self._uses_graphs():
+        """Captures decode CUDA graphs (CUDA only, unless enforce_eager or the attention backend
+        cannot be replayed)."""
+        reason = graphs_unusable(self.device, self.config.args.enforce_eager, self.attn)
+        if reason is not None:
+            if self.device.type == "cuda":
+                logger.info("decode steps run eagerly: %s", reason)
             return
         self.graphs = CudaGraphRunner(
             self.model, self.attn, self.buffers, self.kv_caches,
