@@ -187,7 +187,7 @@ def test_bad_prompts(llm, prompt, params, match):
         (dict(top_k=-2), "top_k"),
         (dict(n=0), "n"),
         (dict(min_p=2.0), "min_p"),
-        (dict(logprobs=-1), "logprobs"),
+        (dict(logprobs=-2), "logprobs"),
         (dict(bogus=1), "bogus"),
     ],
 )

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from pagedserve.config_vllm import check_unsupported
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 _DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flashinfer")
@@ -23,6 +25,18 @@ _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "float": (float, int),
     "bool": (bool,),
     "Optional[bool]": (bool, type(None)),
+}
+
+_INT32_MAX = 2**31 - 1  # token positions, block ids and counts are int32 arrays
+# Every integer argument's range, inclusive (None, where allowed, means "derive it").
+_INT_RANGES: dict[str, tuple[int, int]] = {
+    "seed": (0, 2**64 - 1),  # what torch's generators take
+    "max_num_seqs": (1, _INT32_MAX),
+    "max_num_batched_tokens": (1, _INT32_MAX),
+    "max_model_len": (1, _INT32_MAX),
+    "num_kv_blocks": (2, _INT32_MAX),
+    "kv_cache_memory_bytes": (1, 2**63 - 1),
+    "max_logprobs": (-1, _INT32_MAX),
 }
 
 
@@ -48,11 +62,23 @@ class EngineArgs:
     enforce_eager: bool = False
     # Schedule and prepare step N+1 while the device runs step N; None: on for CUDA.
     async_scheduling: Optional[bool] = None
-    # Accepted for vllm_backend model.json compatibility.
-    tensor_parallel_size: int = 1
+    # The most logprobs a request may ask for (vLLM's name and default); -1: no cap.
+    max_logprobs: int = 20
+    # Where and which checkpoint: a directory, or a hub id found in the local Hugging Face
+    # cache (download_dir, else HF_HUB_CACHE / HF_HOME); nothing is downloaded.
+    revision: Optional[str] = None
+    tokenizer_revision: Optional[str] = None
+    download_dir: Optional[str] = None
     trust_remote_code: bool = False
-    disable_log_requests: bool = True
+    # Attention here is always full, so a sliding-window model is served no further than its
+    # window, as vLLM serves it with disable_sliding_window=true; either value does that.
+    disable_sliding_window: bool = False
+    # Request logging at INFO: enable_log_requests (vLLM's AsyncEngineArgs), or the older
+    # disable_log_requests=false; off by default. Engine stats every 10 s unless disabled.
+    enable_log_requests: Optional[bool] = None
+    disable_log_requests: Optional[bool] = None
     disable_log_stats: bool = True
+    tensor_parallel_size: int = 1  # accepted for vllm_backend model.json files; must be 1
 
     def __post_init__(self) -> None:
         self._validate()
@@ -82,12 +108,10 @@ class EngineArgs:
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             # 256 is what FlashAttention-2's paged KV cache needs.
             raise bad("block_size", "must be one of 8, 16, 32, 64, 128, 256")
-        if self.max_num_seqs < 1:
-            raise bad("max_num_seqs", "must be at least 1")
-        if self.max_num_batched_tokens < 1:
-            raise bad("max_num_batched_tokens", "must be at least 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
-            raise bad("max_model_len", "must be at least 1")
+        for name, (low, high) in _INT_RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise bad(name, f"must be in [{low}, {high}]")
         if (
             not self.enable_chunked_prefill
             and self.max_model_len is not None
@@ -97,16 +121,25 @@ class EngineArgs:
                 "max_num_batched_tokens",
                 f"must be >= max_model_len ({self.max_model_len}) without chunked prefill",
             )
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
-            raise bad("num_kv_blocks", "must be at least 2")
-        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes < 1:
-            raise bad("kv_cache_memory_bytes", "must be positive")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:  # also false for nan
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
         if self.tensor_parallel_size != 1:
             raise bad("tensor_parallel_size", "must be 1 (pagedserve runs one model per GPU)")
-        if self.seed < 0:
-            raise bad("seed", "must be non-negative")
+        if (self.enable_log_requests is not None and self.disable_log_requests is not None
+                and self.enable_log_requests == self.disable_log_requests):
+            raise bad("enable_log_requests",
+                      f"contradicts disable_log_requests={self.disable_log_requests}")
+        for name in ("model", "tokenizer", "revision", "tokenizer_revision", "download_dir"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise bad(name, "must not be empty")
+
+    @property
+    def log_requests(self) -> bool:
+        """Whether requests are logged as they arrive and finish."""
+        if self.enable_log_requests is not None:
+            return self.enable_log_requests
+        return self.disable_log_requests is False
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], base_dir: Optional[Path] = None) -> EngineArgs:
@@ -114,6 +147,7 @@ class EngineArgs:
 
         A relative ``model``/``tokenizer`` path is resolved against ``base_dir`` when given.
         """
+        values = check_unsupported(_resolve_aliases(values))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -123,7 +157,6 @@ class EngineArgs:
             )
         if "model" not in values:
             raise ValueError("engine argument 'model' is required")
-        values = dict(values)
         if base_dir is not None:
             for key in ("model", "tokenizer"):
                 if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
@@ -142,6 +175,27 @@ class EngineArgs:
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a JSON object of engine arguments")
         return cls.from_dict(values, base_dir=path.parent)
+
+
+# vLLM's names for what pagedserve calls otherwise.
+_ALIASES = {"num_gpu_blocks_override": "num_kv_blocks"}
+
+
+def _resolve_aliases(values: dict[str, Any]) -> dict[str, Any]:
+    values = dict(values)
+    for alias, name in _ALIASES.items():
+        if alias not in values:
+            continue
+        value = values.pop(alias)
+        if value is None:
+            continue
+        if values.get(name) is not None and values[name] != value:
+            raise ValueError(
+                f"engine arguments {alias!r} ({value}) and {name!r} ({values[name]}) disagree; "
+                f"{alias} is vLLM's name for {name}"
+            )
+        values[name] = value
+    return values
 
 
 @dataclass(frozen=True)

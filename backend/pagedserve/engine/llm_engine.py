@@ -8,7 +8,7 @@ import itertools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Optional
 
 import torch
 
@@ -17,15 +17,16 @@ from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.scheduler_output import ModelRunnerOutput
+from pagedserve.engine.input_processor import InputProcessor, PromptType
+from pagedserve.engine.loggers import RequestLogger, StatLogger, make_visible
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import LaunchedStep, ModelRunner
-
-PromptType = Union[str, dict[str, Any]]
 
 
 @dataclass
@@ -75,18 +76,25 @@ class LLMEngine:
 
     def __init__(self, args: EngineArgs) -> None:
         _reclaim_frozen_objects()
-        model_config = ModelConfig.from_pretrained(args.model)
+        model_path = resolve_checkpoint(
+            args.model, revision=args.revision, download_dir=args.download_dir
+        )
+        model_config = ModelConfig.from_pretrained(model_path, args.trust_remote_code)
         model_class(model_config.architecture)  # unsupported architectures fail before loading
         checkpoint_dtype = str(model_config.checkpoint_dtype).removeprefix("torch.")
         self.config = resolve_engine_config(
             args,
             model_config.max_position_embeddings,
             checkpoint_dtype,
-            sliding_window=model_config.raw.get("sliding_window"),
+            sliding_window=model_config.sliding_window,
             cuda_available=torch.cuda.is_available(),
         )
         self.model_config = model_config
-        self.tokenizer = load_tokenizer(args.tokenizer or args.model)
+        tokenizer_path = model_path if args.tokenizer is None else resolve_checkpoint(
+            args.tokenizer, what="tokenizer", revision=args.tokenizer_revision,
+            download_dir=args.download_dir,
+        )
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
         self.runner = ModelRunner(self.config, model_config)
         num_blocks = self.runner.determine_num_blocks()
         self.runner.initialize_kv_cache(num_blocks)
@@ -100,7 +108,18 @@ class LLMEngine:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
-        self.output_processor = OutputProcessor(self.tokenizer)
+        self.request_logger = RequestLogger() if args.log_requests else None
+        self.output_processor = OutputProcessor(self.tokenizer, self.request_logger)
+        self.stat_logger = None if args.disable_log_stats else StatLogger(self.get_stats)
+        if self.request_logger or self.stat_logger:
+            make_visible()
+        self.input_processor = InputProcessor(
+            self.tokenizer,
+            model_config.vocab_size,
+            self.config.max_model_len,
+            self.config.max_num_seqs,
+            args.max_logprobs,
+        )
         eos = model_config.eos_token_ids or (
             [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         )
@@ -116,49 +135,7 @@ class LLMEngine:
 
     def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
         """Validates a prompt and returns (text or None, token ids)."""
-        if isinstance(prompt, str):
-            text, token_ids = prompt, None
-        elif isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown:
-                raise ValueError(f"unknown prompt field(s): {', '.join(sorted(unknown))}")
-            if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
-                raise ValueError("a prompt needs exactly one of 'prompt' and 'prompt_token_ids'")
-            text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
-        else:
-            raise ValueError(
-                f"prompt must be a str or a dict with 'prompt_token_ids', got {type(prompt)}"
-            )
-        if token_ids is None:
-            if not isinstance(text, str) or not text:
-                raise ValueError("prompt must not be empty")
-            token_ids = self.tokenizer(text).input_ids
-        else:
-            token_ids = self._check_token_ids(token_ids)
-        if not token_ids:
-            raise ValueError("prompt must not be empty (it encodes to no tokens)")
-        max_len = self.config.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(
-                f"prompt is too long: {len(token_ids)} tokens, and max_model_len={max_len} "
-                "must hold the prompt plus at least one generated token"
-            )
-        return text, token_ids
-
-    def _check_token_ids(self, token_ids: Any) -> list[int]:
-        try:
-            ids = [int(t) for t in token_ids]
-        except (TypeError, ValueError):
-            raise ValueError("prompt_token_ids must be a list of integers") from None
-        if any(isinstance(t, (bool, float)) for t in token_ids):
-            raise ValueError("prompt_token_ids must be a list of integers")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(
-                f"prompt_token_ids hold ids outside the vocabulary [0, {vocab}): {bad[:5]}"
-            )
-        return ids
+        return self.input_processor.process_prompt(prompt)
 
     def add_request(
         self,
@@ -168,17 +145,16 @@ class LLMEngine:
         arrival_time: Optional[float] = None,
     ) -> None:
         """Validates and queues a request; bad input raises ValueError and changes nothing."""
-        params = params if params is not None else SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params)}")
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
-            raise ValueError(f"SamplingParams.logprobs must not exceed the vocabulary size, "
-                             f"got {params.logprobs}")
+        params = self.input_processor.process_params(
+            params if params is not None else SamplingParams()
+        )
         text, token_ids = self.process_prompt(prompt)
+        if self.request_logger is not None:
+            self.request_logger.log_added(request_id, text, token_ids, params)
         arrival_time = arrival_time if arrival_time is not None else time.monotonic()
         salt = request_id if params.n > 1 and not self.config.args.enable_prefix_caching else None
         children = [
@@ -242,6 +218,8 @@ class LLMEngine:
         outputs, stopped = self.output_processor.process(core_outputs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.stat_logger is not None:
+            self.stat_logger.record(core_outputs)
         return outputs
 
     def get_stats(self) -> EngineStats:

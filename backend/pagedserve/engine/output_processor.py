@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import EngineCoreOutput
+from pagedserve.engine.loggers import RequestLogger
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
@@ -59,9 +60,10 @@ class OutputProcessor:
     outputs, or to find stop strings. Otherwise it is decoded once, when a completion finishes.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, request_logger: Optional[RequestLogger] = None) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, _RequestState] = {}
+        self.request_logger = request_logger
 
     def add_request(
         self,
@@ -189,7 +191,7 @@ class OutputProcessor:
         state.changed = set()
         completions = [self._completion_output(state.completions[i], i, delta) for i in indices]
         first = state.completions[0].request
-        return RequestOutput(
+        output = RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids,
@@ -198,6 +200,9 @@ class OutputProcessor:
             metrics=state.metrics,
             num_cached_tokens=max(first.num_cached_tokens, 0),
         )
+        if finished and self.request_logger is not None:
+            self.request_logger.log_finished(output)
+        return output
 
     def _completion_output(self, c: _Completion, index: int, delta: bool) -> CompletionOutput:
         tokens = c.request.output_token_ids

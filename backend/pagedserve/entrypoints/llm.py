@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional, Union
 
 from tqdm.auto import tqdm
@@ -11,6 +11,8 @@ from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+Conversation = Sequence[Mapping[str, Any]]  # [{"role": ..., "content": ...}, ...]
 
 
 class LLM:
@@ -59,6 +61,53 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def chat(
+        self,
+        messages: Union[Conversation, Sequence[Conversation]],
+        sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
+        use_tqdm: bool = True,
+        chat_template: Optional[str] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: Optional[list[dict[str, Any]]] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[RequestOutput]:
+        """Generates a reply to each conversation (a list of ``{"role", "content"}`` messages,
+        or a list of such lists), rendered by the tokenizer's chat template or by
+        ``chat_template``; as vLLM's ``LLM.chat``. ``RequestOutput.prompt`` is the rendered
+        text. A tokenizer without a chat template, given none, is a ValueError."""
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template: pass chat_template=... (a Jinja template) "
+                "or use a checkpoint whose tokenizer_config.json has one"
+            )
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "true (set add_generation_prompt=False to continue a message)")
+        many = isinstance(messages, (list, tuple)) and bool(messages) and isinstance(
+            messages[0], (list, tuple))
+        conversations = list(messages) if many else [messages]
+        texts = [
+            tokenizer.apply_chat_template(
+                _text_messages(conversation),
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tools=tools,
+                tokenize=False,
+                **(chat_template_kwargs or {}),
+            )
+            for conversation in conversations
+        ]
+        # The template writes the special tokens (BOS included) itself.
+        prompts = [{"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
+                   for text in texts]
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for output, text in zip(outputs, texts):
+            output.prompt = text
+        return outputs
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
         wanted = set(ids)
@@ -75,3 +124,22 @@ class LLM:
         finally:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _text_messages(conversation: Conversation) -> list[dict[str, Any]]:
+    """The messages with their content as a string: OpenAI-style content parts of type
+    "text" are joined with newlines (vLLM's "string" content format)."""
+    if not isinstance(conversation, (list, tuple)) or not conversation:
+        raise ValueError("a conversation must be a non-empty list of messages")
+    out = []
+    for message in conversation:
+        if not isinstance(message, Mapping) or "role" not in message:
+            raise ValueError(f"a chat message must be a dict with a 'role', got {message!r}")
+        message = dict(message)
+        content = message.get("content")
+        if isinstance(content, (list, tuple)):
+            if any(not isinstance(p, Mapping) or p.get("type") != "text" for p in content):
+                raise ValueError("only text content parts ({'type': 'text', ...}) are supported")
+            message["content"] = "\n".join(str(p.get("text", "")) for p in content)
+        out.append(message)
+    return out

@@ -47,15 +47,19 @@ class ModelConfig:
     mlp_bias: bool
     checkpoint_dtype: torch.dtype
     eos_token_ids: list[int] = field(default_factory=list)
+    # The attention window, or None for full attention (Qwen2-style configs carry a window
+    # that use_sliding_window=false turns off).
+    sliding_window: Optional[int] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_pretrained(cls, path: Path | str) -> ModelConfig:
+    def from_pretrained(cls, path: Path | str, trust_remote_code: bool = False) -> ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
             raise ValueError(f"{path} is not a model directory: it has no config.json")
         raw = json.loads(config_file.read_text())
+        _check_remote_code(path, raw, trust_remote_code)
         archs = raw.get("architectures") or []
         if not archs:
             raise ValueError(f"{config_file} names no architecture ('architectures' is empty)")
@@ -87,8 +91,37 @@ class ModelConfig:
             mlp_bias=bool(raw.get("mlp_bias", False)),
             checkpoint_dtype=_DTYPE_NAMES.get(str(dtype_name), torch.float32),
             eos_token_ids=_eos_ids(path, raw),
+            sliding_window=_sliding_window(raw),
             raw=raw,
         )
+
+
+def _sliding_window(raw: dict[str, Any]) -> Optional[int]:
+    window = raw.get("sliding_window")
+    if not window or raw.get("use_sliding_window") is False:
+        return None
+    return int(window)
+
+
+def _check_remote_code(path: Path, raw: dict[str, Any], trust_remote_code: bool) -> None:
+    """A config whose model_type transformers does not know comes with its own code (the
+    ``auto_map``); that code runs only with trust_remote_code, as in transformers and vLLM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type in CONFIG_MAPPING or "AutoConfig" not in (raw.get("auto_map") or {}):
+        return
+    if not trust_remote_code:
+        raise ValueError(
+            f"the config of {path} (model_type {model_type!r}) needs its own code "
+            f"({raw['auto_map']['AutoConfig']}); set the engine argument trust_remote_code=true "
+            "to run it"
+        )
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=True, local_files_only=True)
+    except Exception as e:  # whatever the checkpoint's own code raises
+        raise ValueError(f"the config code of {path} failed to load: {e}") from e
 
 
 def _rope(raw: dict[str, Any]) -> tuple[float, Optional[dict[str, Any]]]:

@@ -32,3 +32,23 @@ def load_tokenizer(path: str | os.PathLike, *, trust_remote_code: bool = False) 
     if not getattr(tokenizer, "is_fast", False) or getattr(tokenizer, "_tokenizer", None) is None:
         raise ValueError(f"the tokenizer in {path!r} is not a fast (tokenizers-backed) tokenizer")
     return tokenizer
+
+
+def bad_words_token_ids(words: list[str], tokenizer: Any) -> list[list[int]]:
+    """The token sequences that spell each bad word, as vLLM finds them.
+
+    A word is encoded without special tokens as written (leading spaces stripped), and again
+    after one space, since a word inside the text usually starts with one; that second form is
+    kept when it starts with another token and has as many tokens (a new word token rather than
+    a space token in front). A word that encodes to nothing is a ValueError.
+    """
+    sequences: list[list[int]] = []
+    for word in words:
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not bare:
+            raise ValueError(f"SamplingParams.bad_words entry {word!r} encodes to no tokens")
+        sequences.append(list(bare))
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            sequences.append(list(spaced))
+    return sequences

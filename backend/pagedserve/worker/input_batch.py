@@ -52,6 +52,13 @@ class InputBatch:
         self.generators: dict[int, torch.Generator] = {}
         self.banned_until_min: dict[int, list[int]] = {}  # row -> EOS/stop ids for min_tokens
         self._penalized_rows: set[int] = set()
+        # The rarer per-request parameters, kept only for the rows that have them.
+        self.disallowed: dict[int, torch.Tensor] = {}  # row -> [vocab] bool, on the device
+        self.logit_bias: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (ids, values)
+        # row -> (tokens always banned: one-token bad words, longer words as (prefix, last))
+        self.bad_words: dict[int, tuple[list[int], list[tuple[list[int], int]]]] = {}
+        # Rows whose sampling reads the tokens generated so far (penalties, longer bad words).
+        self._history_rows: set[int] = set()
 
     def add(self, req: NewRequestData, device: torch.device) -> int:
         row = self._free_rows.pop()
@@ -72,18 +79,37 @@ class InputBatch:
     def _set_sampling(self, row: int, req: NewRequestData, device: torch.device) -> None:
         p: SamplingParams = req.sampling_params
         self.temperature[row] = p.temperature
-        self.top_k[row] = p.top_k
+        # Any top_k or min_tokens beyond the vocabulary or the context means the same as
+        # those bounds, which the arrays hold.
+        self.top_k[row] = min(p.top_k, self.vocab_size)
         self.top_p[row] = p.top_p
         self.min_p[row] = p.min_p
         self.repetition_penalty[row] = p.repetition_penalty
         self.presence_penalty[row] = p.presence_penalty
         self.frequency_penalty[row] = p.frequency_penalty
         self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
-        self.min_tokens[row] = p.min_tokens
+        self.min_tokens[row] = min(p.min_tokens, self.token_ids.shape[1])
         if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             self._penalized_rows.add(row)
+            self._history_rows.add(row)
         if p.min_tokens > 0 and req.eos_token_ids:
             self.banned_until_min[row] = sorted(req.eos_token_ids)
+        if p.allowed_token_ids is not None:
+            allowed = _to_device(np.asarray(p.allowed_token_ids, dtype=np.int64), device)
+            self.disallowed[row] = torch.ones(
+                self.vocab_size, dtype=torch.bool, device=device
+            ).index_fill_(0, allowed, False)
+        if p.logit_bias:
+            self.logit_bias[row] = (
+                np.fromiter(p.logit_bias.keys(), np.int64, len(p.logit_bias)),
+                np.fromiter(p.logit_bias.values(), np.float32, len(p.logit_bias)),
+            )
+        if p.bad_words_token_ids:
+            single = sorted({w[0] for w in p.bad_words_token_ids if len(w) == 1})
+            longer = [(list(w[:-1]), w[-1]) for w in p.bad_words_token_ids if len(w) > 1]
+            self.bad_words[row] = (single, longer)
+            if longer:
+                self._history_rows.add(row)
         if req.seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(req.seed)
@@ -103,6 +129,10 @@ class InputBatch:
         self.generators.pop(row, None)
         self.banned_until_min.pop(row, None)
         self._penalized_rows.discard(row)
+        self.disallowed.pop(row, None)
+        self.logit_bias.pop(row, None)
+        self.bad_words.pop(row, None)
+        self._history_rows.discard(row)
         self._free_rows.append(row)
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
@@ -128,8 +158,10 @@ class InputBatch:
         self.token_ids[rows[same], positions[same]] = tokens[same]
 
     @property
-    def has_penalties(self) -> bool:
-        return bool(self._penalized_rows)
+    def needs_output_tokens(self) -> bool:
+        """Whether sampling reads the tokens generated so far (penalties, bad words of more
+        than one token), so that a step still in flight must be collected first."""
+        return bool(self._history_rows)
 
     def sampling_metadata(self, rows: np.ndarray, device: torch.device) -> SamplingMetadata:
         """Tensors for the rows that sample this step, in batch order."""
@@ -169,8 +201,12 @@ class InputBatch:
         )
         if self._penalized_rows:
             self._add_penalties(meta, rows, device)
-        if self.banned_until_min:
-            self._add_min_tokens_bans(meta, rows, device)
+        if self.banned_until_min or self.bad_words:
+            self._add_bans(meta, rows, device)
+        if self.disallowed:
+            self._add_allowed(meta, rows, device)
+        if self.logit_bias:
+            self._add_logit_bias(meta, rows, device)
         return meta
 
     def _add_penalties(self, meta: SamplingMetadata, rows: np.ndarray, device: torch.device):
@@ -187,7 +223,7 @@ class InputBatch:
         meta.presence_penalty = torch.from_numpy(self.presence_penalty[rows]).to(device)
         meta.frequency_penalty = torch.from_numpy(self.frequency_penalty[rows]).to(device)
 
-    def _add_min_tokens_bans(self, meta: SamplingMetadata, rows: np.ndarray, device):
+    def _add_bans(self, meta: SamplingMetadata, rows: np.ndarray, device: torch.device):
         ban_rows: list[int] = []
         ban_tokens: list[int] = []
         for i, row in _rows_among(rows, self.banned_until_min):
@@ -196,9 +232,36 @@ class InputBatch:
             if num_out < self.min_tokens[row]:
                 ban_rows.extend([i] * len(tokens))
                 ban_tokens.extend(tokens)
+        for i, row in _rows_among(rows, self.bad_words):
+            single, longer = self.bad_words[row]
+            tokens = list(single)
+            if longer:
+                start, total = int(self.num_prompt_tokens[row]), int(self.num_tokens[row])
+                longest = max(len(prefix) for prefix, _ in longer)
+                recent = self.token_ids[row, max(start, total - longest):total].tolist()
+                for prefix, last in longer:
+                    if len(prefix) <= len(recent) and recent[len(recent) - len(prefix):] == prefix:
+                        tokens.append(last)
+            ban_rows.extend([i] * len(tokens))
+            ban_tokens.extend(tokens)
         if ban_rows:
-            meta.banned_rows = torch.tensor(ban_rows, device=device)
-            meta.banned_tokens = torch.tensor(ban_tokens, device=device)
+            meta.banned_rows = _to_device(np.array(ban_rows, dtype=np.int64), device)
+            meta.banned_tokens = _to_device(np.array(ban_tokens, dtype=np.int64), device)
+
+    def _add_allowed(self, meta: SamplingMetadata, rows: np.ndarray, device: torch.device):
+        found = _rows_among(rows, self.disallowed)
+        if found:
+            meta.allowed_rows = _to_device(np.array([i for i, _ in found], np.int64), device)
+            meta.disallowed = torch.stack([self.disallowed[row] for _, row in found])
+
+    def _add_logit_bias(self, meta: SamplingMetadata, rows: np.ndarray, device: torch.device):
+        found = _rows_among(rows, self.logit_bias)
+        if found:
+            entries = [self.logit_bias[row] for _, row in found]
+            sizes = [len(ids) for ids, _ in entries]
+            meta.bias_rows = _to_device(np.repeat([i for i, _ in found], sizes), device)
+            meta.bias_tokens = _to_device(np.concatenate([ids for ids, _ in entries]), device)
+            meta.bias_values = _to_device(np.concatenate([v for _, v in entries]), device)
 
 
 def _rows_among(rows: np.ndarray, wanted: Collection[int]) -> list[tuple[int, int]]:

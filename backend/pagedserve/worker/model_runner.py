@@ -201,8 +201,8 @@ class ModelRunner:
         num_sched = np.fromiter(sched.num_scheduled_tokens.values(), np.int32, len(rows))
         latest = self._latest
         pending_from = latest if latest is not None and latest.output is None else None
-        if pending_from is not None and batch.has_penalties:
-            self.collect(pending_from)  # penalties count the previous tokens on the host
+        if pending_from is not None and batch.needs_output_tokens:
+            self.collect(pending_from)  # penalties and bad words read the previous tokens
             pending_from = None
         inputs, sample_mask = self._prepare_inputs(rows, num_sched, pending_from)
         logits = self._forward_logits(inputs)

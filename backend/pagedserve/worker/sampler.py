@@ -31,10 +31,18 @@ class SamplingMetadata:
     repetition_penalty: Optional[torch.Tensor]  # [n] fp32
     presence_penalty: Optional[torch.Tensor]  # [n] fp32
     frequency_penalty: Optional[torch.Tensor]  # [n] fp32
-    # min_tokens: (row, token) pairs to forbid this step (EOS and stop token ids).
+    # (row, token) pairs to forbid this step: EOS and stop token ids under min_tokens, and
+    # the tokens that would complete a bad word.
     banned_rows: Optional[torch.Tensor]
     banned_tokens: Optional[torch.Tensor]
     max_num_logprobs: int  # -1 when no row asks for logprobs
+    # allowed_token_ids: the rows that have them, and per such row the tokens NOT allowed.
+    allowed_rows: Optional[torch.Tensor] = None  # [k] int64
+    disallowed: Optional[torch.Tensor] = None  # [k, vocab] bool
+    # logit_bias: (row, token, value) triples to add.
+    bias_rows: Optional[torch.Tensor] = None
+    bias_tokens: Optional[torch.Tensor] = None
+    bias_values: Optional[torch.Tensor] = None  # fp32
 
 
 @dataclass
@@ -49,20 +57,25 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Samples one token per row. Steps, in order:
+    """Samples one token per row. Steps, in order (the bans come last here, first in vLLM;
+    a banned token is -inf either way, so the results are vLLM's):
 
-    1. penalties on the raw logits: repetition (prompt and output tokens), then frequency and
-       presence (output tokens);
-    2. min_tokens: EOS and stop token ids get -inf until a row has enough output;
-    3. logprobs, when asked, from the model's raw logits (vLLM's default);
-    4. greedy rows take the argmax;
-    5. the others: divide by temperature, apply min-p, then top-k and top-p, and draw
+    1. allowed_token_ids: every other token gets -inf, on the rows that have them;
+    2. logit_bias: added to the rows that have one;
+    3. penalties: repetition (prompt and output tokens), then frequency and presence (output
+       tokens);
+    4. bans: EOS and stop token ids get -inf until a row has min_tokens of output, and a bad
+       word's last token gets -inf when the tokens before it were just generated;
+    5. logprobs, when asked, from the model's raw logits (vLLM's default);
+    6. greedy rows take the argmax;
+    7. the others: divide by temperature, apply min-p, then top-k and top-p, and draw
        ``argmax(probs / Exp(1))`` (an exact draw from ``probs``); rows with a seed draw their
        noise from their own generator, so their tokens do not depend on the rest of the batch.
     """
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         raw = logits
+        logits = self._restrict_and_bias(logits, meta)
         logits = self._apply_penalties(logits, meta)
         if meta.banned_rows is not None:
             logits = logits.clone() if logits is raw else logits
@@ -81,6 +94,20 @@ class Sampler:
                 raw, out.sampled, meta
             )
         return out
+
+    @staticmethod
+    def _restrict_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if meta.allowed_rows is None and meta.bias_rows is None:
+            return logits
+        logits = logits.clone()
+        if meta.allowed_rows is not None:
+            rows = meta.allowed_rows
+            logits[rows] = logits[rows].masked_fill(meta.disallowed, float("-inf"))
+        if meta.bias_rows is not None:
+            logits.index_put_(
+                (meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True
+            )
+        return logits
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
