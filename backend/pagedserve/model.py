@@ -18,8 +18,15 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Any, Optional
+
+# The python backend's stub starts its interpreter with -E, which leaves PYTHONPATH off
+# sys.path; honour it as python does, so that a server started from a checkout with
+# PYTHONPATH=backend:kernels serves that checkout's pagedserve (not another installed one).
+sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                if p and p not in sys.path]
 
 import triton_python_backend_utils as pb_utils
 
