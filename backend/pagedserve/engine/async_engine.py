@@ -9,6 +9,7 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any, Callable, Optional
 
@@ -247,7 +248,9 @@ class AsyncLLMEngine:
                     self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
                 self._refresh_stats(force=False)
         except BaseException as e:  # no request explains it: fail every stream at once
-            logger.exception("pagedserve: the engine failed; every request in flight fails")
+            # As text: a record holding the traceback would keep the engine's memory alive.
+            logger.error("pagedserve: the engine failed; every request in flight fails\n%s",
+                         traceback.format_exc())
             # Only the message is kept: the traceback would keep the engine's memory alive.
             dead = engine.dead_error or EngineDeadError(f"the engine failed: {e!r}")
         if dead is not None:  # outside the except block, so that no traceback is alive

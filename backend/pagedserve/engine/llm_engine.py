@@ -7,6 +7,7 @@ import gc
 import itertools
 import logging
 import time
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
@@ -262,7 +263,8 @@ class LLMEngine:
 
     def _end_failed(self, core_ids: list[str], error: RequestError) -> None:
         """Ends a request that failed on its own: frees its blocks and keeps its error."""
-        logger.error("pagedserve: %s", error, exc_info=error.__cause__)
+        trace = "".join(traceback.format_exception(error.__cause__))
+        logger.error("pagedserve: %s\n%s", error, trace)  # text: a record would keep the frames
         self.scheduler.finish_requests(core_ids, RequestStatus.FINISHED_ABORTED)
         self.request_errors.append(error)
 
