@@ -18,6 +18,7 @@ This file only imports ``pagedserve`` by absolute name, so it works copied anywh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -76,6 +77,12 @@ ENGINE_ARGS_FILE = "model.json"
 FINALIZE_GRACE_S = 5.0
 
 
+def _totals(stats: Any) -> dict[str, int]:
+    """The cumulative counters of an EngineStats."""
+    return {name: getattr(stats, name) for name in (
+        "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total")}
+
+
 def _parameter(model_config: dict, name: str, default: str) -> str:
     value = model_config.get("parameters", {}).get(name, {}).get("string_value")
     return default if value in (None, "") else value
@@ -123,6 +130,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.watchdog = OrphanWatchdog()
         self.engine: Optional[AsyncLLMEngine] = None  # set by the recovery's install
+        self._totals_offset: tuple[int, ...] = (0, 0, 0)  # counters of engines before it
         self.handler: Optional[RequestHandler] = None
         self._accepting = True
         self.loop = EventLoopThread()
@@ -155,14 +163,29 @@ class TritonPythonModel:
 
     def _install_engine(self, engine: Optional[AsyncLLMEngine]) -> None:
         """The engine requests go to; None while a failed one is being replaced."""
+        if engine is None and self.engine is not None:
+            # Nothing runs any more; the counters go on from here with the next engine.
+            last = self._last_stats
+            self._last_stats = dataclasses.replace(
+                last, num_running=0, num_waiting=0, kv_cache_usage=0.0, kv_waste=0.0,
+                num_free_kv_blocks=last.num_kv_blocks,
+            )
+            self._totals_offset = tuple(_totals(last).values())
         self.engine = engine
         if self.handler is not None:
             self.handler.engine = engine
 
     def _read_stats(self) -> Any:
+        """The engine's stats, with counters that keep counting across engine restarts."""
         engine = self.engine
         if engine is not None:
-            self._last_stats = engine.get_stats()
+            stats = engine.get_stats()
+            if any(self._totals_offset):
+                stats = dataclasses.replace(stats, **{
+                    name: value + offset for (name, value), offset
+                    in zip(_totals(stats).items(), self._totals_offset)
+                })
+            self._last_stats = stats
         return self._last_stats
 
     def _unload_self(self, reason: str) -> None:

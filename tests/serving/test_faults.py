@@ -7,13 +7,16 @@ ready, and it comes back by itself, serving the same greedy text.
 * the llm's stub process killed with SIGKILL (as the OOM killer would): errors within 5 s,
   then the supervisor restarts tritonserver.
 
-Both run on a server of their own (the second one restarts it). `pytest -s` shows the times.
+Both run on a server of their own (the second one restarts it). Under a plain tritonserver
+(no supervisor) the engine is rebuilt in its stub instead, or, with ENABLE_VLLM_HEALTH_CHECK,
+the model unloads itself as in vllm_backend. `pytest -s` shows the times.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -247,3 +250,80 @@ def test_tritonserver_that_dies_is_started_again(fault_server):
           f"{back:.1f} s")
     assert back <= fault_server.back_bound_s
     assert "tritonserver exited with status -9; starting it again" in server.log()
+
+
+@pytest.fixture(scope="module")
+def plain_server(start_triton_server, tmp_path_factory):
+    """tritonserver without the supervisor, with a second llm that has vllm_backend's health
+    check on."""
+    trigger = str(tmp_path_factory.mktemp("plain-fault") / "fail-next-step")
+    env = {**os.environ, ENV_VAR: trigger, "PAGEDSERVE_SUPERVISE": "0"}
+    server = start_triton_server(env=env)
+    target = server.repository / "llm_hc"
+    shutil.copytree(server.repository / "llm", target)
+    with open(target / "config.pbtxt", "a") as config:
+        config.write('\nparameters: { key: "ENABLE_VLLM_HEALTH_CHECK" '
+                     'value: { string_value: "true" } }\n')
+    r = requests.post(f"{server.http_url}/v2/repository/models/llm_hc/load", timeout=600)
+    assert r.status_code == 200, r.text
+    return FaultServer(server, trigger, 0.0, _greedy_text(server))
+
+
+def _ready_model(server, name: str) -> bool:
+    try:
+        r = requests.get(f"{server.http_url}/v2/models/{name}/ready", timeout=2)
+    except requests.RequestException:
+        return False
+    return r.status_code == 200
+
+
+def test_plain_tritonserver_rebuilds_the_engine_in_place(plain_server):
+    server = plain_server.server
+    clients = _clients_in_flight(server)
+    t0 = time.monotonic()
+    open(plain_server.trigger, "w").close()
+    worst = _assert_errors(clients, t0, ENGINE_ERROR_BOUND_S, "engine failure")
+    while True:  # Triton 2.51 gives a Python model no way to say it is not ready
+        assert _ready_model(server, "llm")
+        try:
+            if _greedy_text(server) == plain_server.reference:
+                break
+        except AssertionError as e:
+            assert "unhealthy pagedserve engine" in str(e), e
+        assert time.monotonic() - t0 < 60, "the engine was not rebuilt"
+        time.sleep(0.1)
+    back = time.monotonic() - t0
+    print(f"\nplain tritonserver, engine failure: errors within {worst * 1000:.0f} ms, the "
+          f"rebuilt engine served the same greedy text after {back:.1f} s")
+    assert "the engine was restarted (1 so far)" in server.log()
+
+
+def test_health_check_unloads_the_model_as_vllm_backend_does(plain_server):
+    server = plain_server.server
+    stream = GrpcStream(server.grpc_url)
+    try:
+        stream.send("llm_hc", [tensor("text_input", "Tell me a long story"),
+                               tensor("stream", True), tensor("sampling_parameters", LONG)])
+        first = stream.queue.get(timeout=60)
+        assert first[1] is None, first[1]
+        t0 = time.monotonic()
+        open(plain_server.trigger, "w").close()
+        while True:
+            result, error = stream.queue.get(timeout=30)
+            if error is not None:
+                break
+        errored = time.monotonic() - t0
+        assert "the engine failed" in str(error)
+    finally:
+        stream.close()
+    deadline = time.monotonic() + 30
+    while _ready_model(server, "llm_hc"):
+        assert time.monotonic() < deadline, "llm_hc still reports ready"
+        time.sleep(0.1)
+    not_ready = time.monotonic() - t0
+    print(f"\nENABLE_VLLM_HEALTH_CHECK: the stream errored after {errored * 1000:.0f} ms, the "
+          f"model reported not ready after {not_ready:.2f} s and stays unloaded")
+    assert errored <= ENGINE_ERROR_BOUND_S
+    time.sleep(2)
+    assert not _ready_model(server, "llm_hc")
+    assert _ready_model(server, "llm")  # the other model is untouched
