@@ -225,7 +225,9 @@ def test_engine_failure_errors_every_stream_and_the_model_comes_back(fault_serve
 def test_killed_stub_errors_every_stream_and_the_server_comes_back(fault_server):
     server = fault_server.server
     clients = _clients_in_flight(server)
-    stub = next(s for s in live_stubs(_tritonserver_pid(server)).values() if s.model == "llm")
+    stubs = [s for s in live_stubs(_tritonserver_pid(server)).values()
+             if s.model == "llm" and s.serves]
+    stub = max(stubs, key=lambda s: s.start_time)  # an old one may linger after a reload
     t0 = time.monotonic()
     os.kill(stub.pid, signal.SIGKILL)
     worst = _assert_errors(clients, t0, STUB_ERROR_BOUND_S, "stub kill")

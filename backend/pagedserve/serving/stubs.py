@@ -2,8 +2,10 @@
 
 Each Python model instance (a Python-based backend such as pagedserve included) runs in a
 ``triton_python_backend_stub`` child of tritonserver, started as
-``stub <model.py> <shm region> <shm size> <shm growth> <server pid> <backend dir> <ipc handle>
-<instance name> <runtime dir>``; the instance name is ``<model>_<group>_<index>``.
+``stub <model dir>/<version>/model.py <shm region> <shm size> <shm growth> <server pid>
+<backend dir> <ipc handle> <name> <runtime dir>``; the name is the instance's
+(``<model>_<group>_<index>``), or the model's for the short-lived stub that auto-completes
+its configuration while it loads.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ class StubProcess:
     pid: int
     start_time: int  # in clock ticks since boot: tells a reused pid apart
     server_pid: int
-    instance: str  # e.g. "llm_0_0"
+    model: str
+    instance: str  # e.g. "llm_0_0"; the model's name for an auto-complete stub
     shm_region: str  # its shared memory, /dev/shm/<shm_region>
 
     @property
-    def model(self) -> str:
-        return self.instance.rsplit("_", 2)[0]
+    def serves(self) -> bool:
+        """Whether it runs a model instance (not the auto-complete of a load)."""
+        return self.instance != self.model
 
     def alive(self) -> bool:
         stat = _stat(self.pid)
@@ -60,7 +64,8 @@ def _read_stub(pid: int) -> Optional[StubProcess]:
         server_pid = int(argv[5])
     except ValueError:
         return None
-    return StubProcess(pid, stat[1], server_pid, argv[8].decode(), argv[2].decode())
+    model = Path(argv[1].decode(errors="replace")).parent.parent.name
+    return StubProcess(pid, stat[1], server_pid, model, argv[8].decode(), argv[2].decode())
 
 
 def _children(pid: int) -> Optional[list[int]]:
@@ -82,7 +87,8 @@ def _children(pid: int) -> Optional[list[int]]:
 
 
 def live_stubs(server_pid: int) -> dict[int, StubProcess]:
-    """The live (not zombie) stubs that ``server_pid`` started, by pid."""
+    """The live (not zombie) stubs that ``server_pid`` started, by pid (auto-complete stubs
+    included: see ``StubProcess.serves``)."""
     children = _children(server_pid)
     candidates = children if children is not None else [int(p) for p in os.listdir("/proc")
                                                          if p.isdigit()]

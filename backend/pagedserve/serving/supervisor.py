@@ -59,10 +59,12 @@ class SupervisorConfig:
     load_attempts: int = 3
     # A model that asked for a reload but is still READY after this long gave up unloading.
     stale_note_s: float = 30.0
+    # A stub is gone and the server has not answered for this long: it counts as a crash.
+    undecided_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("poll_interval_s", "snapshot_interval_s", "restart_window_s",
-                     "load_timeout_s", "stale_note_s"):
+                     "load_timeout_s", "stale_note_s", "undecided_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"SupervisorConfig.{name} must be > 0, got {getattr(self, name)}")
         if self.max_restarts < 0 or self.load_attempts < 1:
@@ -138,6 +140,7 @@ class ServerSupervisor:
         self._snapshot_time = 0.0
         self._reloading: set[str] = set()
         self._note_seen: dict[str, float] = {}  # when a note of a still READY model was seen
+        self._undecided: dict[int, float] = {}  # gone stubs the server did not say about yet
         self._lock = threading.Lock()
 
     # ---- the main loop -------------------------------------------------------------------
@@ -237,21 +240,29 @@ class ServerSupervisor:
                 self._snapshot_time = time.monotonic()
 
     def _crashed_stubs(self, stubs: dict[int, StubProcess]) -> list[StubProcess]:
-        """Stubs that are gone while their model is READY, with no newer stub of the same
-        instance (a reload starts the new stub before the old one exits)."""
-        gone = [s for pid, s in self._stubs.items() if pid not in stubs]
+        """Instance stubs that are gone while their model is READY, with no newer stub of the
+        same instance (a reload starts the new stub before the old one exits). Gone stubs
+        stay undecided while the server does not say, up to ``undecided_s``."""
+        gone = [s for pid, s in self._stubs.items() if pid not in stubs and s.serves]
         if not gone:
             return []
         states = self.http.model_states()
+        now = time.monotonic()
         crashed = []
         for stub in gone:
-            replaced = any(s.instance == stub.instance and s.start_time > stub.start_time
-                           for s in stubs.values())
-            if replaced:
+            if any(s.instance == stub.instance and s.start_time > stub.start_time
+                   for s in stubs.values()):
+                continue  # replaced by a reload
+            if states is None:
+                since = self._undecided.setdefault(stub.pid, now)
+                if now - since > self.config.undecided_s:
+                    crashed.append(stub)  # the server does not answer either
+                else:
+                    stubs[stub.pid] = stub  # ask again next time
                 continue
-            # A server that does not answer cannot say; a stub that died is reason enough.
-            if states is None or states.get(stub.model) == "READY":
+            if states.get(stub.model) == "READY":
                 crashed.append(stub)
+        self._undecided = {p: t for p, t in self._undecided.items() if p in stubs}
         return crashed
 
     def _reload_requested(self, notes: list[Path]) -> None:
