@@ -100,8 +100,8 @@ def test_restart_in_process_frees_the_old_engine_and_serves_the_same_text(model,
     recovery = _recovery(model, Recovery.RESTART, slot)
     reference = _generate(slot, "before")
     old = _kill_engine(slot, trigger)
-    assert "restarting" in (recovery.unavailable or "")
-    _wait(lambda: recovery.unavailable is None)
+    _wait(lambda: recovery.unavailable is None)  # meanwhile: "... it is restarting"
+    assert any("recovery: restart" in line for line in slot.log), slot.log
     assert old() is None  # the dead engine (model, KV cache) was collected
     assert slot.engine is recovery.engine and not slot.unloads
     assert _generate(slot, "after") == reference

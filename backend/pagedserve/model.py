@@ -33,34 +33,19 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
 
 import triton_python_backend_utils as pb_utils
 
-
-def _honour_pythonpath() -> None:
-    """The python backend's stub runs an isolated interpreter (sys.flags.ignore_environment),
-    so PYTHONPATH would be ignored and ``pagedserve`` come from the environment's install,
-    whatever checkout the server was started from. Its entries go first, as in any Python."""
-    if not sys.flags.ignore_environment:
-        return
-    entries = [e for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e]
-    for entry in reversed(entries):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-
-
-_honour_pythonpath()
-
-from pagedserve.config import EngineArgs  # noqa: E402 (after the PYTHONPATH fix)
-from pagedserve.serving.contract import INPUTS, OUTPUTS  # noqa: E402
-from pagedserve.serving.event_loop import EventLoopThread  # noqa: E402
-from pagedserve.serving.handler import UNLOADING, RequestHandler  # noqa: E402
-from pagedserve.serving.metrics import MetricsReporter, TritonMetrics  # noqa: E402
-from pagedserve.serving.recovery import (  # noqa: E402
+from pagedserve.config import EngineArgs
+from pagedserve.serving.contract import INPUTS, OUTPUTS
+from pagedserve.serving.event_loop import EventLoopThread
+from pagedserve.serving.handler import UNLOADING, RequestHandler
+from pagedserve.serving.metrics import MetricsReporter, TritonMetrics
+from pagedserve.serving.recovery import (
     EngineRecovery,
     choose_recovery,
     request_reload,
     supervisor_dir,
 )
-from pagedserve.serving.responder import Inflight, Responder  # noqa: E402
-from pagedserve.serving.watchdog import OrphanWatchdog  # noqa: E402
+from pagedserve.serving.responder import Inflight, Responder
+from pagedserve.serving.watchdog import OrphanWatchdog
 
 if TYPE_CHECKING:
     from pagedserve.engine.async_engine import AsyncLLMEngine
