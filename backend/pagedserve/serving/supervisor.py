@@ -13,10 +13,10 @@ What it watches, every ``poll_interval_s``:
   note in the supervisor's directory (``PAGEDSERVE_SUPERVISOR_DIR``); the supervisor loads it
   again through the model-control API, and with it the models that went down with it (an
   ensemble that uses it).
-* **tritonserver itself exiting** unasked, after it had been ready: it is started again.
+* **tritonserver itself exiting** unasked, after it had come up: it is started again.
 
 Restarts are limited (``max_restarts`` within ``restart_window_s``); a server that fails before
-it was ever ready ends ``pagedserve serve`` with its exit status, as before. SIGTERM, SIGINT,
+it ever came up ends ``pagedserve serve`` with its exit status, as before. SIGTERM, SIGINT,
 SIGHUP and SIGQUIT are passed to tritonserver, which then shuts down as usual.
 """
 
@@ -82,9 +82,11 @@ class TritonHttp:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.read()
 
-    def ready(self) -> bool:
+    def live(self) -> bool:
+        """Whether the server answers; its endpoints start once its start-up loads are done
+        (``ready`` would also wait for every model, which one failed model prevents)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"{self.url}/v2/health/live", timeout=2) as response:
                 return response.status == 200
         except (OSError, urllib.error.URLError):
             return False
@@ -132,8 +134,8 @@ class ServerSupervisor:
             self.env[SUPERVISOR_DIR_ENV] = str(self._dir)
         self.process: Optional[subprocess.Popen] = None
         self._stopping = False
-        self._ready_once = False  # the first server was ready at some point
-        self._ready = False  # the current server has been ready
+        self._ready_once = False  # the first server came up at some point
+        self._ready = False  # the current server is up (its start-up loads are done)
         self._restarts: deque[float] = deque()
         self._stubs: dict[int, StubProcess] = {}
         self._snapshot: set[str] = set()  # models READY before the latest event
@@ -183,7 +185,7 @@ class ServerSupervisor:
         """The exit status to end with once the server is gone for good, else None."""
         status = self.process.poll()
         if status is None:
-            if not self._ready and self.http.ready():
+            if not self._ready and self.http.live():
                 self._ready = self._ready_once = True
                 self._stubs = live_stubs(self.process.pid)
                 _log(f"supervising tritonserver (pid {self.process.pid})")
