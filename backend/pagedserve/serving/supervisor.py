@@ -158,7 +158,13 @@ class ServerSupervisor:
                 if status is not None:
                     return status
                 if self._ready and not self._stopping:
-                    self._watch()
+                    try:
+                        status = self._watch()
+                    except Exception as e:  # a supervisor bug must not take the server down
+                        _log(f"supervisor error: {e!r}")
+                        status = None
+                    if status is not None:
+                        return status
                 time.sleep(self.config.poll_interval_s)
         finally:
             if self.process is not None and self.process.poll() is None:
@@ -180,6 +186,8 @@ class ServerSupervisor:
         self.process = subprocess.Popen(
             self.argv, env=self.env, start_new_session=True, preexec_fn=_die_with_parent
         )
+        if self._stopping:  # a signal came while it started: it may have missed it
+            self.process.send_signal(signal.SIGTERM)
 
     def _check_server(self) -> Optional[int]:
         """The exit status to end with once the server is gone for good, else None."""
@@ -209,6 +217,8 @@ class ServerSupervisor:
             if stub.alive():
                 os.kill(stub.pid, signal.SIGKILL)
             remove_shm_region(stub.shm_region)
+        if self._stopping:
+            return old.returncode if old.returncode >= 0 else 128 - old.returncode
         if len(self._restarts) >= self.config.max_restarts:
             _log(f"tritonserver was restarted {len(self._restarts)} times within "
                  f"{self.config.restart_window_s:.0f} s; giving up")
@@ -222,15 +232,16 @@ class ServerSupervisor:
 
     # ---- what is watched while the server is ready ---------------------------------------
 
-    def _watch(self) -> None:
+    def _watch(self) -> Optional[int]:
+        """Handles what happened since the last poll; the exit status to end with, if the
+        server had to be restarted and could not be."""
         stubs = live_stubs(self.process.pid)
         crashed = self._crashed_stubs(stubs)
         if crashed:
             names = ", ".join(sorted({s.instance for s in crashed}))
             _log(f"the stub process of {names} died; restarting tritonserver so that its "
                  "requests in flight end")
-            self._restart()
-            return
+            return self._restart()
         self._stubs = stubs
         notes = sorted(self._dir.glob(f"*{RELOAD_SUFFIX}")) if self._dir is not None else []
         if notes:
@@ -240,6 +251,7 @@ class ServerSupervisor:
             if states is not None:
                 self._snapshot = {m for m, s in states.items() if s == "READY"}
                 self._snapshot_time = time.monotonic()
+        return None
 
     def _crashed_stubs(self, stubs: dict[int, StubProcess]) -> list[StubProcess]:
         """Instance stubs that are gone while their model is READY, with no newer stub of the
