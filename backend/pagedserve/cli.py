@@ -1,6 +1,7 @@
 """The ``pagedserve`` command: start tritonserver with the pagedserve backend, or prepare it.
 
     pagedserve serve --model-repository DIR [any other tritonserver option]
+                                      # runs tritonserver and restarts what fails
     pagedserve backend-dir            # prepares and prints the --backend-directory to use
     pagedserve install-backend DIR    # copies model.py to DIR/pagedserve/ (Docker images)
     pagedserve env                    # prints the environment lines tritonserver needs
@@ -22,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
-        help="exec tritonserver with the pagedserve backend; every option is passed through",
+        help="run tritonserver with the pagedserve backend, restarting what fails; every "
+        "option is passed through",
         add_help=False,
     )
     serve.add_argument("server_args", nargs="*", help="tritonserver options")
@@ -38,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         # argparse cannot pass unknown --options through, so serve's are taken as they come.
         if argv[:1] == ["serve"] and not {"-h", "--help"} & set(argv[1:]):
-            launcher.exec_server(argv[1:])  # does not return
+            return launcher.serve(argv[1:])
         args = _parser().parse_args(argv)
         if args.command == "backend-dir":
             print(launcher.prepare_backend_dir(launcher.find_tritonserver()))

@@ -144,3 +144,31 @@ def test_flash_attn_refuses_small_pages():
 def test_triton_backend_rejects_odd_head_dim():
     with pytest.raises(ValueError, match="power-of-two head_dim"):
         get_attention_backend("triton", device(), 8, 2, 96, 0.1, 16)
+
+
+def _backend_classes():
+    from pagedserve.attention.flash_attn_backend import FlashAttnBackend
+    from pagedserve.attention.flashinfer_backend import FlashInferBackend
+    from pagedserve.attention.triton_backend import TritonAttentionBackend
+
+    return [TorchAttentionBackend, TritonAttentionBackend, FlashAttnBackend, FlashInferBackend]
+
+
+def test_every_backend_states_whether_graphs_can_replay_it():
+    classes = _backend_classes()
+    assert {cls.name for cls in classes} == set(selector.ATTENTION_BACKENDS) - {"auto"}
+    for cls in classes:
+        assert "cuda_graph_safe" in vars(cls), f"{cls.__name__} must say cuda_graph_safe"
+    assert {cls.name for cls in classes if cls.cuda_graph_safe} == {"triton"}
+
+
+def test_the_runner_replays_only_graph_safe_backends():
+    from pagedserve.worker.cuda_graphs import graphs_unusable
+
+    cuda = torch.device("cuda")  # only named: the decision needs no device
+    triton_backend = get_attention_backend("triton", device(), *ARGS)
+    torch_backend = TorchAttentionBackend(*ARGS)
+    assert graphs_unusable(cuda, False, triton_backend) is None
+    assert "'torch' attention backend" in graphs_unusable(cuda, False, torch_backend)
+    assert "enforce_eager" in graphs_unusable(cuda, True, triton_backend)
+    assert "CUDA device" in graphs_unusable(torch.device("cpu"), False, triton_backend)

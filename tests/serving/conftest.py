@@ -15,8 +15,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import requests
@@ -126,33 +128,66 @@ def serving_checkpoint() -> Path:
     return _model_dir()
 
 
-@pytest.fixture(scope="session")
-def triton_server(tmp_path_factory: pytest.TempPathFactory, serving_checkpoint: Path):
-    root = tmp_path_factory.mktemp("triton")
-    repository = _make_repository(root / "model_repository", serving_checkpoint)
+def launch_server(
+    root: Path,
+    checkpoint: Path,
+    extra_args: Sequence[str] = (),
+    env: Optional[dict[str, str]] = None,
+) -> Server:
+    """Starts ``pagedserve serve`` under ``root`` (a copy of the shipped repository, free
+    ports; explicit model control with every model loaded, so that tests can load more
+    models) and waits until it is ready."""
+    repository = _make_repository(root / "model_repository", checkpoint)
     http_port, grpc_port, metrics_port = _free_ports(3)
     log_path = root / "tritonserver.log"
     command = [
         sys.executable, "-m", "pagedserve.cli", "serve",
         "--model-repository", str(repository),
-        # explicit mode with every model loaded, so that tests can load more models.
         "--model-control-mode", "explicit", "--load-model", "*",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         "--metrics-port", str(metrics_port), "--allow-gpu-metrics", "false",
         "--exit-timeout-secs", "10",
+        *extra_args,
     ]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True,
+            env=env,
         )
     srv = Server(process, http_port, grpc_port, metrics_port, repository, log_path)
+    _wait_ready(srv)
+    return srv
+
+
+def stop_server(server: Server) -> None:
+    # Client objects caught in reference cycles may still hold HTTP connections, which
+    # the server would wait for before unloading the models.
+    gc.collect()
+    _stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory, serving_checkpoint: Path):
+    srv = launch_server(tmp_path_factory.mktemp("triton"), serving_checkpoint)
     try:
-        _wait_ready(srv)
         yield srv
     finally:
-        # Client objects caught in reference cycles may still hold HTTP connections, which
-        # the server would wait for before unloading the models.
-        gc.collect()
-        _stop(process)
+        stop_server(srv)
     # finalize() ran: the engine and the backend's threads stopped cleanly.
     assert "pagedserve: model 'llm' shut down" in srv.log(), srv.log()
+
+
+@pytest.fixture(scope="module")
+def start_triton_server(tmp_path_factory: pytest.TempPathFactory, serving_checkpoint: Path):
+    """Starts a server of the test module's own (``launch_server``'s arguments), for tests
+    that must not disturb the shared one; each is stopped when the module ends."""
+    started: list[Server] = []
+
+    def start(extra_args: Sequence[str] = (), env: Optional[dict[str, str]] = None) -> Server:
+        root = tmp_path_factory.mktemp("triton-own")
+        started.append(launch_server(root, serving_checkpoint, extra_args, env))
+        return started[-1]
+
+    yield start
+    for srv in started:
+        stop_server(srv)

@@ -47,6 +47,11 @@ class AttentionBackend(ABC):
     """Owns one way of computing paged attention; one instance serves every layer of a model."""
 
     name: str = "abstract"
+    # Whether a decode step through this backend can be captured in a CUDA graph and replayed
+    # with new inputs: prepare() must run outside the graph, and forward() may only read the
+    # metadata's tensors and plan in place (no host syncs, no tensors rebuilt per step). A
+    # backend that has not been shown to be safe says False, and the runner runs it eagerly.
+    cuda_graph_safe: bool = False
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int

@@ -36,6 +36,9 @@ class FlashAttnBackend(AttentionBackend):
     (its own split-KV heuristics), mixed batches through ``flash_attn_varlen_func``."""
 
     name = "flash_attn"
+    # prepare() builds cu_seqlens_k anew each step; never checked under capture (flash-attn is
+    # not installed on this project's machines), so it runs eagerly.
+    cuda_graph_safe = False
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int

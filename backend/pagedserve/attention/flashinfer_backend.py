@@ -38,6 +38,9 @@ class FlashInferBackend(AttentionBackend):
     (causal, bottom-right aligned) for anything with a prefill chunk."""
 
     name = "flashinfer"
+    # Its wrappers plan on the host into their own buffers for one batch; a replay would attend
+    # with the captured step's page table (wrong results, not an error).
+    cuda_graph_safe = False
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int

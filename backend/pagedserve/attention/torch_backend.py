@@ -56,6 +56,9 @@ class TorchAttentionBackend(AttentionBackend):
     per forward for all layers."""
 
     name = "torch"
+    # prepare() plans on the host from the batch's values (a replay would reuse the captured
+    # step's plan) and forward() syncs on them.
+    cuda_graph_safe = False
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int

@@ -28,6 +28,9 @@ class TritonAttentionBackend(AttentionBackend):
     (split-KV for long-context decode), so one forward costs two launches per layer."""
 
     name = "triton"
+    # prepare() slices the runner's step buffers into views and forward() launches kernels that
+    # read them, so a replay sees each step's values (tests/gpu: graphs equal eager).
+    cuda_graph_safe = True
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, block_size: int

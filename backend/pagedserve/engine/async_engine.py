@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator
 from typing import Any, Callable, Optional
 
 from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, PromptType
+from pagedserve.errors import EngineDeadError, RequestError
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
+
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestError", "merge_deltas"]
 
 logger = logging.getLogger(__name__)
 
 _STATS_INTERVAL_S = 0.05
-
-
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped on an error; no request can make progress."""
 
 
 class _OutputCollector:
@@ -76,10 +77,20 @@ class AsyncLLMEngine:
     Every engine operation (adding, aborting, stepping) runs on that one thread, in order, so
     the engine needs no locks and the caller's event loop stays free while the model runs.
     Outputs travel back to per-request asyncio queues, one loop callback per step.
+
+    A request whose own work fails raises its RequestError from ``generate``; the others go
+    on. A failure no request explains stops the thread: every stream raises EngineDeadError
+    at once, later calls raise it too, and ``on_dead`` (if given) is called with it, on the
+    engine thread, after the streams were failed.
     """
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(
+        self,
+        args: EngineArgs,
+        on_dead: Optional[Callable[[EngineDeadError], None]] = None,
+    ) -> None:
         self.engine = LLMEngine(args)
+        self._on_dead = on_dead
         self.tokenizer = self.engine.tokenizer
         self._ops: queue.SimpleQueue[tuple[Callable, tuple, concurrent.futures.Future]] = (
             queue.SimpleQueue()
@@ -89,7 +100,7 @@ class AsyncLLMEngine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stats = self.engine.get_stats()
         self._stats_time = 0.0
-        self._dead: Optional[BaseException] = None
+        self._dead: Optional[EngineDeadError] = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
         self._thread.start()
@@ -150,6 +161,20 @@ class AsyncLLMEngine:
         self._bind_loop()
         await self._call(self._abort_and_deliver, request_id)
 
+    @property
+    def errored(self) -> bool:
+        """Whether the engine stopped on an error (vLLM's name)."""
+        return self._dead is not None
+
+    @property
+    def dead_error(self) -> Optional[EngineDeadError]:
+        return self._dead
+
+    async def check_health(self) -> None:
+        """Raises EngineDeadError once the engine has stopped on an error (vLLM's name)."""
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
+
     def get_stats(self) -> EngineStats:
         """The latest snapshot, refreshed by the engine thread (never older than ~50 ms
         while busy, and current once it goes idle)."""
@@ -169,26 +194,35 @@ class AsyncLLMEngine:
         elif self._loop is not loop:
             raise RuntimeError("AsyncLLMEngine must be used from one event loop at a time")
         if self._dead is not None:
-            raise EngineDeadError(f"the engine stopped: {self._dead!r}")
+            raise EngineDeadError(str(self._dead))
 
     def _submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._ops.put((fn, args, future))
         self._wakeup.set()
+        if self._dead is not None:  # the thread may have drained the queue before this put
+            self._fail_pending_ops(self._dead)
         return future
 
     async def _call(self, fn: Callable, *args: Any) -> Any:
         return await asyncio.wrap_future(self._submit(fn, *args))
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(
+        self, outputs: list[RequestOutput], errors: Optional[list[RequestError]] = None
+    ) -> None:
         for output in outputs:
             target = self._queues.get(output.request_id)
             if target is not None:
                 target.put(output)
+        if errors:
+            for error in errors:
+                target = self._queues.get(error.request_id)
+                if target is not None:
+                    target.put(error)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, dead: EngineDeadError) -> None:
         for target in self._queues.values():
-            target.put(error)
+            target.put(EngineDeadError(str(dead)))  # one each: a raise writes its traceback
 
     # ---- the engine thread ---------------------------------------------------------------
 
@@ -199,6 +233,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        dead: Optional[EngineDeadError] = None
         try:
             while not self._stopping:
                 self._run_ops()
@@ -208,15 +243,31 @@ class AsyncLLMEngine:
                     self._wakeup.clear()
                     continue
                 outputs = engine.step()
-                if outputs and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs)
+                errors = engine.take_request_errors() if engine.request_errors else None
+                if (outputs or errors) and self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
                 self._refresh_stats(force=False)
-        except BaseException as e:  # a bug: fail every stream loudly rather than hang them
-            logger.exception("pagedserve engine thread failed")
-            self._dead = e
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(repr(e)))
-            self._fail_pending_ops(e)
+        except BaseException as e:  # no request explains it: fail every stream at once
+            # As text: a record holding the traceback would keep the engine's memory alive.
+            logger.error("pagedserve: the engine failed; every request in flight fails\n%s",
+                         traceback.format_exc())
+            # Only the message is kept: the traceback would keep the engine's memory alive.
+            dead = engine.dead_error or EngineDeadError(f"the engine failed: {e!r}")
+        if dead is not None:  # outside the except block, so that no traceback is alive
+            self._die(dead)
+
+    def _die(self, dead: EngineDeadError) -> None:
+        self._dead = dead
+        if self._loop is not None and not self._loop.is_closed():
+            # RuntimeError: the loop closed meanwhile, and nobody is waiting.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._fail_all, dead)
+        self._fail_pending_ops(dead)
+        if self._on_dead is not None:
+            try:
+                self._on_dead(dead)
+            except Exception:
+                logger.exception("pagedserve: the engine's on_dead callback failed")
 
     def _run_ops(self) -> None:
         done: list[tuple[concurrent.futures.Future, Any]] = []
@@ -237,14 +288,14 @@ class AsyncLLMEngine:
             for future, result in done:
                 future.set_result(result)
 
-    def _fail_pending_ops(self, error: BaseException) -> None:
+    def _fail_pending_ops(self, dead: EngineDeadError) -> None:
         while True:
             try:
                 _, _, future = self._ops.get_nowait()
             except queue.Empty:
                 return
             if future.set_running_or_notify_cancel():
-                future.set_exception(EngineDeadError(repr(error)))
+                future.set_exception(EngineDeadError(str(dead)))
 
     def _refresh_stats(self, force: bool) -> None:
         now = time.monotonic()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import atexit
 import gc
 import itertools
+import logging
 import time
+import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
@@ -17,9 +19,11 @@ from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.core.scheduler_output import ModelRunnerOutput
+from pagedserve.engine.fault_injection import arm_fault_injection
 from pagedserve.engine.input_processor import InputProcessor, PromptType
 from pagedserve.engine.loggers import RequestLogger, StatLogger, make_visible
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.errors import EngineDeadError, RequestError
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
@@ -27,6 +31,8 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.tokenizer.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import LaunchedStep, ModelRunner
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -126,6 +132,11 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self._request_counter = itertools.count()
         self._in_flight: Optional[LaunchedStep] = None  # launched, not yet collected
+        # Requests that failed on their own since the last take_request_errors().
+        self.request_errors: list[RequestError] = []
+        # Set when a step failed in a way no request explains; the engine is then unusable.
+        self.dead_error: Optional[EngineDeadError] = None
+        arm_fault_injection(self.runner)
         _freeze_startup_objects()
 
     # ---- requests ------------------------------------------------------------------------
@@ -205,22 +216,62 @@ class LLMEngine:
         """Schedules and runs one step and returns the outputs it produced.
 
         With async scheduling the step is only launched; the outputs returned are the
-        previous step's, processed on the host while the device runs this one."""
-        scheduler_output = self.scheduler.schedule()
-        if not self.config.async_scheduling:
-            return self._update(self.runner.execute_model(scheduler_output))
-        launched = self.runner.launch(scheduler_output)
-        previous, self._in_flight = self._in_flight, launched
-        return [] if previous is None else self._update(self.runner.collect(previous))
+        previous step's, processed on the host while the device runs this one.
+
+        A request whose own work fails ends without an output; its error waits in
+        ``request_errors``. Any other exception marks the engine dead (``dead_error``): it is
+        re-raised, and every later step raises EngineDeadError."""
+        if self.dead_error is not None:
+            raise EngineDeadError(str(self.dead_error))
+        try:  # free unless it raises
+            scheduler_output = self.scheduler.schedule()
+            if not self.config.async_scheduling:
+                runner_output = self.runner.execute_model(scheduler_output)
+                if self.runner.failures:
+                    self._fail_runner_requests()
+                return self._update(runner_output)
+            launched = self.runner.launch(scheduler_output)
+            if self.runner.failures:
+                self._fail_runner_requests()
+            previous, self._in_flight = self._in_flight, launched
+            return [] if previous is None else self._update(self.runner.collect(previous))
+        except BaseException as e:
+            self.dead_error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
+            raise
 
     def _update(self, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(runner_output)
-        outputs, stopped = self.output_processor.process(core_outputs)
+        outputs, stopped, failed = self.output_processor.process(core_outputs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.stat_logger is not None:
             self.stat_logger.record(core_outputs)
+        for core_ids, error in failed:
+            self._end_failed(core_ids, error)
         return outputs
+
+    def _fail_runner_requests(self) -> None:
+        for core_id, error in self.runner.take_failures().items():
+            request = self.scheduler.requests.get(core_id)
+            if request is None:
+                continue  # already finished
+            state = self.output_processor.drop(request.parent_id)
+            if state is None:
+                continue  # a sibling completion failed first
+            core_ids = [c.request.request_id for c in state.completions]
+            self._end_failed(core_ids, error.for_request(request.parent_id))
+
+    def _end_failed(self, core_ids: list[str], error: RequestError) -> None:
+        """Ends a request that failed on its own: frees its blocks and keeps its error."""
+        trace = "".join(traceback.format_exception(error.__cause__))
+        logger.error("pagedserve: %s\n%s", error, trace)  # text: a record would keep the frames
+        self.scheduler.finish_requests(core_ids, RequestStatus.FINISHED_ABORTED)
+        self.request_errors.append(error)
+
+    def take_request_errors(self) -> list[RequestError]:
+        """The errors of the requests that failed on their own since the last call."""
+        errors, self.request_errors = self.request_errors, []
+        return errors
 
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.stats()

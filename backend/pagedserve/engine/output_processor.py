@@ -9,6 +9,7 @@ from typing import Any, Optional
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import EngineCoreOutput
 from pagedserve.engine.loggers import RequestLogger
+from pagedserve.errors import RequestError
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
@@ -101,38 +102,48 @@ class OutputProcessor:
 
     def process(
         self, core_outputs: list[EngineCoreOutput]
-    ) -> tuple[list[RequestOutput], list[str]]:
-        """Returns the outputs to deliver and the core request ids a stop string finished."""
+    ) -> tuple[list[RequestOutput], list[str], list[tuple[list[str], RequestError]]]:
+        """Returns the outputs to deliver, the core request ids a stop string finished, and
+        the requests whose own processing failed, as (their core request ids, the error).
+
+        A failure in one request's text, stop strings or logprobs ends only that request:
+        it is forgotten here, and the caller ends its core requests."""
         now = time.monotonic()
         touched: dict[str, _RequestState] = {}
         stopped_ids: list[str] = []
+        failed: list[tuple[list[str], RequestError]] = []
         states = self.states
         for out in core_outputs:
             request = out.request
             state = states.get(request.parent_id)
             if state is None:
                 continue
-            completion = state.completions[request.index]
-            if completion.logprobs is not None and out.new_logprobs is not None:
-                completion.logprobs.append(self._logprob_entry(*out.new_logprobs))
-                completion.cumulative_logprob += out.new_logprobs[1][0]
-            metrics = state.metrics
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
-            metrics.last_token_time = now
-            metrics.num_generation_tokens += len(out.new_token_ids)
-            if completion.detokenizer is not None:
-                tokens = out.new_token_ids
-                if out.finished and self._drops_last_token(request):
-                    tokens = tokens[:-1]
-                if completion.detokenizer.update(tokens, final=out.finished) is not None:
-                    completion.finish_reason = "stop"
-                    completion.stop_reason = completion.detokenizer.matched_stop
-                    if not out.finished:
-                        stopped_ids.append(request.request_id)
-            if out.finished and completion.finish_reason is None:
-                completion.finish_reason = request.status.finish_reason
-                completion.stop_reason = request.stop_reason
+            try:  # free unless it raises
+                completion = state.completions[request.index]
+                if completion.logprobs is not None and out.new_logprobs is not None:
+                    completion.logprobs.append(self._logprob_entry(*out.new_logprobs))
+                    completion.cumulative_logprob += out.new_logprobs[1][0]
+                metrics = state.metrics
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = now
+                metrics.last_token_time = now
+                metrics.num_generation_tokens += len(out.new_token_ids)
+                if completion.detokenizer is not None:
+                    tokens = out.new_token_ids
+                    if out.finished and self._drops_last_token(request):
+                        tokens = tokens[:-1]
+                    if completion.detokenizer.update(tokens, final=out.finished) is not None:
+                        completion.finish_reason = "stop"
+                        completion.stop_reason = completion.detokenizer.matched_stop
+                        if not out.finished:
+                            stopped_ids.append(request.request_id)
+                if out.finished and completion.finish_reason is None:
+                    completion.finish_reason = request.status.finish_reason
+                    completion.stop_reason = request.stop_reason
+            except Exception as e:
+                failed.append(self._fail(state, e))
+                touched.pop(state.request_id, None)
+                continue
             if completion.finished:
                 state.num_finished += 1
             if state.streaming or state.finished:
@@ -140,10 +151,23 @@ class OutputProcessor:
                 touched[state.request_id] = state
         outputs = []
         for state in touched.values():
-            output = self._make_output(state, now)
+            try:
+                output = self._make_output(state, now)
+            except Exception as e:
+                failed.append(self._fail(state, e))
+                continue
             if output is not None:
                 outputs.append(output)
-        return outputs, stopped_ids
+        return outputs, stopped_ids, failed
+
+    def _fail(self, state: _RequestState, error: Exception) -> tuple[list[str], RequestError]:
+        self.states.pop(state.request_id, None)
+        core_ids = [c.request.request_id for c in state.completions]
+        return core_ids, RequestError(state.request_id, "output processing", error)
+
+    def drop(self, request_id: str) -> Optional[_RequestState]:
+        """Forgets a request without an output (it failed); returns its state, if known."""
+        return self.states.pop(request_id, None)
 
     def _logprob_entry(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:
         # The sampled token first, then the top-k by rank (the sampled one may repeat there).

@@ -34,7 +34,10 @@ class LLM:
         sampling_params: Optional[Union[SamplingParams, Sequence[SamplingParams]]] = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates completions for every prompt; outputs come back in prompt order."""
+        """Generates completions for every prompt; outputs come back in prompt order.
+
+        If one request fails on its own (a RequestError), the others are aborted and that
+        error is raised, as vLLM raises a request's failure from ``generate``."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -118,6 +121,8 @@ class LLM:
                     if output.finished and output.request_id in wanted:
                         done[output.request_id] = output
                         bar.update(1)
+                if self.engine.request_errors:
+                    raise self.engine.take_request_errors()[0]
         except BaseException:
             self.engine.abort_request([i for i in ids if i not in done])
             raise

@@ -1,15 +1,18 @@
 """Serves one Triton request on the event loop: parse, generate, respond, cancel, account.
 
 Error mapping follows the Triton conventions clients rely on: bad input (a malformed request,
-or a ValueError from the engine before the first output, e.g. a prompt that is too long) is
-INVALID_ARG (HTTP 400); a dead engine is UNAVAILABLE (503); anything else is vllm_backend's
-"Error generating stream: ..." INTERNAL (500). A cancelled request is aborted in the engine
-(freeing its KV blocks) and ends with a CANCELLED error response.
+or a ValueError from the engine before the first output, e.g. a prompt that is too long, or
+sampling parameters the engine could not apply) is INVALID_ARG (HTTP 400); a dead engine, or
+none while a failed one is replaced, is UNAVAILABLE (503); anything else, a request's own
+failure inside the engine included, is vllm_backend's "Error generating stream: ..."
+INTERNAL (500). A cancelled request is aborted in the engine (freeing its KV blocks) and ends
+with a CANCELLED error response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 import traceback
@@ -17,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from pagedserve.engine.async_engine import EngineDeadError, merge_deltas
+from pagedserve.engine.async_engine import EngineDeadError, RequestError, merge_deltas
 from pagedserve.serving.contract import INPUTS, InvalidRequest, parse_request
 from pagedserve.serving.metrics import FinishedRequest
 from pagedserve.serving.responder import Inflight, Responder
@@ -26,6 +29,7 @@ from pagedserve.serving.responses import ResponseBuilder
 _INPUT_NAMES = tuple(spec["name"] for spec in INPUTS)
 CANCELLED = ("Request was cancelled", "CANCELLED")
 UNLOADING = ("The model is being unloaded", "UNAVAILABLE")
+NO_ENGINE = ("Model is unavailable: its engine failed and is being replaced", "UNAVAILABLE")
 # How long an aborted request's stream may take to end before its coroutine is cancelled.
 ABORT_GRACE_S = 5.0
 
@@ -106,7 +110,10 @@ class RequestHandler:
 
     async def _abort(self, state: Inflight) -> None:
         # Engine operations run in order, so this abort follows the request's own add.
-        await self.engine.abort(state.request_id)
+        engine = self.engine
+        if engine is not None and not engine.errored:  # a dead engine ended it already
+            with contextlib.suppress(EngineDeadError):
+                await engine.abort(state.request_id)
         done, _ = await asyncio.wait([state.task], timeout=ABORT_GRACE_S)
         if not done:  # the stream did not end: stop the coroutine (its generator aborts too)
             state.task.cancel()
@@ -121,14 +128,18 @@ class RequestHandler:
         except InvalidRequest as e:
             self.responder.send_error(state, str(e), "INVALID_ARG")
             return
+        engine = self.engine
+        if engine is None:  # a failed engine is being replaced
+            self.responder.send_error(state, *NO_ENGINE)
+            return
         builder = ResponseBuilder(
-            parsed, self.engine.tokenizer, frozenset(request.requested_output_names())
+            parsed, engine.tokenizer, frozenset(request.requested_output_names())
         )
         account = _Accounting(state.arrival, parsed.params.n)
         started = False
         last = None
         held = None  # a streamed delta not sent yet, while the responder is behind
-        stream = self.engine.generate(parsed.prompt, parsed.params, state.request_id)
+        stream = engine.generate(parsed.prompt, parsed.params, state.request_id)
         try:
             async for output in stream:
                 started = True
@@ -154,7 +165,8 @@ class RequestHandler:
         except asyncio.CancelledError:
             if state.cancelled is None:
                 raise
-            await self.engine.abort(state.request_id)
+            if not engine.errored:
+                await engine.abort(state.request_id)
             self.responder.send_error(state, *state.cancelled)
         except ValueError as e:
             if started:
@@ -168,7 +180,11 @@ class RequestHandler:
             self.record(self._finished(account))
 
     def _internal_error(self, state: Inflight, error: Exception) -> None:
-        self.log_error(f"pagedserve: error generating stream: {traceback.format_exc()}")
+        if isinstance(error, (EngineDeadError, RequestError)):
+            # The engine logged the failure, with its traceback, once.
+            self.log_error(f"pagedserve: {state.request_id}: error generating stream: {error}")
+        else:
+            self.log_error(f"pagedserve: error generating stream: {traceback.format_exc()}")
         code = "UNAVAILABLE" if isinstance(error, EngineDeadError) else "INTERNAL"
         self.responder.send_error(state, f"Error generating stream: {error}", code)
 

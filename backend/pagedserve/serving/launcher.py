@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pagedserve.serving.supervisor import ServerSupervisor, SupervisorConfig
+
 NGC_ROOT = Path("/opt/tritonserver")
 BACKEND_NAME = "pagedserve"
 _STUB = "triton_python_backend_stub"
@@ -230,6 +232,17 @@ def _has_option(args: Sequence[str], name: str) -> bool:
     return any(a == name or a.startswith(name + "=") for a in args)
 
 
+def _option_value(args: Sequence[str], name: str) -> Optional[str]:
+    """The last value given to ``--name=V`` or ``--name V``, None when absent."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg[len(name) + 1:]
+        elif arg == name and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
 def server_command(
     args: Sequence[str], install: Optional[TritonInstall] = None
 ) -> tuple[list[str], dict[str, str]]:
@@ -243,9 +256,52 @@ def server_command(
 
 def exec_server(args: Sequence[str]) -> None:
     """Replaces this process with tritonserver (signals then reach the server directly)."""
-    if not (_has_option(args, "--model-repository") or _has_option(args, "--model-store")):
-        raise LauncherError("pagedserve serve needs --model-repository DIR")
+    _check_repository(args)
     argv, env = server_command(args)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(argv[0], argv, env)
+
+
+def _check_repository(args: Sequence[str]) -> None:
+    if not (_has_option(args, "--model-repository") or _has_option(args, "--model-store")):
+        raise LauncherError("pagedserve serve needs --model-repository DIR")
+
+
+def supervised_args(args: Sequence[str]) -> tuple[list[str], Optional[SupervisorConfig]]:
+    """The tritonserver options to run under the supervisor, and its configuration (None when
+    the server's HTTP endpoint, which the supervisor talks to, is turned off).
+
+    Without a ``--model-control-mode`` the server runs in explicit mode with every model
+    loaded (what the default mode loads), so that a failed model can be loaded again; with
+    ``none`` or ``poll`` a failed model is recovered by restarting its engine or the server.
+    """
+    args = list(args)
+    if (_option_value(args, "--allow-http") or "true").lower() in ("false", "0", "no"):
+        return args, None
+    mode = _option_value(args, "--model-control-mode")
+    if mode is None:
+        args.append("--model-control-mode=explicit")
+        if not _has_option(args, "--load-model"):
+            args.append("--load-model=*")
+        mode = "explicit"
+    address = _option_value(args, "--http-address") or "0.0.0.0"
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(address, address)
+    if ":" in host:
+        host = f"[{host}]"
+    port = _option_value(args, "--http-port") or "8000"
+    return args, SupervisorConfig(f"http://{host}:{port}", model_control=mode == "explicit")
+
+
+def serve(args: Sequence[str]) -> int:
+    """``pagedserve serve``: runs tritonserver under the supervisor (serving/supervisor.py)
+    and returns its exit status; with ``PAGEDSERVE_SUPERVISE=0``, or without an HTTP
+    endpoint, execs tritonserver instead."""
+    _check_repository(args)
+    server_args, config = supervised_args(args)
+    if config is None or os.environ.get("PAGEDSERVE_SUPERVISE", "1") == "0":
+        if config is None:
+            print("pagedserve: HTTP is off, so tritonserver runs unsupervised", file=sys.stderr)
+        exec_server(args)
+    argv, env = server_command(server_args)
+    return ServerSupervisor(argv, env, config).run()

@@ -16,6 +16,18 @@ logger = logging.getLogger(__name__)
 MAX_CAPTURE_SIZE = 512
 
 
+def graphs_unusable(device: torch.device, enforce_eager: bool,
+                    attn: AttentionBackend) -> Optional[str]:
+    """Why decode steps must run eagerly here, or None when CUDA graphs may replay them."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, not {device.type!r}"
+    if enforce_eager:
+        return "enforce_eager is set"
+    if not attn.cuda_graph_safe:
+        return f"the {attn.name!r} attention backend cannot be replayed in a CUDA graph"
+    return None
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
     """1, 2, 4, 8, then every 8 up to max_num_seqs (at most 512)."""
     limit = min(max_num_seqs, MAX_CAPTURE_SIZE)

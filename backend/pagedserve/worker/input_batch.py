@@ -114,11 +114,24 @@ class InputBatch:
             generator = torch.Generator(device=device)
             generator.manual_seed(req.seed)
             # Fast-forward past the tokens already drawn, so a resumed request continues the
-            # same stream (each draw consumes one vocab-sized block of noise).
-            num_drawn = len(req.token_ids) - req.num_prompt_tokens
-            for _ in range(num_drawn):
-                torch.empty(self.vocab_size, device=device).exponential_(generator=generator)
+            # same stream.
+            self._fast_forward(generator, len(req.token_ids) - req.num_prompt_tokens)
             self.generators[row] = generator
+
+    def _fast_forward(self, generator: torch.Generator, num_drawn: int) -> None:
+        # Each draw consumes one vocab-sized block of noise.
+        for _ in range(num_drawn):
+            torch.empty(self.vocab_size, device=generator.device).exponential_(
+                generator=generator
+            )
+
+    def rewind_generators(self, rows: np.ndarray) -> None:
+        """Puts the seeded generators of ``rows`` back to their state before the current
+        step's draw (one per token sampled so far), e.g. after a sampling call that failed."""
+        for _, row in _rows_among(rows, self.generators):
+            generator = self.generators[row]
+            generator.manual_seed(generator.initial_seed())
+            self._fast_forward(generator, int(self.num_tokens[row] - self.num_prompt_tokens[row]))
 
     def remove(self, req_id: str) -> None:
         row = self.row_of.pop(req_id, None)

@@ -18,10 +18,12 @@ from pagedserve.core.scheduler_output import (
     ModelRunnerOutput,
     SchedulerOutput,
 )
+from pagedserve.errors import RequestError, RequestParamsError
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
-from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes
+from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
 from pagedserve.worker.input_batch import InputBatch
+from pagedserve.worker.isolation import sample_isolating
 from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.step_buffers import StepBuffers
 
@@ -84,7 +86,8 @@ class ModelRunner:
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
         )
         self.sampler = Sampler()
-        max_graph = capture_sizes(config.max_num_seqs)[-1] if self._uses_graphs() else 0
+        uses_graphs = graphs_unusable(self.device, config.args.enforce_eager, self.attn) is None
+        max_graph = capture_sizes(config.max_num_seqs)[-1] if uses_graphs else 0
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, max_graph),
             max(config.max_num_seqs, max_graph),
@@ -97,6 +100,9 @@ class ModelRunner:
         # next one is prepared.
         self._latest: Optional[LaunchedStep] = None
         self._older: Optional[LaunchedStep] = None
+        # Requests whose own work failed in the latest launch, by request id; the engine
+        # takes them (take_failures) and ends those requests. Their rows sample nothing.
+        self.failures: dict[str, RequestError] = {}
 
     # ---- KV cache ------------------------------------------------------------------------
 
@@ -193,11 +199,15 @@ class ModelRunner:
         self._update_batch(sched)
         if sched.is_empty:
             return None
+        scheduled = sched.num_scheduled_tokens
+        if self.failures:  # a new request's sampling setup failed: it has no row to run
+            scheduled = {r: n for r, n in scheduled.items() if r not in self.failures}
+            if not scheduled:
+                return None
         batch = self.batch
         row_of = batch.row_of
-        rows = np.fromiter((row_of[r] for r in sched.num_scheduled_tokens), np.int64,
-                           len(sched.num_scheduled_tokens))
-        num_sched = np.fromiter(sched.num_scheduled_tokens.values(), np.int32, len(rows))
+        rows = np.fromiter((row_of[r] for r in scheduled), np.int64, len(scheduled))
+        num_sched = np.fromiter(scheduled.values(), np.int32, len(rows))
         latest = self._latest
         pending_from = latest if latest is not None and latest.output is None else None
         if pending_from is not None and batch.needs_output_tokens:
@@ -207,9 +217,13 @@ class ModelRunner:
         logits = self._forward_logits(inputs)
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
+        out = None
         if len(sample_rows):
-            out = self.sampler(logits, batch.sampling_metadata(sample_rows, self.device))
-        else:  # only partial prefill chunks this step
+            try:
+                out = self.sampler(logits, batch.sampling_metadata(sample_rows, self.device))
+            except Exception as e:
+                out, sample_rows = self._sample_isolating(logits, sample_rows, e)
+        if out is None:  # only partial prefill chunks this step (or only failed rows)
             out = SamplerOutput(sampled=torch.empty(0, dtype=torch.int64, device=self.device))
         launched = LaunchedStep(
             req_ids=[batch.req_id_of[r] for r in sample_rows.tolist()],
@@ -227,6 +241,27 @@ class ModelRunner:
         )
         self._older, self._latest = self._latest, launched
         return launched
+
+    def _sample_isolating(
+        self, logits: torch.Tensor, rows: np.ndarray, failure: Exception
+    ) -> tuple[Optional[SamplerOutput], np.ndarray]:
+        """After sampling ``rows`` failed: fails the requests of the rows that fail on their
+        own, samples the others (see worker/isolation.py); re-raises what no row explains."""
+        batch = self.batch
+        out, keep, bad = sample_isolating(
+            self.sampler, logits, rows,
+            lambda some: batch.sampling_metadata(some, self.device),
+            batch.rewind_generators, failure,
+        )
+        for row, error in bad.items():
+            req_id = batch.req_id_of[row]
+            self.failures[req_id] = RequestError(req_id, "sampling", error)
+        return out, rows[keep]
+
+    def take_failures(self) -> dict[str, RequestError]:
+        """The requests whose own work failed since the last call (see ``failures``)."""
+        failures, self.failures = self.failures, {}
+        return failures
 
     def _record_event(self) -> Optional[torch.cuda.Event]:
         if self.device.type != "cuda":
@@ -260,7 +295,11 @@ class ModelRunner:
         for rid in sched.finished_req_ids:
             batch.remove(rid)
         for new in sched.scheduled_new_reqs:
-            batch.add(new, self.device)
+            try:
+                batch.add(new, self.device)
+            except Exception as e:  # only this request's parameters were read
+                batch.remove(new.req_id)
+                self.failures[new.req_id] = RequestParamsError(new.req_id, "sampling setup", e)
         for rid, block_ids in sched.new_block_ids.items():
             batch.append_blocks(batch.row_of[rid], block_ids)
 
@@ -381,12 +420,13 @@ class ModelRunner:
                 out_lps.append(lps[i][: k + 1])
         return LogprobsLists(out_ids, out_lps, ranks.tolist())
 
-    def _uses_graphs(self) -> bool:
-        return self.device.type == "cuda" and not self.config.args.enforce_eager
-
     def capture_graphs(self) -> None:
-        """Captures decode CUDA graphs (CUDA only, unless enforce_eager)."""
-        if not self._uses_graphs():
+        """Captures decode CUDA graphs (CUDA only, unless enforce_eager or the attention backend
+        cannot be replayed)."""
+        reason = graphs_unusable(self.device, self.config.args.enforce_eager, self.attn)
+        if reason is not None:
+            if self.device.type == "cuda":
+                logger.info("decode steps run eagerly: %s", reason)
             return
         self.graphs = CudaGraphRunner(
             self.model, self.attn, self.buffers, self.kv_caches,
