@@ -34,6 +34,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
 import triton_python_backend_utils as pb_utils
 
 from pagedserve.config import EngineArgs
+from pagedserve.serving.abort_channel import AbortRegistry, abort_target
 from pagedserve.serving.contract import INPUTS, OUTPUTS
 from pagedserve.serving.event_loop import EventLoopThread
 from pagedserve.serving.handler import UNLOADING, RequestHandler
@@ -118,6 +119,7 @@ class TritonPythonModel:
         self._totals_offset: tuple[int, ...] = (0, 0, 0)  # counters of engines before it
         self.handler: Optional[RequestHandler] = None
         self._accepting = True
+        self.aborts = AbortRegistry()  # requests from tensorrt_llm_bls, by Triton request id
         self.loop = EventLoopThread()
         self.responder = Responder(pb_utils, self._on_client_cancelled, self.logger.log_error)
         # vllm_backend's switch: an unhealthy engine unloads the model (see recovery.py).
@@ -206,11 +208,24 @@ class TritonPythonModel:
         self.logger.log_verbose(f"pagedserve: {state.request_id} cancelled by the client")
         self.loop.call(self.handler.cancel, state)
 
+    def _abort(self, target: str, request: Any) -> None:
+        """A BLS model's request to abort the llm request it sent with id ``target``
+        (serving/abort_channel.py): cancelled as if its client had; the answer is empty."""
+        state = self.aborts.pop(target)
+        if state is not None:
+            self._on_client_cancelled(state)
+        request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
     def execute(self, requests: list) -> None:
         now = time.monotonic()
         unavailable = self.recovery.unavailable
         for request in requests:
+            target = abort_target(request.parameters())
+            if target is not None:
+                self._abort(target, request)
+                continue
             state = self.handler.new_state(request, now)
+            state.bls_caller = self.aborts.register(request.request_id(), state)
             if not self._accepting:
                 self.responder.send_error(state, *UNLOADING)
                 continue

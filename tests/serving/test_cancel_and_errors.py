@@ -152,10 +152,10 @@ def test_bad_inputs_are_invalid_arg_while_a_good_stream_completes(triton_server)
         # The ensemble names its own inputs.
         r = requests.post(
             f"{triton_server.http_url}/v2/models/ensemble/generate",
-            json={"text_input": "hi", "max_tokens": 4, "bad_words": ["x"]},
+            json={"text_input": "hi", "max_tokens": 4, "beam_width": 2},
             timeout=30,
         )
-        assert r.status_code == 400 and "bad_words" in r.json()["error"], r.text
+        assert r.status_code == 400 and "beam_width" in r.json()["error"], r.text
         good = stream.collect([rid], timeout=120)[rid]
     finally:
         stream.close()

@@ -1,4 +1,4 @@
-"""The tensor contract without a server: request parsing, response tensors, TensorRT-LLM names."""
+"""The tensor contract without a server: request parsing, response tensors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from pagedserve import CompletionOutput, Logprob, RequestOutput, RequestOutputKi
 from pagedserve.serving.contract import InvalidRequest, parse_request
 from pagedserve.serving.metrics import build_1_2_5_buckets
 from pagedserve.serving.responses import ResponseBuilder
-from pagedserve.serving.trtllm import resolve_tokenizer_dir, sampling_parameters
 
 
 def _s(text: str) -> np.ndarray:
@@ -117,36 +116,6 @@ def test_non_streamed_response_prepends_the_prompt():
     out = builder.build(_output(" world", [4], True, prompt=None, reason="stop"))
     assert out["text_output"].tolist() == [b"<1,2,3> world"]  # decoded ids: no prompt text
     assert "output_ids" not in out
-
-
-def test_trtllm_inputs_map_to_sampling_parameters():
-    values = sampling_parameters({
-        "max_tokens": np.array([12], dtype=np.int32),
-        "min_length": np.array([4], dtype=np.int32),
-        "temperature": np.array([0.5], dtype=np.float32),
-        "seed": np.array([7], dtype=np.uint64),
-        "stop_words": np.array([b"", b"\n\n"], dtype=np.object_),
-        "bad_words": np.array([b""], dtype=np.object_),
-        "end_id": np.array([2], dtype=np.int32),
-        "pad_id": np.array([0], dtype=np.int32),
-    })
-    assert values == {"max_tokens": 12, "min_tokens": 4, "temperature": 0.5, "seed": 7,
-                      "stop": ["\n\n"], "stop_token_ids": [2]}
-    with pytest.raises(InvalidRequest, match="bad_words"):
-        sampling_parameters({"bad_words": np.array([b"x"], dtype=np.object_)})
-    with pytest.raises(InvalidRequest, match="min_length"):
-        sampling_parameters({"min_tokens": np.array([1]), "min_length": np.array([2])})
-    with pytest.raises(InvalidRequest, match="max_tokens"):
-        sampling_parameters({"max_tokens": np.array([0], dtype=np.int32)})
-
-
-def test_tokenizer_dir_follows_a_model_json(tmp_path):
-    (tmp_path / "llm" / "1" / "ckpt").mkdir(parents=True)
-    (tmp_path / "llm" / "1" / "model.json").write_text('{"model": "ckpt"}')
-    (tmp_path / "pre").mkdir()
-    expected = (tmp_path / "llm" / "1" / "ckpt").resolve()
-    assert resolve_tokenizer_dir("../llm/1", str(tmp_path / "pre")) == expected
-    assert resolve_tokenizer_dir("../llm/1/ckpt", str(tmp_path / "pre")) == expected
 
 
 def test_token_count_buckets():

@@ -153,29 +153,6 @@ def test_genai_perf_vllm_payload(triton_server):
     assert 1 < len(result.responses) <= 16  # streamed; merged only while the sender lags
 
 
-def test_genai_perf_tensorrtllm_payload(triton_server):
-    """genai-perf --backend tensorrtllm on the ensemble: [1, 1] shapes, min_length."""
-    stream = GrpcStream(triton_server.grpc_url)
-    try:
-        rid = stream.send("ensemble", [
-            tensor("text_input", PROMPTS[2], batch=True),
-            tensor("max_tokens", 16, batch=True),
-            tensor("exclude_input_in_output", True, batch=True),
-            tensor("stream", True, batch=True),
-            tensor("min_length", 16, batch=True),
-            tensor("return_num_output_tokens", True, batch=True),
-        ])
-        result = stream.collect([rid])[rid]
-    finally:
-        stream.close()
-    assert result.error is None, result.error
-    assert result.final_seen
-    # min_length held off any EOS
-    assert sum(int(r["num_output_tokens"].sum()) for r in result.responses) == 16
-    assert 1 < len(result.responses) <= 16  # streamed; merged only while the sender lags
-    assert result.text()
-
-
 def _naive_concat(tokenizer, deltas: list[list[int]]) -> str:
     """What a stateless per-response postprocessing would stream: each delta decoded alone."""
     return "".join(tokenizer.decode(d, skip_special_tokens=True) for d in deltas)

@@ -47,6 +47,8 @@ RETURN_FLAGS = (
 )
 
 Prompt = Union[str, dict[str, list[int]]]
+# Request parameters that are not sampling parameters (see _sampling_dict).
+_NOT_SAMPLING = frozenset({"id"})
 
 
 class InvalidRequest(ValueError):
@@ -109,8 +111,10 @@ def _sampling_dict(tensors: Mapping[str, np.ndarray], request_parameters: str) -
     if not isinstance(values, dict):
         raise InvalidRequest(f"{source} must be a JSON object, got {type(values).__name__}")
     if source == "request parameters":
-        # Names with this prefix are Triton's own (e.g. triton_enable_empty_final_response).
-        values = {k: v for k, v in values.items() if not k.startswith("triton_")}
+        # Names with this prefix are Triton's own (e.g. triton_enable_empty_final_response);
+        # "id" is the generate extension's request id, which Triton passes on as a parameter.
+        values = {k: v for k, v in values.items()
+                  if not k.startswith("triton_") and k not in _NOT_SAMPLING}
     return values
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from pagedserve.serving.error_sender import ERROR_DELAY_S, ErrorSender
+
 # How often an in-flight request's client is asked whether it cancelled. Each is_cancelled()
 # is an IPC round trip (measured: ~75 us, ~40 us of it CPU in this process), so with hundreds
 # of requests in flight a shorter period costs real throughput; the engine aborts the request
@@ -39,6 +41,11 @@ class Inflight:
     # event loop, the responder thread), so their difference is safe to read anywhere.
     num_queued: int = 0
     num_sent: int = 0
+    # Sent by a BLS model (tensorrt_llm_bls): python_backend r24.10 loses a BLS response's
+    # error unless it is the first response (its shared-memory copy carries no request id, so
+    # the caller's iterator never ends); such a request ends with a bare final flag instead,
+    # which the caller reports as a stream that ended early.
+    bls_caller: bool = False
 
     @property
     def backlogged(self) -> bool:
@@ -74,6 +81,7 @@ class Responder:
         self._inflight: dict[int, Inflight] = {}
         self._drained = threading.Condition(self._lock)
         self._last_sweep = 0.0
+        self._errors = ErrorSender(pb_utils, log_error)
         self._thread = threading.Thread(
             target=self._run, name="pagedserve-responder", daemon=True
         )
@@ -91,7 +99,16 @@ class Responder:
         self._queue.put(_Outgoing(state, tensors, None, final))
 
     def send_error(self, state: Inflight, message: str, code: str) -> None:
-        """A final error response; ``code`` names a TritonError code (INVALID_ARG, ...)."""
+        """A final error response; ``code`` names a TritonError code (INVALID_ARG, ...).
+
+        A rejection that would follow its request within ERROR_DELAY_S is held back that long
+        (Triton 2.51 crashes on fast errors on some gRPC streams: serving/error_sender.py)."""
+        if state.num_queued == 0 and time.monotonic() - state.arrival < ERROR_DELAY_S:
+            # Sent by another thread, but never polled again: its first poll would be due
+            # CANCEL_POLL_S after arrival, and it leaves _inflight now.
+            self._errors.send(state.sender, message, code, state.arrival)
+            self._done(state)
+            return
         self._queue.put(_Outgoing(state, None, (message, code), True))
 
     def num_inflight(self) -> int:
@@ -109,6 +126,7 @@ class Responder:
     def stop(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=10)
+        self._errors.stop()
 
     # ---- the thread ------------------------------------------------------------------------
 
@@ -125,16 +143,23 @@ class Responder:
     def _deliver(self, item: _Outgoing) -> None:
         flags = self._pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if item.final else 0
         try:
-            item.state.sender.send(self._response(item), flags=flags)
+            if item.error is not None and item.state.bls_caller and item.state.num_sent:
+                item.state.sender.send(flags=flags)  # see Inflight.bls_caller
+            else:
+                item.state.sender.send(self._response(item), flags=flags)
         except Exception as e:  # e.g. the client is gone; the request still has to end
             self._log_error(f"pagedserve: sending a response failed: {e!r}")
         if item.tensors is not None:
             item.state.num_sent += 1
         if item.final:
-            with self._lock:
-                self._inflight.pop(id(item.state), None)
-                if not self._inflight:
-                    self._drained.notify_all()
+            self._done(item.state)
+
+    def _done(self, state: Inflight) -> None:
+        """The request's final response is sent (or handed on): no more polling for it."""
+        with self._lock:
+            self._inflight.pop(id(state), None)
+            if not self._inflight:
+                self._drained.notify_all()
 
     def _poll(self, now: float) -> None:
         if now - self._last_sweep < CANCEL_POLL_S / 2:

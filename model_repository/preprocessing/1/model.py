@@ -1,57 +1,58 @@
-"""preprocessing: the TensorRT-LLM ensemble's request -> the llm model's input_ids and sampling.
+"""preprocessing: a TensorRT-LLM request -> the llm model's input_ids and sampling_parameters.
 
 Tokenizes text_input with the checkpoint's Hugging Face tokenizer (as the engine itself would,
 special tokens included) and turns the TensorRT-LLM sampling inputs into the llm model's
-sampling_parameters JSON. Errors name the input at fault and are INVALID_ARG.
+sampling_parameters JSON, with TensorRT-LLM's semantics (pagedserve.serving.trtllm). Errors name
+the input at fault and are INVALID_ARG; they go through pagedserve.serving.error_sender, which
+keeps Triton 2.51's gRPC frontend from crashing on them.
 """
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from pagedserve.serving.contract import InvalidRequest
-from pagedserve.serving.trtllm import SCALAR_FIELDS, resolve_tokenizer_dir, sampling_parameters_json
+from pagedserve.serving.error_sender import ErrorSender
+from pagedserve.serving.trtllm import INPUT_NAMES, TrtllmTranslator, tokenizer_dir_parameter
 from pagedserve.tokenizer.tokenizer import load_tokenizer
-
-_OPTIONAL = (*SCALAR_FIELDS, "stop_words", "bad_words", "end_id", "pad_id")
 
 
 class TritonPythonModel:
-    """Owns the tokenizer; one response per request."""
+    """Owns the tokenizer; one response per request, sent through the response sender so
+    that an error can be held back (pagedserve.serving.error_sender)."""
 
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        value = config["parameters"]["tokenizer_dir"]["string_value"]
-        self.tokenizer = load_tokenizer(resolve_tokenizer_dir(value, args["model_repository"]))
+        tokenizer = load_tokenizer(tokenizer_dir_parameter(config, args["model_repository"]))
+        self.translator = TrtllmTranslator(tokenizer)
+        self.errors = ErrorSender(pb_utils, pb_utils.Logger.log_error)
 
-    def _one(self, request):
-        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)
-        if text.size != 1:
-            raise InvalidRequest(f"input 'text_input' must hold one string, got {text.size}")
-        prompt = text[0].decode("utf-8") if isinstance(text[0], bytes) else str(text[0])
-        if not prompt:
-            raise InvalidRequest("input 'text_input' is empty")
+    def _outputs(self, request):
         tensors = {}
-        for name in _OPTIONAL:
+        for name in INPUT_NAMES:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 tensors[name] = tensor.as_numpy()
-        ids = np.asarray(self.tokenizer(prompt).input_ids, dtype=np.int32)
-        params = np.array([sampling_parameters_json(tensors)], dtype=np.object_)
-        return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("input_ids", ids),
-                pb_utils.Tensor("sampling_parameters", params),
-            ]
-        )
+        translated = self.translator.translate(tensors)
+        params = np.array([translated.sampling_json()], dtype=np.object_)
+        input_ids = self.translator.encode(translated.prompt)
+        return [pb_utils.Tensor("input_ids", input_ids),
+                pb_utils.Tensor("sampling_parameters", params)]
 
     def execute(self, requests):
-        responses = []
+        now = time.monotonic()
         for request in requests:
+            sender = request.get_response_sender()
             try:
-                responses.append(self._one(request))
-            except (InvalidRequest, UnicodeDecodeError) as e:
-                error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
-                responses.append(pb_utils.InferenceResponse(error=error))
-        return responses
+                outputs = self._outputs(request)
+            except InvalidRequest as e:
+                self.errors.send(sender, str(e), "INVALID_ARG", now)
+                continue
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self):
+        self.errors.stop()
