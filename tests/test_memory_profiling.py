@@ -1,7 +1,12 @@
 """The KV-cache budget on a GPU (arithmetic only, runs anywhere), the sampler's worst case
-that the profiling step runs, and the oneDNN row buckets that bound the CPU engine's memory."""
+that the profiling step runs, and what bounds the CPU engine's memory: oneDNN row buckets
+and large activations kept out of the heap."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -119,3 +124,37 @@ def test_onednn_linear_pads_without_changing_the_result():
         out = onednn_linear(x, packed, bias)
         assert out.shape == (rows, 48)
         torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias))
+
+
+HEAP_PROBE = """
+import sys
+import torch
+from pagedserve.worker.host_memory import keep_large_buffers_mapped
+if sys.argv[1] == "engine":
+    assert keep_large_buffers_mapped()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+keep = []
+base = rss()
+for mib in (20, 12, 16, 10, 18):  # activations of steps of different sizes
+    step = torch.ones(mib << 18)
+    keep.append(torch.ones(1000))  # something small and long-lived allocated after it
+    del step
+print((rss() - base) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_large_activations_leave_the_process():
+    """With glibc's default, freed multi-MiB buffers stay resident behind small live ones;
+    with the engine's setting (made by a CPU ModelRunner) they are returned."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+
+    def retained_mib(mode: str) -> float:
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], env=env,
+                             capture_output=True, text=True, check=True)
+        return float(out.stdout)
+
+    default, engine = retained_mib("default"), retained_mib("engine")
+    assert default > 20 and engine < default / 2, (default, engine)

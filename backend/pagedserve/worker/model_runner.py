@@ -22,6 +22,7 @@ from pagedserve.errors import RequestError, RequestParamsError
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
+from pagedserve.worker.host_memory import keep_large_buffers_mapped
 from pagedserve.worker.input_batch import InputBatch
 from pagedserve.worker.isolation import sample_isolating
 from pagedserve.worker.memory_profiling import (
@@ -78,6 +79,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             self._memory_at_start = DeviceMemory.read()
+        else:  # activations live in host memory: keep the large ones from pinning the heap
+            keep_large_buffers_mapped()
         self.dtype = parse_dtype(config.dtype)
         self.block_size = config.block_size
         torch.manual_seed(config.args.seed)
