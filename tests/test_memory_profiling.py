@@ -150,6 +150,7 @@ def test_freed_large_activations_leave_the_process():
     with the engine's setting (made by a CPU ModelRunner) they are returned."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    env.pop("MALLOC_TRIM_THRESHOLD_", None)
 
     def retained_mib(mode: str) -> float:
         out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], env=env,
