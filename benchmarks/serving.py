@@ -127,7 +127,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(repository: Path, log_path: Path) -> tuple[subprocess.Popen, int]:
+@dataclass
+class RunningServer:
+    """A tritonserver started by ``start_server``: its process and ports."""
+
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+
+def start_server(repository: Path, log_path: Path) -> RunningServer:
     import requests as http
 
     http_port, grpc_port, metrics_port = _free_port(), _free_port(), _free_port()
@@ -145,7 +155,7 @@ def start_server(repository: Path, log_path: Path) -> tuple[subprocess.Popen, in
             raise RuntimeError(f"tritonserver exited; log:\n{log_path.read_text()[-5000:]}")
         try:
             if http.get(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2).ok:
-                return process, grpc_port
+                return RunningServer(process, http_port, grpc_port, metrics_port)
         except http.RequestException:
             pass
         time.sleep(0.5)
@@ -333,15 +343,15 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{sum(r.output_len for r in requests)} output tokens, "
               f"concurrency {args.concurrency}, engine {engine_args}", flush=True)
 
-        process, grpc_port = start_server(repository, work / "tritonserver.log")
+        server = start_server(repository, work / "tritonserver.log")
         try:
             results = asyncio.run(
-                compare(engine_json, grpc_port, process.pid, requests, args.concurrency,
-                        args.repeat)
+                compare(engine_json, server.grpc_port, server.process.pid, requests,
+                        args.concurrency, args.repeat)
             )
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(timeout=60)
         _print(results)
         ratio = results[1]["throughput_tok_s"] / results[0]["throughput_tok_s"]
         print(f"served / in-process throughput: {ratio:.1%} (target >= 85%)")

@@ -38,7 +38,7 @@ from pagedserve.serving.abort_channel import AbortRegistry, abort_target
 from pagedserve.serving.contract import INPUTS, OUTPUTS
 from pagedserve.serving.event_loop import EventLoopThread
 from pagedserve.serving.handler import UNLOADING, RequestHandler
-from pagedserve.serving.metrics import MetricsReporter, TritonMetrics
+from pagedserve.serving.metrics import MetricsReporter, TritonMetrics, cache_config_info
 from pagedserve.serving.recovery import (
     EngineRecovery,
     choose_recovery,
@@ -66,7 +66,8 @@ FINALIZE_GRACE_S = 5.0
 def _totals(stats: Any) -> dict[str, int]:
     """The cumulative counters of an EngineStats."""
     return {name: getattr(stats, name) for name in (
-        "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total")}
+        "num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total",
+        "prompt_tokens_total", "generation_tokens_total")}
 
 
 def _parameter(model_config: dict, name: str, default: str) -> str:
@@ -116,7 +117,7 @@ class TritonPythonModel:
         self.logger = pb_utils.Logger
         self.watchdog = OrphanWatchdog()
         self.engine: Optional[AsyncLLMEngine] = None  # set by the recovery's install
-        self._totals_offset: tuple[int, ...] = (0, 0, 0)  # counters of engines before it
+        self._totals_offset: tuple[int, ...] = (0,) * 5  # counters of engines before it
         self.handler: Optional[RequestHandler] = None
         self._accepting = True
         self.aborts = AbortRegistry()  # requests from tensorrt_llm_bls, by Triton request id
@@ -195,7 +196,10 @@ class TritonPythonModel:
             return None
         labels = {"model": args["model_name"], "version": args["model_version"]}
         try:
-            metrics = TritonMetrics(pb_utils, labels, self._max_model_len)
+            cache_info = cache_config_info(
+                self.engine.engine.config, self.engine.get_stats().num_kv_blocks
+            )
+            metrics = TritonMetrics(pb_utils, labels, self._max_model_len, cache_info)
         except pb_utils.TritonModelException as e:
             if "metrics not supported" in str(e):  # the server runs with --allow-metrics=false
                 self.logger.log_info("pagedserve: metrics are disabled on this server")

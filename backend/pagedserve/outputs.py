@@ -40,6 +40,7 @@ class RequestMetrics:
     """Timestamps (time.monotonic seconds) and counts of one request, for serving metrics."""
 
     arrival_time: float
+    first_scheduled_time: Optional[float] = None  # set when the request finishes
     first_token_time: Optional[float] = None
     last_token_time: Optional[float] = None
     finished_time: Optional[float] = None

@@ -16,7 +16,7 @@ class KVCacheBlock:
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: Optional[int] = None
-        self.token_ids: Optional[tuple[int, ...]] = None  # verified on a hit: hashes may collide
+        self.token_ids: Optional[bytes] = None  # verified on a hit: hashes may collide
         self.prev: Optional[KVCacheBlock] = None
         self.next: Optional[KVCacheBlock] = None
 
@@ -95,7 +95,7 @@ class BlockPool:
                 del self.cached[block.block_hash]
             block.block_hash = block.token_ids = None
 
-    def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> Optional[KVCacheBlock]:
+    def lookup(self, block_hash: int, token_ids: bytes) -> Optional[KVCacheBlock]:
         block = self.cached.get(block_hash)
         if block is not None and block.token_ids == token_ids:
             return block
@@ -108,7 +108,7 @@ class BlockPool:
                 self.free_queue.remove(block)
             block.ref_cnt += 1
 
-    def cache_block(self, block: KVCacheBlock, block_hash: int, token_ids: tuple[int, ...]) -> None:
+    def cache_block(self, block: KVCacheBlock, block_hash: int, token_ids: bytes) -> None:
         """Registers a full block; a block with the same contents already indexed wins."""
         if block.block_hash is not None:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +21,13 @@ class KVCacheStats:
     kv_waste: float  # reserved-but-empty slots / reserved slots, over running requests
     prefix_cache_queries: int  # prompt tokens looked up
     prefix_cache_hits: int  # of which found cached
+
+
+def block_tokens(tokens: list[int], index: int, size: int) -> bytes:
+    """Block ``index``'s token ids, packed: what a cached block keeps to verify a hit. Every
+    cached block holds one for as long as the cache keeps it; packed, it takes ~100 bytes
+    instead of ~700 for a tuple of 16 ints (a full cache of 100k blocks: 10 MB, not 70)."""
+    return array("i", tokens[index * size:(index + 1) * size]).tobytes()
 
 
 class KVCacheManager:
@@ -56,7 +64,7 @@ class KVCacheManager:
         tokens, size = request.all_token_ids, self.block_size
         hits: list[KVCacheBlock] = []
         for i, block_hash in enumerate(request.block_hashes[:max_blocks]):
-            block = self.pool.lookup(block_hash, tuple(tokens[i * size:(i + 1) * size]))
+            block = self.pool.lookup(block_hash, block_tokens(tokens, i, size))
             if block is None:
                 break
             hits.append(block)
@@ -114,9 +122,7 @@ class KVCacheManager:
         self._update_hashes(request)
         tokens, size = request.all_token_ids, self.block_size
         for i in range(done, num_full):
-            self.pool.cache_block(
-                blocks[i], request.block_hashes[i], tuple(tokens[i * size:(i + 1) * size])
-            )
+            self.pool.cache_block(blocks[i], request.block_hashes[i], block_tokens(tokens, i, size))
         self.num_cached_blocks[rid] = num_full
 
     def reset_prefix_cache(self) -> None:

@@ -47,7 +47,7 @@ class Request:
         "all_token_ids", "sampling_params", "eos_token_ids", "stop_token_ids", "max_tokens",
         "min_tokens", "num_computed_tokens", "num_cached_tokens", "status", "stop_reason",
         "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
-        "num_output_placeholders",
+        "num_output_placeholders", "scheduled_time",
     )
 
     def __init__(
@@ -83,6 +83,7 @@ class Request:
         self.stop_reason: Union[int, str, None] = None
         self.block_hashes: list[int] = []
         self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        self.scheduled_time: Optional[float] = None  # when first scheduled (time.monotonic)
         self.num_preemptions = 0
         # Hashes chain from the salt, so only requests with the same salt share blocks.
         self.cache_salt = cache_salt

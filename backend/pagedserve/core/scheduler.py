@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -151,8 +152,9 @@ class Scheduler:
             if kv.allocate_slots(request, num_new, hits) is None:
                 break
             self.waiting.popleft()
-            if request.num_cached_tokens < 0:
+            if request.num_cached_tokens < 0:  # scheduled for the first time
                 request.num_cached_tokens = num_hit
+                request.scheduled_time = time.monotonic()
                 kv.record_prefix_query(request.num_prompt_tokens, num_hit)
             request.num_computed_tokens = num_hit
             request.status = RequestStatus.RUNNING

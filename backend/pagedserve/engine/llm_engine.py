@@ -23,6 +23,7 @@ from pagedserve.engine.fault_injection import arm_fault_injection
 from pagedserve.engine.input_processor import InputProcessor, PromptType
 from pagedserve.engine.loggers import RequestLogger, StatLogger, make_visible
 from pagedserve.engine.output_processor import OutputProcessor
+from pagedserve.engine.stats import EngineCounters, HistogramSnapshot
 from pagedserve.errors import EngineDeadError, RequestError
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.model_config import ModelConfig
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's load; counters are cumulative since start."""
+    """A snapshot of the engine's load; counters and histograms are cumulative since start."""
 
     num_running: int
     num_waiting: int
@@ -48,6 +49,10 @@ class EngineStats:
     num_preemptions_total: int
     prefix_cache_queries_total: int
     prefix_cache_hits_total: int
+    prompt_tokens_total: int  # counted when a request produces its first token
+    generation_tokens_total: int
+    iteration_tokens: HistogramSnapshot  # tokens computed per step
+    inter_token_latency: HistogramSnapshot  # seconds, per token after a completion's first
 
 
 def _reclaim_frozen_objects() -> None:
@@ -115,7 +120,10 @@ class LLMEngine:
             enable_chunked_prefill=args.enable_chunked_prefill,
         )
         self.request_logger = RequestLogger() if args.log_requests else None
-        self.output_processor = OutputProcessor(self.tokenizer, self.request_logger)
+        self.counters = EngineCounters()
+        self.output_processor = OutputProcessor(
+            self.tokenizer, self.request_logger, self.counters
+        )
         self.stat_logger = None if args.disable_log_stats else StatLogger(self.get_stats)
         if self.request_logger or self.stat_logger:
             make_visible()
@@ -225,6 +233,10 @@ class LLMEngine:
             raise EngineDeadError(str(self.dead_error))
         try:  # free unless it raises
             scheduler_output = self.scheduler.schedule()
+            if scheduler_output.total_num_scheduled_tokens:
+                self.counters.iteration_tokens.observe(
+                    scheduler_output.total_num_scheduled_tokens
+                )
             if not self.config.async_scheduling:
                 runner_output = self.runner.execute_model(scheduler_output)
                 if self.runner.failures:
@@ -245,7 +257,7 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         if self.stat_logger is not None:
-            self.stat_logger.record(core_outputs)
+            self.stat_logger.record()
         for core_ids, error in failed:
             self._end_failed(core_ids, error)
         return outputs
@@ -276,6 +288,7 @@ class LLMEngine:
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.stats()
         kv = stats.kv
+        counters = self.counters
         return EngineStats(
             num_running=stats.num_running,
             num_waiting=stats.num_waiting,
@@ -286,4 +299,8 @@ class LLMEngine:
             num_preemptions_total=stats.num_preemptions_total,
             prefix_cache_queries_total=kv.prefix_cache_queries,
             prefix_cache_hits_total=kv.prefix_cache_hits,
+            prompt_tokens_total=counters.prompt_tokens,
+            generation_tokens_total=counters.generation_tokens,
+            iteration_tokens=counters.iteration_tokens.snapshot(),
+            inter_token_latency=counters.inter_token_latency.snapshot(),
         )

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Optional
 
-from pagedserve.core.scheduler import EngineCoreOutput
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -66,21 +65,16 @@ class StatLogger:
     the prefix cache hit rate (vLLM's LoggingStatLogger, one line per interval)."""
 
     def __init__(self, get_stats: Callable[[], Any], interval_s: float = 10.0) -> None:
-        # get_stats: the engine's EngineStats snapshot, taken once per line.
+        # get_stats: the engine's EngineStats snapshot (its token counters included), taken
+        # once per line.
         self._get_stats = get_stats
         self.interval_s = interval_s
         self._last_time = time.monotonic()
-        self._prompt_tokens = 0
-        self._generation_tokens = 0
+        self._last_prompt = self._last_generation = 0
         self._last_queries = self._last_hits = 0
 
-    def record(self, core_outputs: Iterable[EngineCoreOutput]) -> None:
-        """Counts one step's tokens; logs when the interval is over."""
-        for out in core_outputs:
-            num_new = len(out.new_token_ids)
-            self._generation_tokens += num_new
-            if out.request.num_output_tokens == num_new:  # its prefill is done: first token
-                self._prompt_tokens += out.request.num_prompt_tokens
+    def record(self) -> None:
+        """Called once per step; logs when the interval is over."""
         now = time.monotonic()
         if now - self._last_time >= self.interval_s:
             self.log(now)
@@ -88,20 +82,23 @@ class StatLogger:
     def log(self, now: float) -> None:
         elapsed = max(now - self._last_time, 1e-9)
         stats = self._get_stats()
+        prompt = stats.prompt_tokens_total - self._last_prompt
+        generation = stats.generation_tokens_total - self._last_generation
         queries = stats.prefix_cache_queries_total - self._last_queries
         hits = stats.prefix_cache_hits_total - self._last_hits
         logger.info(
             "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
             "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
             "Prefix cache hit rate: %.1f%%",
-            self._prompt_tokens / elapsed,
-            self._generation_tokens / elapsed,
+            prompt / elapsed,
+            generation / elapsed,
             stats.num_running,
             stats.num_waiting,
             100.0 * stats.kv_cache_usage,
             100.0 * hits / queries if queries else 0.0,
         )
         self._last_time = now
-        self._prompt_tokens = self._generation_tokens = 0
+        self._last_prompt = stats.prompt_tokens_total
+        self._last_generation = stats.generation_tokens_total
         self._last_queries = stats.prefix_cache_queries_total
         self._last_hits = stats.prefix_cache_hits_total

@@ -9,6 +9,7 @@ from typing import Any, Optional
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import EngineCoreOutput
 from pagedserve.engine.loggers import RequestLogger
+from pagedserve.engine.stats import EngineCounters
 from pagedserve.errors import RequestError
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
@@ -27,6 +28,7 @@ class _Completion:
     stop_reason: Any = None
     sent_tokens: int = 0  # for DELTA outputs
     sent_logprobs: int = 0
+    last_token_time: Optional[float] = None  # for the inter-token latency
 
     @property
     def finished(self) -> bool:
@@ -61,10 +63,16 @@ class OutputProcessor:
     outputs, or to find stop strings. Otherwise it is decoded once, when a completion finishes.
     """
 
-    def __init__(self, tokenizer: Any, request_logger: Optional[RequestLogger] = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        request_logger: Optional[RequestLogger] = None,
+        counters: Optional[EngineCounters] = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, _RequestState] = {}
         self.request_logger = request_logger
+        self.counters = counters if counters is not None else EngineCounters()
 
     def add_request(
         self,
@@ -113,6 +121,9 @@ class OutputProcessor:
         stopped_ids: list[str] = []
         failed: list[tuple[list[str], RequestError]] = []
         states = self.states
+        counters = self.counters
+        generated = 0
+        gaps: list[float] = []  # inter-token latencies, one per token after a completion's first
         for out in core_outputs:
             request = out.request
             state = states.get(request.parent_id)
@@ -126,8 +137,14 @@ class OutputProcessor:
                 metrics = state.metrics
                 if metrics.first_token_time is None:
                     metrics.first_token_time = now
+                    counters.prompt_tokens += metrics.num_prompt_tokens
                 metrics.last_token_time = now
-                metrics.num_generation_tokens += len(out.new_token_ids)
+                num_new = len(out.new_token_ids)
+                metrics.num_generation_tokens += num_new
+                generated += num_new
+                if completion.last_token_time is not None:
+                    gaps.append(now - completion.last_token_time)
+                completion.last_token_time = now
                 if completion.detokenizer is not None:
                     tokens = out.new_token_ids
                     if out.finished and self._drops_last_token(request):
@@ -149,6 +166,8 @@ class OutputProcessor:
             if state.streaming or state.finished:
                 state.changed.add(request.index)
                 touched[state.request_id] = state
+        counters.generation_tokens += generated
+        counters.inter_token_latency.observe_many(gaps)
         outputs = []
         for state in touched.values():
             try:
@@ -204,6 +223,9 @@ class OutputProcessor:
             return None
         if finished:
             state.metrics.finished_time = now
+            scheduled = [c.request.scheduled_time for c in state.completions
+                         if c.request.scheduled_time is not None]
+            state.metrics.first_scheduled_time = min(scheduled, default=None)
             del self.states[state.request_id]
         delta = kind == RequestOutputKind.DELTA
         if not delta:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.layers.linear import onednn_pack
+from pagedserve.layers.linear import onednn_linear, onednn_pack
 
 
 def _load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -64,9 +64,7 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Logits in fp32: sampling and logprobs need the precision, and the reference does it too.
         if self.onednn_weight is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(
-                hidden, self.onednn_weight, None, "none", [], ""
-            )
+            logits = onednn_linear(hidden, self.onednn_weight, None)
         else:
             logits = F.linear(hidden, self.weight)
         return logits.float()

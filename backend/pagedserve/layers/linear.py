@@ -59,7 +59,7 @@ class UnquantizedLinearMethod(LinearMethod):
     ) -> torch.Tensor:
         packed = getattr(layer, "onednn_weight", None)
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            return onednn_linear(x, packed, bias)
         return F.linear(x, layer.weight, bias)
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
@@ -82,6 +82,37 @@ def onednn_pack(weight: torch.Tensor) -> Optional[torch.Tensor]:
     ):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def onednn_rows(rows: int) -> int:
+    """The row count a oneDNN matmul of ``rows`` rows is run with: a power of two up to 8, a
+    multiple of 8 up to 64, then 8 sizes per octave (at most 12.5% padding there).
+
+    oneDNN builds and caches one primitive (JIT code, ~0.5 MiB resident) per input shape, in
+    two caches of 1024 entries each; a serving engine's steps have every row count from 1 to
+    max_num_batched_tokens, so with exact shapes the process grew by hundreds of MiB over
+    thousands of requests. These sizes keep the primitives few (51 up to 2048 rows), all
+    built early, and the allocations they make repeat.
+    """
+    if rows <= 8:
+        return 1 << (rows - 1).bit_length()
+    if rows <= 64:
+        return -(-rows // 8) * 8
+    step = 1 << (rows - 1).bit_length() - 4
+    return -(-rows // step) * step
+
+
+def onednn_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``x @ W.T + bias`` through oneDNN with ``packed`` from ``onednn_pack``; the rows are
+    padded to ``onednn_rows`` (zeros) and the result is its first ``len(x)`` rows."""
+    rows = x.shape[0]
+    padded = onednn_rows(rows)
+    if padded != rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return out if padded == rows else out[:rows]
 
 
 class LinearBase(nn.Module):

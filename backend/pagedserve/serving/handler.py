@@ -45,32 +45,41 @@ def read_inputs(pb_utils: Any, request: Any) -> dict[str, np.ndarray]:
 
 
 class _Accounting:
-    """What one request did, for the metrics: token counts and latencies."""
+    """What one request did, for the per-request metrics: its latest engine output (whose
+    RequestMetrics carry the engine's timestamps and token count) and each completion's finish
+    reason. Per-token metrics are the engine's own (EngineStats), not counted here."""
 
     def __init__(self, arrival: float, n: int) -> None:
         self.arrival = arrival
         self.n = n
-        self.prompt_tokens = 0
-        self.generated = 0
-        self.first: Optional[float] = None
-        self.last: Optional[float] = None
-        self.inter_token: list[tuple[float, int]] = []
+        self.last: Any = None
+        self.reasons: dict[int, str] = {}
 
-    def output(self, now: float, output: Any) -> None:
-        """Accounts one engine output: one latency per token after the first, where tokens
-        that arrive together share the gap since the previous output."""
-        self.prompt_tokens = len(output.prompt_token_ids)
-        new_tokens = sum(len(c.token_ids) for c in output.outputs)
-        self.generated += new_tokens
-        if new_tokens <= 0:
-            return
-        if self.first is None:
-            self.first = now
-            if new_tokens > 1:
-                self.inter_token.append((0.0, new_tokens - 1))
-        else:
-            self.inter_token.append(((now - self.last) / new_tokens, new_tokens))
-        self.last = now
+    def output(self, output: Any) -> None:
+        self.last = output
+        for c in output.outputs:
+            if c.finish_reason is not None:
+                self.reasons[c.index] = c.finish_reason
+
+    def finished(self, now: float) -> FinishedRequest:
+        out = self.last
+        m = out.metrics if out is not None else None
+        first = m.first_token_time if m is not None else None
+        scheduled = m.first_scheduled_time if m is not None else None
+        last = m.last_token_time if m is not None else None
+        return FinishedRequest(
+            prompt_tokens=len(out.prompt_token_ids) if out is not None else 0,
+            generation_tokens=m.num_generation_tokens if m is not None else 0,
+            n=self.n,
+            e2e_latency=now - self.arrival,
+            time_to_first_token=None if first is None else first - self.arrival,
+            queue_time=None if scheduled is None else scheduled - m.arrival_time,
+            prefill_time=None if first is None or scheduled is None else first - scheduled,
+            decode_time=None if first is None or last is None else last - first,
+            inference_time=None if last is None or scheduled is None else last - scheduled,
+            # A completion whose end the stream did not show was cut off with the request.
+            finish_reasons=tuple(self.reasons.get(i, "abort") for i in range(self.n)),
+        )
 
 
 class RequestHandler:
@@ -144,9 +153,7 @@ class RequestHandler:
             async for output in stream:
                 started = True
                 last = output
-                account.output(time.monotonic(), output)
-                if not parsed.stream:
-                    self._final_only_timing(account, output)
+                account.output(output)
                 if state.cancelled is not None:
                     continue  # nothing more to the client; the stream ends with the abort
                 if parsed.stream and not output.finished and state.backlogged:
@@ -177,7 +184,7 @@ class RequestHandler:
         except Exception as e:
             self._internal_error(state, e)
         if started and self.record is not None:
-            self.record(self._finished(account))
+            self.record(account.finished(time.monotonic()))
 
     def _internal_error(self, state: Inflight, error: Exception) -> None:
         if isinstance(error, (EngineDeadError, RequestError)):
@@ -187,27 +194,3 @@ class RequestHandler:
             self.log_error(f"pagedserve: error generating stream: {traceback.format_exc()}")
         code = "UNAVAILABLE" if isinstance(error, EngineDeadError) else "INTERNAL"
         self.responder.send_error(state, f"Error generating stream: {error}", code)
-
-    @staticmethod
-    def _final_only_timing(account: _Accounting, output: Any) -> None:
-        """Without streaming there is one output; the engine's own timestamps fill the gaps."""
-        m = output.metrics
-        if m is None or m.first_token_time is None:
-            return
-        account.first = m.first_token_time
-        account.inter_token = []
-        if account.generated > 1 and m.last_token_time is not None:
-            per_token = (m.last_token_time - m.first_token_time) / (account.generated - 1)
-            account.inter_token.append((max(per_token, 0.0), account.generated - 1))
-
-    @staticmethod
-    def _finished(account: _Accounting) -> FinishedRequest:
-        first = account.first
-        return FinishedRequest(
-            prompt_tokens=account.prompt_tokens,
-            generation_tokens=account.generated,
-            n=account.n,
-            e2e_latency=time.monotonic() - account.arrival,
-            time_to_first_token=None if first is None else first - account.arrival,
-            inter_token=account.inter_token,
-        )

@@ -68,7 +68,10 @@ _MAX_PROMPT_CONTEXT = 32
 
 class _TokenizerInfo:
     """Per-tokenizer facts the detokenizer needs: which ids are byte-fallback / special tokens,
-    and a cache of single-token decodes (used when the window is cut back to one token)."""
+    and the length of each token's text decoded alone (used when the window is cut back to one
+    token), filled in as tokens are met. The lengths are a list per skip_special_tokens value,
+    as long as the vocabulary: a fixed size, where a dict grew with every new token for the
+    life of the server (to ~30 MB for a 150k vocabulary)."""
 
     def __init__(self, tokenizer: Any) -> None:
         backend = tokenizer.backend_tokenizer
@@ -84,14 +87,21 @@ class _TokenizerInfo:
         self.special_ids = frozenset(
             tid for tid, tok in backend.get_added_tokens_decoder().items() if tok.special
         )
-        self.single_len: Dict[Tuple[int, bool], int] = {}
+        self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._lengths: Dict[bool, List[int]] = {}
+
+    def single_lengths(self, skip_special_tokens: bool) -> List[int]:
+        """Decoded length per token id, -1 until ``decoded_len`` has met the token."""
+        lengths = self._lengths.get(skip_special_tokens)
+        if lengths is None:
+            lengths = self._lengths[skip_special_tokens] = [-1] * self._vocab_size
+        return lengths
 
     def decoded_len(self, token_id: int, skip_special_tokens: bool) -> int:
-        key = (token_id, skip_special_tokens)
-        n = self.single_len.get(key)
-        if n is None:
-            n = len(self.backend.decode([token_id], skip_special_tokens=skip_special_tokens))
-            self.single_len[key] = n
+        n = len(self.backend.decode([token_id], skip_special_tokens=skip_special_tokens))
+        lengths = self.single_lengths(skip_special_tokens)
+        if 0 <= token_id < len(lengths):  # a model's vocabulary may be padded past it
+            lengths[token_id] = n
         return n
 
 
@@ -136,6 +146,7 @@ class IncrementalDetokenizer:
         self.num_generated_tokens = 0
 
         self._skipped_ids = self._info.special_ids if skip_special_tokens else frozenset()
+        self._single_lengths = self._info.single_lengths(skip_special_tokens)
         self._window: List[int] = []
         self._emitted = 0  # characters of decode(window) already in the prompt or the output
         self._prompt_held = 0  # U+FFFDs ending the prompt's text, not yet known to be final
@@ -275,10 +286,9 @@ class IncrementalDetokenizer:
             # Everything is committed and `last` is an anchor: restart the window at it.
             self._window = [last]
             self._prompt_held = 0
-            n = self._info.single_len.get((last, self._skip))
-            if n is None:
-                n = self._info.decoded_len(last, self._skip)
-            self._emitted = n
+            lengths = self._single_lengths
+            n = lengths[last] if last < len(lengths) else -1
+            self._emitted = n if n >= 0 else self._info.decoded_len(last, self._skip)
         else:
             self._emitted = ready
         return self._commit(new_text) if new_text else None

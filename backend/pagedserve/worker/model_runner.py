@@ -22,8 +22,14 @@ from pagedserve.errors import RequestError, RequestParamsError
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
+from pagedserve.worker.host_memory import keep_large_buffers_mapped
 from pagedserve.worker.input_batch import InputBatch
 from pagedserve.worker.isolation import sample_isolating
+from pagedserve.worker.memory_profiling import (
+    DeviceMemory,
+    kv_cache_budget,
+    worst_case_sampling,
+)
 from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.step_buffers import StepBuffers
 
@@ -68,6 +74,13 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
+        # The device before this engine loads anything: what other processes already hold.
+        self._memory_at_start: Optional[DeviceMemory] = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            self._memory_at_start = DeviceMemory.read()
+        else:  # activations live in host memory: keep the large ones from pinning the heap
+            keep_large_buffers_mapped()
         self.dtype = parse_dtype(config.dtype)
         self.block_size = config.block_size
         torch.manual_seed(config.args.seed)
@@ -141,17 +154,18 @@ class ModelRunner:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         self._profile_run()
+        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
-        _, total = torch.cuda.mem_get_info()
-        budget = int(total * self.config.args.gpu_memory_utilization) - peak
-        if budget <= 0:
-            raise ValueError(
-                "no GPU memory is left for the KV cache; raise gpu_memory_utilization"
-            )
-        return budget
+        torch.cuda.empty_cache()
+        return kv_cache_budget(
+            self._memory_at_start, DeviceMemory.read(), peak,
+            self.config.args.gpu_memory_utilization,
+        )
 
     def _profile_run(self) -> None:
-        """A forward over max_num_batched_tokens dummy tokens, to measure peak activations."""
+        """The largest step the engine can run, to measure its peak memory: a forward over
+        max_num_batched_tokens dummy tokens, then logits for the most rows a step samples
+        and the sampler at its worst on them (see ``worst_case_sampling``)."""
         tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         cache = [torch.empty(2, 1, self.block_size, self.model_config.num_kv_heads,
                              self.model_config.head_dim, dtype=self.dtype, device=self.device)
@@ -168,11 +182,20 @@ class ModelRunner:
             seq_lens_cpu=torch.tensor([tokens], dtype=torch.int32),
         )
         ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
+        rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        max_logprobs = self.config.args.max_logprobs  # -1: no cap, the whole vocabulary
+        if max_logprobs < 0:
+            max_logprobs = self.vocab_size
         with torch.inference_mode():
             self.attn.prepare(meta)
             hidden = self.model(ids, torch.arange(tokens, device=self.device), cache, meta)
-            self.model.compute_logits(hidden[-self.config.max_num_seqs:])
-        del cache, hidden
+            index = torch.arange(rows, device=self.device) % tokens
+            logits = self.model.compute_logits(hidden[index])
+            del hidden  # as in a step: only the logits outlive the forward
+            self.sampler(
+                logits, worst_case_sampling(rows, self.vocab_size, self.device, max_logprobs)
+            )
+        del cache, logits
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
