@@ -100,7 +100,8 @@ def test_restart_in_process_frees_the_old_engine_and_serves_the_same_text(model,
     recovery = _recovery(model, Recovery.RESTART, slot)
     reference = _generate(slot, "before")
     old = _kill_engine(slot, trigger)
-    _wait(lambda: recovery.unavailable is None)  # meanwhile: "... it is restarting"
+    # The engine fails its requests before it calls on_dead: wait for the restart itself.
+    _wait(lambda: recovery.restarts == 1 and recovery.unavailable is None)
     assert any("recovery: restart" in line for line in slot.log), slot.log
     assert old() is None  # the dead engine (model, KV cache) was collected
     assert slot.engine is recovery.engine and not slot.unloads
@@ -125,7 +126,7 @@ def test_a_refused_unload_falls_back_to_a_restart(model, trigger):
     recovery = _recovery(model, Recovery.UNLOAD, slot)
     reference = _generate(slot, "before")
     _kill_engine(slot, trigger)
-    _wait(lambda: recovery.unavailable is None)
+    _wait(lambda: recovery.restarts == 1 and recovery.unavailable is None)
     assert slot.unloads and recovery.recovery == Recovery.RESTART
     assert _generate(slot, "after") == reference
     recovery.close().shutdown()
