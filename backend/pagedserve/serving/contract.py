@@ -1,4 +1,5 @@
-"""The llm model's tensor contract: vllm_backend's inputs and outputs, plus input_ids/output_ids.
+"""The llm model's tensor contract: vllm_backend's inputs and outputs, plus input_ids/output_ids
+and return_prompt_logprobs/prompt_logprobs.
 
 Parsing here is plain numpy and JSON so that it is testable without a tritonserver; the Triton
 side (``model.py``, ``handler.py``) only moves tensors in and out.
@@ -26,6 +27,8 @@ INPUTS: tuple[dict[str, Any], ...] = (
     {"name": "return_logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "return_num_input_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "return_num_output_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    # Not vllm_backend's: prompt logprobs in its return_* style.
+    {"name": "return_prompt_logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
 )
 
 OUTPUTS: tuple[dict[str, Any], ...] = (
@@ -36,6 +39,7 @@ OUTPUTS: tuple[dict[str, Any], ...] = (
     {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
     {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
     {"name": "output_ids", "data_type": "TYPE_INT32", "dims": [-1]},
+    {"name": "prompt_logprobs", "data_type": "TYPE_STRING", "dims": [1]},
 )
 
 RETURN_FLAGS = (
@@ -44,6 +48,7 @@ RETURN_FLAGS = (
     "return_logprobs",
     "return_num_input_tokens",
     "return_num_output_tokens",
+    "return_prompt_logprobs",
 )
 
 Prompt = Union[str, dict[str, list[int]]]
