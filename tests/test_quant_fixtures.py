@@ -1,0 +1,234 @@
+"""The committed quantized fixtures (tests/fixtures/quant/, made by scripts/make_quant_fixtures.sh)
+are what docs of each format say they are: the tensors have the documented names, dtypes and
+shapes, and dequantizing them by the documented formulas gives back weights close to the base
+model's. The unpackers here are deliberately tiny, independent re-statements of the formats
+(the engine's own loaders are tested against these fixtures elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable, Dict, Optional
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "quant"
+MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())
+BUILT = sorted(
+    name for name, entry in MANIFEST["fixtures"].items()
+    if name != "base" and "failed" not in entry
+)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Round-to-nearest over a group of Gaussian weights leaves a relative RMS error of about
+# (2 * absmax / (2^b - 1)) / sqrt(12) / std: ~0.1 at 4 bits, ~0.006 at 8; GPTQ's error
+# compensation moves individual weights further (the layer output is what it minimizes).
+MAX_REL_ERROR = {4: 0.2, 8: 0.03}
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, C] packed along dim 0 (little end first) -> [R * 32/bits, C]."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int32) * bits
+    values = (packed.unsqueeze(1) >> shifts[None, :, None]) & ((1 << bits) - 1)
+    return values.reshape(-1, packed.shape[1])
+
+
+def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [R, C] packed along dim 1 (little end first) -> [R, C * 32/bits]."""
+    return unpack_rows(packed.t().contiguous(), bits).t()
+
+
+def gptq_weight(t: Dict[str, torch.Tensor], prefix: str, q: dict, base_k: int) -> torch.Tensor:
+    bits, group = q["bits"], q["group_size"]
+    qweight, qzeros, scales = (t[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales"))
+    assert qweight.dtype == qzeros.dtype == torch.int32
+    assert scales.dtype == torch.float16
+    per_word = 32 // bits
+    k, n = qweight.shape[0] * per_word, qweight.shape[1]
+    assert k == base_k
+    num_groups = 1 if group == -1 else k // group
+    assert tuple(qzeros.shape) == (num_groups, n // per_word)
+    assert tuple(scales.shape) == (num_groups, n)
+    g_idx = t.get(f"{prefix}.g_idx")
+    if g_idx is None:
+        g_idx = torch.arange(k) // (k if group == -1 else group)
+    else:
+        assert g_idx.dtype == torch.int32 and tuple(g_idx.shape) == (k,)
+        g_idx = g_idx.long()
+    weights = unpack_rows(qweight, bits).float()
+    zeros = unpack_cols(qzeros, bits).float()
+    if q.get("checkpoint_format", "gptq") == "gptq":
+        zeros = zeros + 1  # v1 stores zero - 1
+    if q.get("sym", True):
+        assert torch.all(zeros == 2 ** (bits - 1)), "a symmetric checkpoint has the mid zero"
+    return (scales.float()[g_idx] * (weights - zeros[g_idx])).t()
+
+
+def awq_weight(t: Dict[str, torch.Tensor], prefix: str, q: dict, base_k: int) -> torch.Tensor:
+    group = q["group_size"]
+    qweight, qzeros, scales = (t[f"{prefix}.{n}"] for n in ("qweight", "qzeros", "scales"))
+    assert qweight.dtype == qzeros.dtype == torch.int32 and scales.dtype == torch.float16
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    assert k == base_k
+    assert tuple(qzeros.shape) == (k // group, n // 8) and tuple(scales.shape) == (k // group, n)
+    assert f"{prefix}.g_idx" not in t
+
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        shifts = torch.tensor(AWQ_REVERSE_ORDER, dtype=torch.int32) * 4
+        return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+    g_idx = torch.arange(k) // group
+    weights, zeros = unpack(qweight).float(), unpack(qzeros).float()
+    return (scales.float()[g_idx] * (weights - zeros[g_idx])).t()
+
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size,
+                 block: Optional[list] = None) -> torch.Tensor:
+    """A per-tensor, per-channel, per-group or per-block scale broadcast to the weight's shape."""
+    n, k = shape
+    scale = scale.float()
+    if scale.numel() == 1:
+        return scale.reshape(1, 1).expand(n, k)
+    if block is not None:
+        bn, bk = block
+        assert tuple(scale.shape) == (-(-n // bn), -(-k // bk))
+        return scale.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    assert scale.shape[0] == n and k % scale.shape[1] == 0
+    return scale.repeat_interleave(k // scale.shape[1], 1)
+
+
+def ct_weight(t: Dict[str, torch.Tensor], prefix: str, q: dict, base_k: int) -> torch.Tensor:
+    (group,) = q["config_groups"].values()
+    spec = group["weights"]
+    bits, fmt = spec["num_bits"], q["format"]
+    block = spec.get("block_structure")
+    scale = t[f"{prefix}.weight_scale"]
+    if fmt == "pack-quantized":
+        packed = t[f"{prefix}.weight_packed"]
+        n, k = t[f"{prefix}.weight_shape"].tolist()
+        assert packed.dtype == torch.int32 and k == base_k
+        assert tuple(packed.shape) == (n, -(-k * bits // 32))
+        offset = 2 ** (bits - 1)  # stored unsigned: q + 2^(b-1)
+        weights = unpack_cols(packed, bits)[:, :k].float() - offset
+        if spec["strategy"] == "group":
+            assert tuple(scale.shape) == (n, k // spec["group_size"])
+        else:
+            assert tuple(scale.shape) == (n, 1)
+        zeros = torch.zeros(1, 1)
+        if not spec["symmetric"]:
+            packed_zeros = t[f"{prefix}.weight_zero_point"]
+            assert packed_zeros.dtype == torch.int32
+            assert tuple(packed_zeros.shape) == (-(-n * bits // 32), scale.shape[1])
+            zeros = unpack_rows(packed_zeros, bits)[:n].float() - offset
+            zeros = expand_scale(zeros, torch.Size((n, k)))
+        scales = expand_scale(scale, torch.Size((n, k)))
+        g_idx = t.get(f"{prefix}.weight_g_idx")
+        if g_idx is not None:  # act-order: column c belongs to group g_idx[c]
+            assert tuple(g_idx.shape) == (k,)
+            scales = scale.float()[:, g_idx.long()]
+        return scales * (weights - zeros)
+    weight = t[f"{prefix}.weight"]
+    expected = {"int-quantized": torch.int8, "float-quantized": torch.float8_e4m3fn}[fmt]
+    assert weight.dtype == expected and weight.shape[1] == base_k
+    if spec["strategy"] == "channel":
+        assert tuple(scale.shape) == (weight.shape[0], 1)
+    elif spec["strategy"] == "tensor":
+        assert scale.numel() == 1
+    if spec["strategy"] == "tensor" or (group.get("input_activations") or {}).get("dynamic") is False:
+        pass
+    return weight.float() * expand_scale(scale, weight.shape, block)
+
+
+def fp8_native_weight(t: Dict[str, torch.Tensor], prefix: str, q: dict,
+                      base_k: int) -> torch.Tensor:
+    weight = t[f"{prefix}.weight"]
+    assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == base_k
+    if "weight_block_size" in q:
+        scale = t[f"{prefix}.weight_scale_inv"]
+        assert scale.dtype == torch.float32
+        return weight.float() * expand_scale(scale, weight.shape, q["weight_block_size"])
+    scale = t[f"{prefix}.weight_scale"]
+    assert scale.dtype == torch.float32 and scale.numel() == 1
+    if q["activation_scheme"] == "static":
+        input_scale = t[f"{prefix}.input_scale"]
+        assert input_scale.dtype == torch.float32 and input_scale.numel() == 1
+        assert float(input_scale) > 0
+    return weight.float() * scale.float()
+
+
+def dequantizer(q: dict) -> Callable[..., torch.Tensor]:
+    method = q["quant_method"]
+    if method == "gptq":
+        return gptq_weight
+    if method == "awq":
+        return awq_weight
+    if method == "compressed-tensors":
+        return ct_weight
+    if method == "fp8":
+        return fp8_native_weight
+    if method in ("auto-round", "intel/auto-round"):
+        return awq_weight if q["packing_format"].endswith("auto_awq") else gptq_weight
+    raise AssertionError(f"unknown quant_method {method}")
+
+
+def layer_bits(q: dict, prefix: str, default: int) -> int:
+    """AutoRound's extra_config overrides bits per layer (>= 16: not quantized)."""
+    for name, override in (q.get("extra_config") or {}).items():
+        if prefix.endswith(name) or name == prefix:
+            return override.get("bits", default)
+    return default
+
+
+@pytest.fixture(scope="module")
+def base_weights() -> Dict[str, torch.Tensor]:
+    return load_file(str(FIXTURES / "base" / "model.safetensors"))
+
+
+def test_the_manifest_lists_every_fixture_directory():
+    on_disk = {p.name for p in FIXTURES.iterdir() if p.is_dir()}
+    assert on_disk == set(BUILT) | {"base"}
+    assert len(BUILT) >= 3
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_dequantized_weights_match_the_base_model(name, base_weights):
+    entry = MANIFEST["fixtures"][name]
+    config = json.loads((FIXTURES / name / "config.json").read_text())
+    q = config["quantization_config"]
+    tensors = load_file(str(FIXTURES / name / "model.safetensors"))
+    dequantize = dequantizer(q)
+    default_bits = entry["bits"]
+    for key in ("lm_head.weight", "model.embed_tokens.weight"):
+        assert torch.equal(tensors[key], base_weights[key]), f"{key} must stay unquantized"
+    checked = 0
+    for key, original in base_weights.items():
+        if not any(f".{linear}.weight" in key for linear in LINEARS):
+            continue
+        prefix = key[: -len(".weight")]
+        bits = layer_bits(q, prefix, default_bits)
+        if bits >= 16:
+            assert torch.equal(tensors[key], original), f"{prefix} is left at 16 bits"
+            continue
+        weight = dequantize(tensors, prefix, q, original.shape[1])
+        assert weight.shape == original.shape, prefix
+        error = (weight - original.float()).norm() / original.float().norm()
+        assert error < MAX_REL_ERROR[bits], f"{prefix}: relative error {error:.4f}"
+        checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize("name", [n for n in BUILT if MANIFEST["fixtures"][n].get(
+    "reference_logits")])
+def test_reference_logits_are_fp32_per_prompt(name):
+    tensors = load_file(str(FIXTURES / name / "reference_logits.safetensors"))
+    vocab = json.loads((FIXTURES / "base" / "config.json").read_text())["vocab_size"]
+    prompts = [k for k in tensors if k.startswith("input_ids_")]
+    assert len(prompts) >= 2
+    for key in prompts:
+        logits = tensors[key.replace("input_ids_", "logits_")]
+        assert logits.dtype == torch.float32
+        assert tuple(logits.shape) == (tensors[key].numel(), vocab)
+        assert torch.isfinite(logits).all()
