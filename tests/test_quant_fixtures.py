@@ -137,8 +137,9 @@ def ct_weight(t: Dict[str, torch.Tensor], prefix: str, q: dict, base_k: int) -> 
         assert tuple(scale.shape) == (weight.shape[0], 1)
     elif spec["strategy"] == "tensor":
         assert scale.numel() == 1
-    if spec["strategy"] == "tensor" or (group.get("input_activations") or {}).get("dynamic") is False:
-        pass
+    activations = group.get("input_activations") or {}
+    if activations and activations.get("dynamic") is False:  # static: a calibrated input scale
+        assert float(t[f"{prefix}.input_scale"].float().max()) > 0
     return weight.float() * expand_scale(scale, weight.shape, block)
 
 
