@@ -41,9 +41,11 @@ RECIPES: Dict[str, Any] = {
                          dict(bits=4, group_size=128, sym=True, desc_act=False)),
     "ct-w4a16-channel-sym": ("GPTQModifier", scheme(int_weights(4, "channel")),
                             dict(bits=4, group_size=-1, sym=True, desc_act=False)),
-    "ct-w4a16-g64-sym-actorder": (
-        "GPTQModifier", scheme(int_weights(4, "group", group_size=64, actorder="group")),
-        dict(bits=4, group_size=64, sym=True, desc_act=True)),
+    # c-t 0.19 removed actorder "group" (the g_idx layout): "weight" quantizes in activation
+    # order and stores contiguous groups, so the checkpoint has no g_idx.
+    "ct-w4a16-g64-sym-actorder-weight": (
+        "GPTQModifier", scheme(int_weights(4, "group", group_size=64, actorder="weight")),
+        dict(bits=4, group_size=64, sym=True, desc_act=False, actorder="weight")),
     "ct-w4a16-g128-asym": ("GPTQModifier", "W4A16_ASYM",
                           dict(bits=4, group_size=128, sym=False, desc_act=False)),
     "ct-w8a16-channel": ("GPTQModifier", "W8A16",
