@@ -43,7 +43,7 @@ def main() -> None:
         (common.BASE / junk).unlink(missing_ok=True)
     corpus = describe()
     common.record_fixture(
-        "base",
+        "base", new=True,
         producer="pagedserve.devtools.tiny_model",
         format="float16 (unquantized)",
         build_args=common.BASE_MODEL_ARGS,

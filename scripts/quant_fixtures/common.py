@@ -75,9 +75,12 @@ def save_manifest(manifest: Dict[str, Any]) -> None:
     MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def record_fixture(name: str, **fields: Any) -> None:
-    """Adds or updates the manifest entry of fixture `name` (stages run one after another)."""
+def record_fixture(name: str, new: bool = False, **fields: Any) -> None:
+    """Adds or updates the manifest entry of fixture `name` (stages run one after another);
+    `new` drops what an earlier build recorded (a producer run starts the entry afresh)."""
     manifest = load_manifest()
+    if new:
+        manifest["fixtures"].pop(name, None)
     entry = manifest["fixtures"].setdefault(name, {})
     entry.update(fields)
     save_manifest(manifest)

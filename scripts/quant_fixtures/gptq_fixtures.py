@@ -42,15 +42,19 @@ def version_of(*packages: str) -> str:
 
 
 def run_gptqmodel(name: str, out: pathlib.Path) -> Dict[str, Any]:
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     args = GPTQ_VARIANTS[name]
-    model = GPTQModel.load(str(common.BASE), QuantizeConfig(**args), device="cpu")
+    # Without a dtype GPTQModel picks bfloat16 on the CPU; GPTQ checkpoints are fp16.
+    model = GPTQModel.load(str(common.BASE), QuantizeConfig(**args), device="cpu",
+                           dtype=torch.float16)
     model.quantize(common.calibration_texts(), batch_size=4)
     model.save(str(out))
     return dict(
         producer="GPTQModel", producer_version=version_of("gptqmodel"),
-        recipe=f"GPTQModel.load(base, QuantizeConfig({args})).quantize(calibration, "
+        recipe=f"GPTQModel.load(base, QuantizeConfig({args}), dtype=float16)"
+               ".quantize(calibration, "
                "batch_size=4); save()",
         bits=args["bits"], group_size=args["group_size"], sym=args["sym"],
         desc_act=args["desc_act"],
@@ -72,6 +76,8 @@ def run_autoround(name: str, out: pathlib.Path, sym: bool, fp16_layer: bool) -> 
     autoround.quantize_and_save(str(out), format="auto_round")
     shown = {k: v for k, v in kwargs.items() if k != "dataset"}
     return dict(
+        note="AutoRound casts the model to bfloat16 on the CPU (its default amp there), so the "
+             "checkpoint's unquantized tensors are bf16 and its scales fp16",
         producer="AutoRound", producer_version=version_of("auto-round"),
         recipe=f"AutoRound(model, tokenizer, {shown}, dataset=calibration)"
                ".quantize_and_save(format='auto_round')",
@@ -88,13 +94,14 @@ def run_autoawq(name: str, out: pathlib.Path) -> Dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(common.BASE)
     texts = common.calibration_texts()
     model.quantize(tokenizer, quant_config=quant_config, calib_data=texts,
-                   max_calib_samples=len(texts), max_calib_seq_len=64,
+                   # AutoAWQ drops each text longer than max_calib_seq_len tokens.
+                   max_calib_samples=len(texts), max_calib_seq_len=512,
                    n_parallel_calib_samples=8)
     model.save_quantized(str(out))
     return dict(
         producer="AutoAWQ", producer_version=version_of("autoawq"),
         recipe=f"AutoAWQForCausalLM.from_pretrained(base).quantize(tokenizer, "
-               f"quant_config={quant_config}, calib_data=calibration, max_calib_seq_len=64); "
+               f"quant_config={quant_config}, calib_data=calibration, max_calib_seq_len=512); "
                "save_quantized()",
         bits=4, group_size=128, sym=False, desc_act=False,
     )
@@ -109,15 +116,25 @@ def producers() -> Dict[str, Callable[[str, pathlib.Path], Dict[str, Any]]]:
     return table
 
 
+def saved_checkpoint(out: pathlib.Path) -> pathlib.Path:
+    """`out`, or the folder under it that a producer named itself (AutoRound's
+    `<model>-w4g128/`)."""
+    if (out / "config.json").exists():
+        return out
+    (found,) = [path.parent for path in out.glob("*/config.json")]
+    return found
+
+
 def run(name: str, produce: Callable[[str, pathlib.Path], Dict[str, Any]]) -> bool:
     start = time.monotonic()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             fields = produce(name, pathlib.Path(tmp))
-            common.keep_checkpoint_files(pathlib.Path(tmp), common.FIXTURES / name)
+            common.keep_checkpoint_files(saved_checkpoint(pathlib.Path(tmp)),
+                                         common.FIXTURES / name)
     except Exception as exc:
         traceback.print_exc()
-        common.record_fixture(name, failed=f"{type(exc).__name__}: {exc}"[:2000])
+        common.record_fixture(name, new=True, failed=f"{type(exc).__name__}: {exc}"[:2000])
         print(f"{name}: FAILED {exc!r}", flush=True)
         return False
     config = json.loads((common.FIXTURES / name / "config.json").read_text())
@@ -134,7 +151,7 @@ def run(name: str, produce: Callable[[str, pathlib.Path], Dict[str, Any]]) -> bo
     elif "version" in qconfig:
         fmt = f"{fmt} {qconfig['version']}"
     common.record_fixture(
-        name, **fields, format=fmt, quantization_config=qconfig,
+        name, new=True, **fields, format=fmt, quantization_config=qconfig,
         ignored=["lm_head", "model.embed_tokens (not a linear layer)"]
         + list(qconfig.get("modules_to_not_convert") or []),
         wall_s=round(time.monotonic() - start, 1))

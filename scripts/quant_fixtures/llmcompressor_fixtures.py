@@ -108,8 +108,8 @@ def run(name: str, failures: List[str]) -> None:
             common.keep_checkpoint_files(__import__("pathlib").Path(tmp), common.FIXTURES / name)
     except Exception as exc:  # a producer failure is recorded, and the others go on
         failures.append(name)
-        common.record_fixture(name, producer="llm-compressor", failed=f"{type(exc).__name__}: "
-                              f"{exc}"[:2000])
+        common.record_fixture(name, new=True, producer="llm-compressor",
+                              failed=f"{type(exc).__name__}: {exc}"[:2000])
         print(f"{name}: FAILED {exc!r}", flush=True)
         return
     import json
@@ -122,7 +122,7 @@ def run(name: str, failures: List[str]) -> None:
               f"oneshot(recipe=[{kind}(config_groups={chosen_scheme!r}, ignore={IGNORE})], "
               f"{common.CALIBRATION_SAMPLES} calibration texts, max_seq_length=256)")
     common.record_fixture(
-        name,
+        name, new=True,
         producer="llm-compressor",
         producer_version=(f"llmcompressor {metadata.version('llmcompressor')}, compressed-tensors "
                           f"{metadata.version('compressed-tensors')}"),

@@ -81,7 +81,7 @@ def write(name: str, tensors: Dict[str, torch.Tensor], qconfig: Dict, descriptio
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)
     common.record_fixture(
-        name,
+        name, new=True,
         producer="pagedserve scripts/quant_fixtures/native_fp8.py (our own code, vLLM's layout)",
         producer_version=f"torch {torch.__version__}",
         format=description,

@@ -11,12 +11,14 @@ compressed-tensors, or gptqmodel behind transformers' GPTQ/AWQ/AutoRound support
 
 from __future__ import annotations
 
+import pathlib
 import sys
+import tempfile
 import time
 import traceback
 from typing import Dict, List
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
@@ -31,7 +33,7 @@ def load(loader: str, path: str):
     if loader == "gptqmodel":
         from gptqmodel import BACKEND, GPTQModel
 
-        return GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH)
+        return GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
     raise ValueError(f"unknown loader {loader!r}")
 
 
@@ -41,14 +43,23 @@ def write_logits(loader: str, name: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(common.BASE)
-    model = load(loader, str(common.FIXTURES / name))
-    tensors: Dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for i, prompt in enumerate(common.PROMPTS):
-            ids = torch.tensor([tokenizer(prompt)["input_ids"]])
-            logits = model(input_ids=ids).logits[0].float()
-            tensors[f"input_ids_{i}"] = ids[0].to(torch.int32)
-            tensors[f"logits_{i}"] = logits.contiguous()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Loaders that want a tokenizer beside the weights get base/'s (kept once, there).
+        for source in (common.BASE, common.FIXTURES / name):
+            for path in source.glob("*.json"):
+                (pathlib.Path(tmp) / path.name).unlink(missing_ok=True)
+                (pathlib.Path(tmp) / path.name).symlink_to(path)
+        for path in (common.FIXTURES / name).glob("*.safetensors"):
+            if path.name != "reference_logits.safetensors":
+                (pathlib.Path(tmp) / path.name).symlink_to(path)
+        model = load(loader, tmp)
+        tensors: Dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, prompt in enumerate(common.PROMPTS):
+                ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+                logits = model(input_ids=ids).logits[0].float()
+                tensors[f"input_ids_{i}"] = ids[0].to(torch.int32)
+                tensors[f"logits_{i}"] = logits.contiguous()
     out = common.FIXTURES / name / "reference_logits.safetensors"
     save_file(tensors, str(out), metadata={"loader": loader})
     out.chmod(0o644)
