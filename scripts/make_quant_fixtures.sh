@@ -20,7 +20,10 @@ PROJECT_PY=.venv/bin/python
 export PYTHONPATH="$ROOT/backend:$ROOT/kernels"
 export GPTQMODEL_CPU_WORKERS=2 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 STAGES=("$@")
-[ ${#STAGES[@]} -gt 0 ] || STAGES=(base fp8 llmc gptq)
+if [ ${#STAGES[@]} -eq 0 ]; then  # a whole rebuild starts from nothing
+    STAGES=(base fp8 llmc gptq)
+    rm -rf tests/fixtures/quant
+fi
 
 # Pins: llm-compressor 0.14 caps torch <= 2.14.0 and transformers <= 5.17; GPTQModel 7.7 and
 # auto-round 0.16 want newer transformers. torch 2.13.0 (a CPU build) satisfies both.

@@ -201,6 +201,18 @@ def test_the_manifest_lists_every_fixture_directory():
 
 
 @pytest.mark.parametrize("name", BUILT)
+def test_the_manifest_says_how_each_fixture_was_made(name):
+    entry = MANIFEST["fixtures"][name]
+    for field_name in ("producer", "producer_version", "format", "bits", "group_size", "sym",
+                       "desc_act", "ignored", "quantization_config", "reference_logits"):
+        assert field_name in entry, f"{name}: {field_name}"
+    has_logits = (FIXTURES / name / "reference_logits.safetensors").exists()
+    assert has_logits == entry["reference_logits"]
+    if not has_logits:
+        assert entry["reference_logits_note"]
+
+
+@pytest.mark.parametrize("name", BUILT)
 def test_dequantized_weights_match_the_base_model(name, base_weights):
     entry = MANIFEST["fixtures"][name]
     config = json.loads((FIXTURES / name / "config.json").read_text())
@@ -311,9 +323,12 @@ def test_producer_logits_match_transformers_on_the_dequantized_weights(name, bas
         if quantize:
             module.register_forward_pre_hook(lambda _m, args, f=quantize: (f(args[0]),))
     reference = load_file(str(FIXTURES / name / "reference_logits.safetensors"))
+    # GPTQModel's torch kernel computes in fp16 only: its activations carry fp16 rounding.
+    bound = {"float32": 1e-3, "float16": 2e-2}[MANIFEST["fixtures"][name][
+        "reference_logits_dtype"]]
     for key in (k for k in reference if k.startswith("input_ids_")):
         with torch.no_grad():
             logits = model(input_ids=reference[key].long()[None]).logits[0]
         expected = reference[key.replace("input_ids_", "logits_")]
         error = float((logits - expected).abs().max() / expected.abs().max())
-        assert error < 1e-3, f"{key}: max error {error:.5f}"
+        assert error < bound, f"{key}: max error {error:.5f}"

@@ -33,7 +33,12 @@ def load(loader: str, path: str):
     if loader == "gptqmodel":
         from gptqmodel import BACKEND, GPTQModel
 
-        return GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
+        try:
+            return GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float32)
+        except (NotImplementedError, ValueError) as exc:
+            # GPTQModel 7.7's torch GPTQ kernel computes in fp16/bf16 only.
+            print(f"fp32 refused ({exc}); loading in float16", flush=True)
+            return GPTQModel.load(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
     raise ValueError(f"unknown loader {loader!r}")
 
 
@@ -61,12 +66,15 @@ def write_logits(loader: str, name: str) -> None:
                 tensors[f"input_ids_{i}"] = ids[0].to(torch.int32)
                 tensors[f"logits_{i}"] = logits.contiguous()
     out = common.FIXTURES / name / "reference_logits.safetensors"
-    save_file(tensors, str(out), metadata={"loader": loader})
+    dtype = str(next(getattr(model, "model", model).parameters()).dtype).replace("torch.", "")
+    save_file(tensors, str(out), metadata={"loader": loader, "dtype": dtype})
     out.chmod(0o644)
 
 
 def main(argv: List[str]) -> int:
     from importlib import metadata
+
+    from safetensors import safe_open
 
     loader, names = argv[0], argv[1:]
     for name in names:
@@ -87,8 +95,10 @@ def main(argv: List[str]) -> int:
             f"{pkg} {metadata.version(pkg)}" for pkg in
             ("transformers", "compressed-tensors", "gptqmodel", "torch")
             if _installed(pkg))
-        common.record_fixture(name, reference_logits=True,
-                              reference_logits_loader=f"{loader} ({versions}), fp32 on the CPU")
+        with safe_open(str(common.FIXTURES / name / "reference_logits.safetensors"), "pt") as f:
+            dtype = f.metadata()["dtype"]
+        common.record_fixture(name, reference_logits=True, reference_logits_dtype=dtype,
+                              reference_logits_loader=f"{loader} ({versions}), {dtype} on the CPU")
         print(f"{name}: reference logits in {time.monotonic() - start:.1f}s", flush=True)
     return 0
 
