@@ -47,6 +47,11 @@ record_env() {  # venv name, package regex
 common.record_environment('$1', [l.strip() for l in sys.stdin])"
 }
 
+in_work() {  # runs a command in .cache/quant-work (GPTQModel writes logs/ into its cwd)
+    mkdir -p .cache/quant-work
+    (cd .cache/quant-work && "$@")
+}
+
 timed() {  # stage name, command...
     local name=$1; shift
     local start=$SECONDS
@@ -74,9 +79,10 @@ for stage in "${STAGES[@]}"; do
         "$VENVS/gptq/bin/pip" install -q --no-deps "$AWQ_PIN"
         "$VENVS/gptq/bin/pip" install -q "${AWQ_DEPS[@]}"
         record_env gptq '^(torch|transformers|gptqmodel|auto-round|auto_round|autoawq|optimum)=='
-        timed gptq "$VENVS/gptq/bin/python" $DRIVER/gptq_fixtures.py
-        timed gptq-logits "$VENVS/gptq/bin/python" $DRIVER/reference_logits.py \
-            gptqmodel $(cd tests/fixtures/quant && ls -d gptq-* ar-* awq-*) ;;
+        timed gptq in_work "$ROOT/$VENVS/gptq/bin/python" "$ROOT/$DRIVER/gptq_fixtures.py"
+        timed gptq-logits in_work "$ROOT/$VENVS/gptq/bin/python" \
+            "$ROOT/$DRIVER/reference_logits.py" gptqmodel \
+            $(cd tests/fixtures/quant && ls -d gptq-* ar-* awq-*) ;;
     *)
         echo "unknown stage $stage (base, fp8, llmc, gptq)" >&2; exit 2 ;;
     esac
