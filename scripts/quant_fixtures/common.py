@@ -70,7 +70,21 @@ def load_manifest() -> Dict[str, Any]:
     return {"fixtures": {}, "environments": {}, "stages": {}}
 
 
+NOTES = [
+    "Built by scripts/make_quant_fixtures.sh from base/ (its only copy of the tokenizer files: "
+    "load a fixture with tokenizer=base/).",
+    "reference_logits.safetensors: input_ids_<i> int32 and logits_<i> [len, vocab] fp32 per "
+    "prompt, computed by the producer's own loader (reference_logits_loader, in "
+    "reference_logits_dtype).",
+    "AutoAWQ folds its activation scales into the preceding norms and linears, so its norm "
+    "weights differ from base/ too; AutoRound keeps them (but in bf16).",
+    "Quantized weights are reproducible byte for byte; GPTQModel's config records a random "
+    "offload_to_disk_path.",
+]
+
+
 def save_manifest(manifest: Dict[str, Any]) -> None:
+    manifest["notes"] = NOTES
     MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     MANIFEST.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
