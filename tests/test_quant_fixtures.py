@@ -1,8 +1,9 @@
 """The committed quantized fixtures (tests/fixtures/quant/, made by scripts/make_quant_fixtures.sh)
-are what docs of each format say they are: the tensors have the documented names, dtypes and
-shapes, and dequantizing them by the documented formulas gives back weights close to the base
-model's. The unpackers here are deliberately tiny, independent re-statements of the formats
-(the engine's own loaders are tested against these fixtures elsewhere)."""
+are what the format notes (shared/reference/quantization.md) say: the tensors have the documented
+names, dtypes and shapes; dequantizing them by the documented formulas gives back weights close
+to the base model's; and transformers on those weights reproduces the logits that each producer's
+own loader recorded. The unpackers here are deliberately tiny, independent re-statements of the
+formats, not the engine's loaders (which are tested against these fixtures on their own)."""
 
 from __future__ import annotations
 
@@ -125,12 +126,8 @@ def ct_weight(t: Dict[str, torch.Tensor], prefix: str, q: dict, base_k: int) -> 
             assert tuple(packed_zeros.shape) == (-(-n * bits // 32), scale.shape[1])
             zeros = unpack_rows(packed_zeros, bits)[:n].float() - offset
             zeros = expand_scale(zeros, torch.Size((n, k)))
-        scales = expand_scale(scale, torch.Size((n, k)))
-        g_idx = t.get(f"{prefix}.weight_g_idx")
-        if g_idx is not None:  # act-order: column c belongs to group g_idx[c]
-            assert tuple(g_idx.shape) == (k,)
-            scales = scale.float()[:, g_idx.long()]
-        return scales * (weights - zeros)
+        assert f"{prefix}.weight_g_idx" not in t  # c-t 0.19 writes no act-order g_idx
+        return expand_scale(scale, torch.Size((n, k))) * (weights - zeros)
     weight = t[f"{prefix}.weight"]
     expected = {"int-quantized": torch.int8, "float-quantized": torch.float8_e4m3fn}[fmt]
     assert weight.dtype == expected and weight.shape[1] == base_k
