@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 from hf_reference import assert_greedy_match, hf_greedy
-from quant_packers import write_quantized
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.devtools.quantized_model import write_quantized
 
 MAX_TOKENS = 16
 PROMPTS = [[5, 17, 33, 9, 100, 7], [300, 2, 41], list(range(40, 71))]

@@ -1,6 +1,7 @@
-"""Test-side quantizers: write a quantized checkpoint of a tiny model exactly as each producer
-packs it (see /work/shared/reference/quantization.md), and a full-precision twin holding the
-dequantized weights, which HF transformers runs as the parity reference.
+"""Quantized checkpoints of the locally built models, for tests and benchmarks: writes a
+checkpoint exactly as each producer packs it (GPTQ v1/v2, AWQ GEMM, compressed-tensors
+pack-quantized; see docs/design.md), and a full-precision twin holding the dequantized weights,
+which HF transformers runs as the parity reference.
 
 Quantization is plain round-to-nearest min/max per group; what matters is that the packed
 tensors decode to the twin's weights bit for bit.
