@@ -1,6 +1,6 @@
 """Decode throughput of int weight-only quantized checkpoints on the CPU, side by side:
 
-    python benchmarks/quant_bench.py [--preset cpu-small] [--batch 1 16] [--tokens 64]
+    python benchmarks/quant_bench.py [--preset cpu-small] [--batch 1 16] [--tokens 64] [--threads N]
 
 The preset's checkpoint runs dense in float32 and bfloat16, and quantized W8A16 (compressed-
 tensors pack-quantized, 8 bit channel-wise) and W4A16 (GPTQ, 4 bit, group 128), in bfloat16
@@ -15,6 +15,8 @@ import argparse
 import pathlib
 import time
 from typing import Any
+
+import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.devtools.quantized_model import write_quantized
@@ -62,7 +64,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 on a shared machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     base = model_dir(args.preset)
     quantized = quantized_checkpoints(base)
     configs: dict[str, tuple[pathlib.Path, str]] = {

@@ -37,8 +37,6 @@ class GPTQConfig(QuantizationConfig):
     lm_head: bool = False
     checkpoint_format: str = "gptq"
     dynamic: dict[str, Any] = field(default_factory=dict)
-    # Layer names (or suffixes) that AutoRound's export left unquantized.
-    skipped: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_scheme(self.method, self.bits, self.group_size)
@@ -69,8 +67,6 @@ class GPTQConfig(QuantizationConfig):
                          self.desc_act)
 
     def method_for(self, prefix: str) -> Optional[LinearMethod]:
-        if matches_any(prefix, self.skipped):
-            return None
         return IntWeightLinearMethod(self.scheme())
 
 
