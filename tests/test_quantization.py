@@ -124,7 +124,6 @@ def test_layers_hold_the_dequantized_weights(case, base_model, tmp_path):
     import torch
 
     from pagedserve.layers.linear import LinearBase
-    from pagedserve.layers.quantization.int_layout import CpuIntKernel, dequantize
 
     fmt, config, options = CASES[case]
     dst, twin = tmp_path / "quantized", tmp_path / "twin"
@@ -139,26 +138,53 @@ def test_layers_hold_the_dequantized_weights(case, base_model, tmp_path):
         shards = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                   "gate_up_proj": ["gate_proj", "up_proj"]}.get(name, [name])
         dense = torch.cat([reference[f"{parent}.{s}.weight"] for s in shards]).float()
-        weight = module.int_weight
-        if weight.perm is not None:
-            dense = dense[:, weight.perm]
-        assert torch.equal(dequantize(weight), dense), module.prefix
-        x = torch.randn(5, weight.in_features)
-        x_in = x if weight.perm is None else x[:, torch.argsort(weight.perm)]
-        torch.testing.assert_close(module.cpu_kernel.matmul(x_in), x @ dense.t(),
-                                   rtol=1e-4, atol=1e-4)
-        bf16 = CpuIntKernel(dataclasses_replace_dtype(weight, torch.bfloat16))
-        out = bf16.matmul(x_in.bfloat16()).float()
-        rel = (out - x @ dense.t()).abs().mean() / (x @ dense.t()).abs().mean()
-        assert rel < 0.02, (module.prefix, float(rel))
+        assert module.int_weight is None  # the CPU kernel's copy is the only one
+        kernel = module.cpu_kernel
+        torch.testing.assert_close(kernel.dense(), dense, rtol=1e-6, atol=1e-6)
+        x = torch.randn(5, kernel.in_features)
+        torch.testing.assert_close(kernel.matmul(x), x @ dense.t(), rtol=1e-4, atol=1e-4)
         checked += 1
     assert checked == 4 * 2
 
 
-def dataclasses_replace_dtype(weight, dtype):
+@pytest.mark.parametrize("case", ["gptq-4bit-g64-asym-desc_act", "ct-w8a16-g32-asym"])
+def test_the_layout_decodes_exactly_and_bf16_is_close(case, base_model, tmp_path):
+    """The internal layout decodes bit for bit to the twin's weights, and the CPU kernels in
+    bf16 (the fast path) stay within bf16's precision of the exact product."""
     import dataclasses
 
-    return dataclasses.replace(weight, scales=weight.scales.to(dtype))
+    import torch
+    from safetensors.torch import load_file
+
+    from pagedserve.layers.linear import LinearBase
+    from pagedserve.layers.quantization import parse_quantization
+    from pagedserve.layers.quantization.int_layout import (
+        CpuIntKernel,
+        dequantize,
+        make_int_weight,
+    )
+
+    fmt, config, options = CASES[case]
+    dst, twin = tmp_path / "quantized", tmp_path / "twin"
+    write_quantized(base_model, dst, twin, fmt, config, **options)
+    tensors, reference = load_file(str(dst / "model.safetensors")), _twin_weights(twin)
+    prefix = "model.layers.1.mlp.down_proj"
+    dense = reference[f"{prefix}.weight"].float()
+    method = parse_quantization(dst, {"quantization_config": config}).method_for(prefix)
+    layer = LinearBase(dense.shape[1], [dense.shape[0]], linear_method=method, prefix=prefix)
+    for name, param in layer.named_parameters():
+        if f"{prefix}.{name}" in tensors:
+            param.weight_loader(param, tensors[f"{prefix}.{name}"], None)
+    q, scales, zeros, g_idx = method.checkpoint_values(layer)
+    weight = make_int_weight(q, scales, zeros, g_idx, method.scheme.bits,
+                             layer.int_shapes[2], torch.float32, prefix)
+    in_layout = dense if weight.perm is None else dense[:, weight.perm]
+    assert torch.equal(dequantize(weight), in_layout)
+    bf16 = CpuIntKernel(dataclasses.replace(weight, scales=weight.scales.bfloat16()))
+    x = torch.randn(7, dense.shape[1])
+    exact = x @ dense.t()
+    rel = (bf16.matmul(x.bfloat16()).float() - exact).abs().mean() / exact.abs().mean()
+    assert rel < 0.02, float(rel)
 
 
 # ---- bad configs and checkpoints -----------------------------------------------------------
@@ -297,7 +323,6 @@ def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, m
     from safetensors.torch import save_file
 
     from pagedserve.layers.linear import LinearBase
-    from pagedserve.layers.quantization.int_layout import dequantize
 
     quant = json.loads((fixture / "config.json").read_text()).get("quantization_config") or {}
     if quant.get("quant_method") == "fp8" or quant.get("format", "pack-quantized") not in (
@@ -314,12 +339,8 @@ def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, m
     for name, param in llm.engine.runner.model.named_parameters():
         tensors[name] = param.detach().float().contiguous()
     for module in llm.engine.runner.model.modules():
-        if isinstance(module, LinearBase) and hasattr(module, "int_weight"):
-            w = module.int_weight
-            dense = dequantize(w)
-            if w.perm is not None:
-                dense = dense[:, torch.argsort(w.perm)]
-            tensors[f"{module.prefix}.weight"] = dense
+        if isinstance(module, LinearBase) and getattr(module, "cpu_kernel", None) is not None:
+            tensors[f"{module.prefix}.weight"] = module.cpu_kernel.dense()
     state = {}
     for name, t in tensors.items():
         parent, _, leaf = name.rpartition(".")

@@ -79,12 +79,14 @@ def test_unload_lets_inflight_streams_finish_then_shuts_down(triton_server):
     assert f"pagedserve: model '{name}' shut down" in triton_server.log()
 
 
-def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(triton_server):
+def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(start_triton_server):
     """model.json naming ``quantization``: the GPTQ checkpoint serves, its greedy text equal to
-    the offline engine's; a method that disagrees with the checkpoint fails the load naming it."""
+    the offline engine's; a method that disagrees with the checkpoint fails the load naming it.
+    A server of its own: a stub crash here must not take the shared one down."""
     from pagedserve import LLM, SamplingParams
     from pagedserve.devtools.quantized_model import write_quantized
 
+    triton_server = start_triton_server()
     source = triton_server.repository / "llm" / "1" / "default_model"
     config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
               "desc_act": False, "checkpoint_format": "gptq"}

@@ -95,7 +95,8 @@ def dequantize(weight: IntWeight) -> torch.Tensor:
 
 
 class CpuIntKernel:
-    """``weight`` repacked for torch's CPU weight-only kernels; owns only those tensors.
+    """``weight`` repacked for torch's CPU weight-only kernels; owns only those tensors (the
+    layer keeps no other copy of the weight).
 
     4 bit: ``_weight_int4pack_mm_for_cpu`` computes (q - 8) * scale + zero per group, so the
     integer zero point z becomes the float zero scale * (8 - z). 8 bit: ``_weight_int8pack_mm``
@@ -107,7 +108,8 @@ class CpuIntKernel:
         self.bits = weight.bits
         self.perm = weight.perm
         self.out_features = weight.out_features
-        k = weight.in_features
+        self.in_features = k = weight.in_features
+        self.dtype = weight.scales.dtype
         q = weight.unpacked().t().contiguous()  # [N, K]
         if weight.bits == 4:
             group = weight.group_size
@@ -138,6 +140,12 @@ class CpuIntKernel:
         self.zero_terms: Optional[torch.Tensor] = None
         if bool((offset != 0).any()):
             self.zero_terms = (weight.scales * offset).contiguous()  # [groups, N]
+
+    def dense(self) -> torch.Tensor:
+        """The weight [N, K] (float32) in the checkpoint's K order, as the kernel computes it
+        (the product with the identity); for tests and tools, not the hot path."""
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        return self.matmul(eye).t().float().contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:

@@ -92,7 +92,7 @@ class IntWeightLinearMethod(LinearMethod):
         else:
             raise ValueError(f"unknown checkpoint format {fmt!r}")
 
-    def _unpacked(self, layer: LinearBase) -> tuple[torch.Tensor, ...]:
+    def checkpoint_values(self, layer: LinearBase) -> tuple[torch.Tensor, ...]:
         """(q [K, N] unsigned, scales [G, N], zeros [G, N], g_idx or None) from the tensors."""
         s = self.scheme
         k, n, _ = layer.int_shapes
@@ -119,7 +119,7 @@ class IntWeightLinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         s = self.scheme
-        q, scales, zeros, g_idx = self._unpacked(layer)
+        q, scales, zeros, g_idx = self.checkpoint_values(layer)
         k, n, group = layer.int_shapes
         weight = make_int_weight(
             q, scales, zeros, g_idx, s.bits, group, layer.int_dtype, layer.prefix
@@ -128,8 +128,9 @@ class IntWeightLinearMethod(LinearMethod):
                      "weight_shape", "weight_zero_point"):
             if name in layer._parameters:
                 del layer._parameters[name]
-        layer.int_weight = weight
+        # On the CPU the kernel holds its own repacked copy; the layout's is dropped.
         layer.cpu_kernel = CpuIntKernel(weight) if weight.qweight.device.type == "cpu" else None
+        layer.int_weight = weight if layer.cpu_kernel is None else None
 
     # ---- the matmul --------------------------------------------------------------------------
 
