@@ -145,3 +145,35 @@ def unified_attention(
         return res
     out.copy_(res)
     return out
+
+
+def dequantize_int_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+) -> torch.Tensor:
+    """The dense [K, N] weight (scales' dtype) of the internal int layout: ``qweight`` int32
+    [K*bits/32, N] packed along K (value k at word k // (32/bits), shift bits * (k % (32/bits))),
+    ``scales`` and int ``zeros`` [K/group_size, N]; W = scale * (q - zero)."""
+    pf = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=qweight.device).view(1, pf, 1)
+    q = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, qweight.shape[1])
+    k = scales.shape[0] * group_size
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    z = zeros.float().repeat_interleave(group_size, dim=0)
+    return ((q[:k].float() - z) * s).to(scales.dtype)
+
+
+def int_weight_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    perm: Optional[torch.Tensor],
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """``x[:, perm] @ W`` for x [M, K] and the internal int layout (see
+    ``dequantize_int_weight``); fp32 accumulation, output in x's dtype."""
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    w = dequantize_int_weight(qweight, scales, zeros, bits, group_size)
+    return (x.float() @ w.float()).to(x.dtype)

@@ -100,7 +100,9 @@ class ModelRunner:
             scale=model_config.head_dim ** -0.5,
             block_size=config.block_size,
         )
-        self.model = load_model(model_config, self.dtype, self.device, self.attn)
+        self.model = load_model(
+            model_config, self.dtype, self.device, self.attn, model_config.quant_config
+        )
         self.vocab_size = model_config.vocab_size
         self.batch = InputBatch(
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
