@@ -90,7 +90,10 @@ def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(start_tri
     source = triton_server.repository / "llm" / "1" / "default_model"
     config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
               "desc_act": False, "checkpoint_format": "gptq"}
-    client = httpclient.InferenceServerClient(f"127.0.0.1:{triton_server.http_port}")
+    # A load on the loaded 2-core machine took over the client's default 60 s.
+    client = httpclient.InferenceServerClient(
+        f"127.0.0.1:{triton_server.http_port}", connection_timeout=600, network_timeout=600
+    )
     try:
         for name, method in (("llm_gptq", "gptq"), ("llm_gptq_as_awq", "awq")):
             target = triton_server.repository / name
