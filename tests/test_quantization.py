@@ -330,11 +330,17 @@ def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, m
     ):
         pytest.skip(f"{fixture.name}: FP8 and W8A8 formats are not implemented yet")
     monkeypatch.setenv("PAGEDSERVE_ONEDNN", "0")  # keep unquantized layers' dense weights
-    ours, llm = _greedy(fixture)
+    # The checkpoint alone, as a user would have it: the fixture also holds the producer's
+    # logits (reference_logits.safetensors), and the fixtures share one tokenizer, in base/.
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(fixture, checkpoint, ignore=shutil.ignore_patterns("reference_logits*"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(FIXTURES / "base" / name, checkpoint / name)
+    ours, llm = _greedy(checkpoint)
     if llm.engine.model_config.quant_config is None:
         pytest.skip(f"{fixture.name} is not quantized")
     twin = tmp_path / "twin"
-    shutil.copytree(fixture, twin, ignore=shutil.ignore_patterns("*.safetensors*"))
+    shutil.copytree(checkpoint, twin, ignore=shutil.ignore_patterns("*.safetensors*"))
     tensors: dict[str, torch.Tensor] = {}
     for name, param in llm.engine.runner.model.named_parameters():
         tensors[name] = param.detach().float().contiguous()

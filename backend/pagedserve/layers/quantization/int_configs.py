@@ -200,7 +200,9 @@ class CompressedTensorsConfig(QuantizationConfig):
             if weights.get("strategy") == "group":
                 check_choice(self.method, f"{where}.weights.group_size",
                              weights.get("group_size"), _GROUPS[1:])
-            if weights.get("actorder"):
+            # "weight" (alias "static") only ordered the quantization: groups stay contiguous
+            # and no g_idx is stored, so loading is unchanged. "group" ("dynamic") stores one.
+            if weights.get("actorder") not in (None, "weight", "static"):
                 raise field_error(self.method, f"{where}.weights.actorder",
                                   weights["actorder"], "is not supported")
             if not group.get("targets"):
