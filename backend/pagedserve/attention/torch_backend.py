@@ -47,6 +47,18 @@ class _Plan:
     gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (block ids, attend mask)
 
 
+@dataclass(frozen=True)
+class _Scales:
+    """How one layer's attention reads its cache: the softmax scale (k's scale folded in) and
+    the factor of the output (v's scale; 1.0 unless the cache is fp8)."""
+
+    softmax: float
+    v: float
+
+    def apply_v(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn if self.v == 1.0 else attn * self.v
+
+
 class TorchAttentionBackend(AttentionBackend):
     """Paged attention for the CPU. Decodes are batched: in fp32 on the CPU through our C++
     decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``), otherwise
@@ -126,16 +138,22 @@ class TorchAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         n = metadata.num_actual_tokens
         plan: _Plan = metadata.plan
         reference.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping,
-                                    all_valid=plan.slots_valid)
+                                    all_valid=plan.slots_valid, k_scale=k_scale, v_scale=v_scale)
+        fp8 = reference.is_fp8(kv_cache.dtype)
+        # An fp8 cache is read in the query's dtype (exact), its scales folded into the
+        # softmax scale (k) and the output (v): SDPA accumulates in fp32.
+        scales = _Scales(self.scale * k_scale, v_scale) if fp8 else _Scales(self.scale, 1.0)
         out = torch.empty_like(query)
         if plan.num_decodes:
             rows = plan.decode_rows
             q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
-            attn = self._decode(q, kv_cache, plan)
+            attn = self._decode(q, kv_cache, plan, scales)
             if rows is None:
                 out[: plan.num_decodes] = attn
             else:
@@ -146,19 +164,24 @@ class TorchAttentionBackend(AttentionBackend):
             if pf.mask is None:  # nothing cached before this chunk
                 k = key[pf.start:pf.end].transpose(0, 1)
                 v = value[pf.start:pf.end].transpose(0, 1)
+                if fp8:  # attend to what the cache holds, as a later chunk or a prefix hit will
+                    k = reference.quantize_kv(k, k_scale, kv_cache.dtype).to(q.dtype)
+                    v = reference.quantize_kv(v, v_scale, kv_cache.dtype).to(q.dtype)
             else:
-                k = self._gather(kv_cache[0], pf.blocks, 1)[0, :, :pf.seq_len]
-                v = self._gather(kv_cache[1], pf.blocks, 1)[0, :, :pf.seq_len]
+                k = self._gather(kv_cache[0], pf.blocks, 1)[0, :, :pf.seq_len].to(q.dtype)
+                v = self._gather(kv_cache[1], pf.blocks, 1)[0, :, :pf.seq_len].to(q.dtype)
             if group > 1:  # SDPA's fused CPU kernel takes 4-D inputs with as many K/V heads as Q
                 k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             attn = F.scaled_dot_product_attention(
                 q, k[None], v[None], attn_mask=pf.mask, is_causal=pf.mask is None,
-                scale=self.scale,
+                scale=scales.softmax,
             )
-            out[pf.start:pf.end] = attn[0].transpose(0, 1)
+            out[pf.start:pf.end] = scales.apply_v(attn[0].transpose(0, 1))
         return out
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, scales: _Scales
+    ) -> torch.Tensor:
         kernel = self._kernel_for(kv_cache)
         if kernel is not None:
             attn = torch.empty_like(q)
@@ -172,12 +195,12 @@ class TorchAttentionBackend(AttentionBackend):
             plan.gather = (plan.decode_tables.reshape(-1).long(), mask[:, None, None, :])
         blocks, mask = plan.gather
         b = q.shape[0]
-        k = self._gather(kv_cache[0], blocks, b)
-        v = self._gather(kv_cache[1], blocks, b)
-        return F.scaled_dot_product_attention(
-            q[:, :, None, :], k, v, attn_mask=mask, scale=self.scale,
+        k = self._gather(kv_cache[0], blocks, b).to(q.dtype)
+        v = self._gather(kv_cache[1], blocks, b).to(q.dtype)
+        return scales.apply_v(F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask, scale=scales.softmax,
             enable_gqa=self.num_heads != self.num_kv_heads,
-        )[:, :, 0, :]
+        )[:, :, 0, :])
 
     @staticmethod
     def _gather(cache: torch.Tensor, blocks: torch.Tensor, batch: int) -> torch.Tensor:
