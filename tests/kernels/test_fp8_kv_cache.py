@@ -176,3 +176,30 @@ def test_selector_refuses_fp8_for_foreign_backends(name):
                                          rf"'{name}'.*use attention_backend 'triton'"):
         get_attention_backend(name, device(), 8, 2, 64, 0.125, 16,
                               kv_cache_dtype=torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("fp8", FP8 + [torch.float32])
+@pytest.mark.parametrize("scales", SCALES)
+def test_cpu_decode_kernel_reads_fp8(fp8, scales):
+    """The C++ decode kernel (the CPU's fp32 decode path) on fp8 caches, with their scales;
+    a float32 cache ignores them."""
+    from pagedserve_kernels import cpu_decode
+
+    if cpu_decode.load() is None:
+        pytest.skip("the CPU decode kernel cannot be built here")
+    ctx = [0, 15, 16, 63, 200]
+    if fp8 == torch.float32:
+        batch = make_batch([1] * len(ctx), ctx, 8, 2, 64, 16, torch.float32)
+        batch.query, batch.kv_cache = batch.query.cpu(), batch.kv_cache.cpu()
+        want_scales = (1.0, 1.0)
+    else:
+        batch = _fp8_batch([1] * len(ctx), ctx, (8, 2), torch.float32, fp8, scales)
+        batch.query, batch.kv_cache = batch.query.cpu(), batch.kv_cache.cpu()
+        want_scales = scales
+    seq_lens, table = batch.seq_lens.cpu(), batch.block_table.cpu()
+    n = batch.num_actual_tokens
+    got = cpu_decode.paged_decode(batch.query[:n], batch.kv_cache, seq_lens, table, 0.125,
+                                  k_scale=scales[0], v_scale=scales[1])
+    want = ref.paged_attention(batch.query[:n], batch.kv_cache, batch.query_start_loc.cpu(),
+                               seq_lens, table, 0.125, *want_scales)[:n]
+    assert_close(got, want, torch.float32, FP8_TOLERANCES, what=str(fp8))

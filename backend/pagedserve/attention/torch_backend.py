@@ -54,6 +54,7 @@ class _Scales:
 
     softmax: float
     v: float
+    k: float = 1.0  # k's scale alone (the C++ kernel folds it itself)
 
     def apply_v(self, attn: torch.Tensor) -> torch.Tensor:
         return attn if self.v == 1.0 else attn * self.v
@@ -61,11 +62,12 @@ class _Scales:
 
 class TorchAttentionBackend(AttentionBackend):
     """Paged attention for the CPU. Decodes are batched: in fp32 on the CPU through our C++
-    decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``), otherwise
-    by gathering their blocks whole (one index_select per layer) into one masked SDPA call.
-    Prefill chunks go one at a time through causal SDPA; a chunk with no cached prefix reads
-    its own new keys and values without touching the cache. ``prepare`` builds the plan once
-    per forward for all layers."""
+    decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``; an fp32 or
+    fp8 cache), otherwise by gathering their blocks whole (one index_select per layer) into one
+    masked SDPA call. Prefill chunks go one at a time through causal SDPA; a chunk with no
+    cached prefix reads its own new keys and values without touching the cache (rounded
+    through fp8 first when the cache is fp8, so that it sees what a later reader will).
+    ``prepare`` builds the plan once per forward for all layers."""
 
     name = "torch"
     # prepare() plans on the host from the batch's values (a replay would reuse the captured
@@ -79,11 +81,13 @@ class TorchAttentionBackend(AttentionBackend):
         self._decode_kernel: Any = None  # resolved on the first CPU forward (it may compile)
         self._kernel_checked = False
         if not torch.cuda.is_available():  # a CPU machine: build now, not in a request
-            self._kernel_for(torch.empty(0))
+            self._kernel_for(torch.empty(0), torch.float32)
 
-    def _kernel_for(self, kv_cache: torch.Tensor) -> Any:
-        """The C++ decode kernel when it serves this cache (fp32 on the CPU), else None."""
-        if kv_cache.device.type != "cpu" or kv_cache.dtype != torch.float32:
+    def _kernel_for(self, kv_cache: torch.Tensor, query_dtype: torch.dtype) -> Any:
+        """The C++ decode kernel when it serves this cache and query (fp32 queries on the
+        CPU, with an fp32 or fp8 cache), else None."""
+        if (kv_cache.device.type != "cpu" or query_dtype != torch.float32
+                or not (kv_cache.dtype == torch.float32 or reference.is_fp8(kv_cache.dtype))):
             return None
         if not self._kernel_checked:
             self._kernel_checked = True
@@ -148,7 +152,8 @@ class TorchAttentionBackend(AttentionBackend):
         fp8 = reference.is_fp8(kv_cache.dtype)
         # An fp8 cache is read in the query's dtype (exact), its scales folded into the
         # softmax scale (k) and the output (v): SDPA accumulates in fp32.
-        scales = _Scales(self.scale * k_scale, v_scale) if fp8 else _Scales(self.scale, 1.0)
+        scales = (_Scales(self.scale * k_scale, v_scale, k_scale) if fp8
+                  else _Scales(self.scale, 1.0))
         out = torch.empty_like(query)
         if plan.num_decodes:
             rows = plan.decode_rows
@@ -182,11 +187,12 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(
         self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, scales: _Scales
     ) -> torch.Tensor:
-        kernel = self._kernel_for(kv_cache)
+        kernel = self._kernel_for(kv_cache, q.dtype)
         if kernel is not None:
             attn = torch.empty_like(q)
+            # The kernel folds an fp8 cache's scales itself (and ignores them otherwise).
             kernel(q.contiguous(), kv_cache, plan.decode_seq_lens, plan.decode_tables,
-                   self.scale, attn)
+                   self.scale, attn, scales.k, scales.v)
             return attn
         if plan.gather is None:
             width = plan.decode_tables.shape[1] * self.block_size
