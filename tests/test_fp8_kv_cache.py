@@ -208,6 +208,15 @@ def test_checkpoint_scales_are_loaded_and_used(tmp_path):
                                rtol=0)
 
 
+def test_legacy_kv_scale_serves_both_and_query_scales_are_skipped(tmp_path):
+    path = _with_kv_scales(tmp_path, KV_SCHEME, {
+        "model.layers.0.self_attn.kv_scale": torch.tensor(0.5),
+        "model.layers.1.self_attn.q_scale": torch.tensor(2.0),
+    })
+    llm = LLM(str(path), kv_cache_dtype="fp8", kv_cache_memory_bytes=KV_MEMORY)
+    assert _attention_scales(llm) == [(0.5, 0.5), (1.0, 1.0)]
+
+
 def test_scales_are_ignored_by_a_model_dtype_cache(tmp_path):
     path = _with_kv_scales(tmp_path, KV_SCHEME, SCALES)
     prompts = prompts_of([9], seed=7, vocab=200)

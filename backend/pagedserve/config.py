@@ -223,7 +223,7 @@ class EngineConfig:
     max_num_batched_tokens: int
     async_scheduling: bool
     # "fp8_e4m3" | "fp8_e5m2", or the model's dtype (as ``dtype``) for auto.
-    kv_cache_dtype: str = "float32"
+    kv_cache_dtype: str
 
     @property
     def max_blocks_per_req(self) -> int:
