@@ -18,10 +18,13 @@ def _copy_llm(triton_server, name: str, engine_args: dict) -> None:
     (target / "1" / "model.json").write_text(json.dumps(engine_args))
 
 
-def test_model_json_with_fp8_kv_cache_serves(triton_server):
-    """The fp8 model serves the offline engine's greedy text for the same arguments."""
+def test_model_json_with_fp8_kv_cache_serves(start_triton_server):
+    """The fp8 model serves the offline engine's greedy text for the same arguments. A server
+    of its own: the model that fails to load would leave the shared one not ready (strict
+    readiness)."""
     from pagedserve import LLM, SamplingParams
 
+    triton_server = start_triton_server()
     args = {"model": "default_model", "kv_cache_dtype": "fp8", "kv_cache_memory_bytes": 1 << 22}
     _copy_llm(triton_server, "llm_fp8_kv", args)
     _copy_llm(triton_server, "llm_bad_kv_dtype", {**args, "kv_cache_dtype": "int8"})
