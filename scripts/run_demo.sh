@@ -5,7 +5,7 @@
 #   scripts/run_demo.sh ["prompt"]        KEEP_SERVER=1 leaves the server running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROMPT=${1:-"The quick brown fox"}
+PROMPT=${1:-"def fibonacci(n):"}
 HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
 LOG=${LOG:-.cache/tritonserver.log}
 mkdir -p "$(dirname "$LOG")"
