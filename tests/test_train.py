@@ -135,8 +135,8 @@ def test_shipped_pair_is_as_documented():
     config = json.loads((target / "config.json").read_text())
     vocab, context = config["vocab_size"], config["max_position_embeddings"]
     assert 4096 <= vocab <= 8192 and 512 <= context <= 1024
-    assert SHAPES["target"].params(vocab) == sum(
-        p.numel() for p in _hf_model(target).parameters())
+    for path, name in ((target, "target"), (draft, "draft")):
+        assert SHAPES[name].params(vocab) == sum(p.numel() for p in _hf_model(path).parameters())
     for position in (0, context // 2 - 1, context - 1):
         assert SHAPES["draft"].flops_per_token(vocab, position) <= \
             SHAPES["target"].flops_per_token(vocab, position) / 8

@@ -47,11 +47,11 @@ class TrainConfig:
     context: int = 512
     batch_size: int = 16
     target_tokens: int = 20_000_000
-    draft_tokens: int = 8_400_000
+    draft_tokens: int = 20_000_000
     target_lr: float = 2e-3
     draft_lr: float = 3e-3
     warmup_fraction: float = 0.03
-    distill_weight: float = 0.5
+    distill_weight: float = 1.0
     eval_windows: int = 200
     curve_eval_windows: int = 64
     log_every: int = 50

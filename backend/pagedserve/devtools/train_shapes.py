@@ -71,14 +71,15 @@ SHAPES: Dict[str, ModelShape] = {
     "target": ModelShape(hidden_size=256, num_layers=6, head_dim=64, num_kv_heads=4,
                          intermediate_size=688),
     "draft": ModelShape(hidden_size=96, num_layers=2, head_dim=32, num_kv_heads=3,
-                        intermediate_size=256),
-    # Candidates measured before choosing the target (--bench).
+                        intermediate_size=384),
+    # Candidates measured before choosing: the targets with --bench, the drafts with short
+    # distillation runs (--skip-target --draft-shape NAME --draft-tokens N).
     "target-l8": ModelShape(hidden_size=256, num_layers=8, head_dim=64, num_kv_heads=4,
                             intermediate_size=688),
     "target-d320": ModelShape(hidden_size=320, num_layers=6, head_dim=64, num_kv_heads=5,
                               intermediate_size=864),
-    "draft-mlp384": ModelShape(hidden_size=96, num_layers=2, head_dim=32, num_kv_heads=3,
-                               intermediate_size=384),
+    "draft-mlp256": ModelShape(hidden_size=96, num_layers=2, head_dim=32, num_kv_heads=3,
+                               intermediate_size=256),
     "draft-d64l4": ModelShape(hidden_size=64, num_layers=4, head_dim=32, num_kv_heads=2,
                               intermediate_size=256),
     "quick-target": ModelShape(hidden_size=64, num_layers=2, head_dim=32, num_kv_heads=2,
