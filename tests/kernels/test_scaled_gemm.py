@@ -93,3 +93,45 @@ def test_bad_operands_are_named():
         ops.scaled_matmul(xq, x_scale, wq.to(FP8), w_scale, torch.float32)
     with pytest.raises(ValueError, match="w_scale has shape"):
         ops.scaled_matmul(xq, x_scale, wq, w_scale[:10], torch.float32)
+
+
+@pytest.mark.parametrize("fixture", ["ct-w8a8-int-static", "ct-w8a8-int-dynamic", "ct-fp8-block",
+                                     "fp8-native-tensor-static"])
+def test_fixture_layers_run_the_same_on_the_kernel_and_the_cpu_path(fixture):
+    """A fused layer of each producer fixture, loaded by its linear method (scales turned into
+    [N, G] rows): the Triton kernel, the CPU path (torch._int_mm / table-dequantized fp8) and the
+    reference agree on the quantized activations."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from pagedserve.layers.linear import LinearBase
+    from pagedserve.layers.quantization import parse_quantization
+    from pagedserve.layers.quantization.w8a8_cpu import cpu_scaled_matmul
+
+    path = Path(__file__).parents[1] / "fixtures" / "quant" / fixture
+    raw = json.loads((path / "config.json").read_text())
+    tensors = load_file(str(path / "model.safetensors"))
+    prefix = "model.layers.1.mlp"
+    method = parse_quantization(path, raw).linear_method(
+        f"{prefix}.gate_up_proj", [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+    size = raw["intermediate_size"]
+    layer = LinearBase(raw["hidden_size"], [size, size], shard_names=[0, 1],
+                       linear_method=method, prefix=f"{prefix}.gate_up_proj")
+    for shard, name in enumerate(("gate_proj", "up_proj")):
+        for param_name, param in layer.named_parameters():
+            param.weight_loader(param, tensors[f"{prefix}.{name}.{param_name}"], shard)
+    method.process_weights_after_loading(layer)
+    w = layer.w8a8
+    x = torch.randn(9, raw["hidden_size"], generator=torch.Generator().manual_seed(0))
+    static = w.input_scales[0][2]
+    xq, x_scale = ref.quantize_activation(x, w.qweight.dtype, static, w.activation_group)
+    want = ref.scaled_matmul(xq, x_scale, w.qweight, w.scale, torch.float32)
+    cpu = cpu_scaled_matmul(xq, x_scale, w.qweight, w.scale, torch.float32)
+    dev = device()
+    kernel = ops.scaled_matmul(xq.to(dev), x_scale.to(dev), w.qweight.to(dev), w.scale.to(dev),
+                               torch.float32).cpu()
+    for got in (cpu, kernel):
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+    torch.testing.assert_close(layer(x), cpu)

@@ -7,6 +7,7 @@ call as the producer meant (static per tensor, dynamic per token, or per token a
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -67,7 +68,6 @@ class W8A8LinearMethod(LinearMethod):
         self, layer: LinearBase, input_size: int, output_sizes: list[int], dtype: torch.dtype
     ) -> None:
         s = self.scheme
-        layer.w8a8_dtype = dtype
         if s.online:
             UnquantizedLinearMethod().create_weights(layer, input_size, output_sizes, dtype)
             return
@@ -189,8 +189,14 @@ def _scaled_mm_applies(
         and x_scale.shape[1] == 1 and scale.shape[1] == 1
         and out_dtype == torch.bfloat16
         and xq.shape[1] % 16 == 0 and qweight.shape[0] % 16 == 0
-        and torch.cuda.get_device_capability(xq.device) >= (9, 0)
+        and _capability(xq.device.index if xq.device.index is not None
+                        else torch.cuda.current_device()) >= (9, 0)
     )
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _dtype_checked(loader, dtype: torch.dtype):
