@@ -203,7 +203,7 @@ def quantize_activation(
         scale = static_scale.float().reshape(1, 1)
         grouped = x.float().unsqueeze(1)
     else:
-        grouped = x.float().view(x.shape[0], -1, group_size)
+        grouped = x.float().view(x.shape[0], x.shape[1] // group_size, group_size)
         top = INT8_HALF_RANGE if is_int else FP8_MAX
         scale = grouped.abs().amax(-1).clamp(min=1e-12) / top
     scaled = grouped / scale.unsqueeze(-1)
