@@ -4,11 +4,12 @@ online ``quantization: "fp8"`` of a full-precision checkpoint.
 Native: ``activation_scheme`` static (a calibrated per-tensor ``input_scale``) or dynamic;
 per-tensor ``weight_scale``, or ``weight_block_size`` [bn, bk] blocks whose multipliers are
 stored as ``weight_scale_inv`` with per-token-group-of-bk dynamic activations. Dynamic
-activations of per-tensor weights are quantized per token (vLLM quantizes them per tensor,
-over the whole batch, which makes one request's output depend on the others in its step).
+activations of per-tensor weights are quantized per token, as vLLM does where its CUTLASS
+kernels run (elsewhere it quantizes per tensor, over the whole batch, which makes one request's
+output depend on the others in its step).
 
-Online: each linear weight is quantized at load, one fp8 scale per output channel, and the
-activations dynamically per token.
+Online: each linear weight is quantized at load, one fp8 scale per output channel (vLLM keeps
+one per tensor), and the activations dynamically per token.
 """
 
 from __future__ import annotations
