@@ -157,3 +157,46 @@ def assert_greedy_match(
             f"  ours: {_fmt(ours, -1)}\n  HF:   {_fmt(ref.token_ids, -1)}"
         )
     return None
+
+
+def hf_prompt_logprobs(model_dir: Union[str, pathlib.Path], prompt: Sequence[int]) -> torch.Tensor:
+    """HF's log-softmax (fp32) at each prompt position but the last: row i is the distribution
+    of prompt token i + 1. Shape ``[len(prompt) - 1, vocab]``."""
+    model = load_hf_model(str(model_dir))
+    input_ids = torch.tensor([[int(t) for t in prompt]], dtype=torch.long)
+    with torch.inference_mode(), _one_thread():
+        logits = model(input_ids=input_ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def assert_prompt_logprobs_match(
+    entries: Optional[list], prompt: Sequence[int], ref: torch.Tensor, k: int, tol: float = 1e-4
+) -> None:
+    """Asserts an engine's ``prompt_logprobs`` (vLLM's format) equal HF's ``ref``
+    (``hf_prompt_logprobs``): one entry per prompt token, None first; each holding the prompt
+    token with its logprob and rank, and the top ``k`` with ranks 1..k, logprobs within ``tol``.
+    A rank or a top-k member may differ only where HF's logprobs tie within ``tol``."""
+    assert entries is not None, "no prompt_logprobs"
+    assert len(entries) == len(prompt), f"{len(entries)} entries for {len(prompt)} tokens"
+    assert entries[0] is None
+    for i in range(1, len(prompt)):
+        entry, token, dist = entries[i], int(prompt[i]), ref[i - 1]
+        where = f"position {i} (token {token})"
+        assert token in entry, f"{where}: the prompt token is missing from {entry}"
+        for tid, lp in entry.items():
+            assert abs(lp.logprob - float(dist[tid])) <= tol, (
+                f"{where}: token {tid} logprob {lp.logprob} vs HF {float(dist[tid])}")
+        value = float(dist[token])
+        low = int((dist > value + tol).sum()) + 1
+        high = int((dist > value - tol).sum()) + 1
+        assert low <= entry[token].rank <= high, (
+            f"{where}: rank {entry[token].rank}, HF {low}..{high}")
+        # The prompt token first, then the top k (the prompt token once, if among them).
+        assert len(entry) in (k, k + 1), f"{where}: {len(entry)} entries for k={k}"
+        top = entry if len(entry) == k else {t: lp for t, lp in entry.items() if t != token}
+        assert sorted(lp.rank for lp in top.values()) == list(range(1, k + 1)), (
+            f"{where}: top-k ranks {sorted(lp.rank for lp in top.values())}")
+        if k:
+            kth = float(dist.topk(k).values[-1])
+            assert all(float(dist[tid]) >= kth - tol for tid in top), (
+                f"{where}: {sorted(top)} are not HF's top {k}")

@@ -5,6 +5,7 @@ engine is real and dies for real, through the PAGEDSERVE_FAULT_INJECT_FILE test 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import weakref
 
@@ -100,7 +101,8 @@ def test_restart_in_process_frees_the_old_engine_and_serves_the_same_text(model,
     recovery = _recovery(model, Recovery.RESTART, slot)
     reference = _generate(slot, "before")
     old = _kill_engine(slot, trigger)
-    _wait(lambda: recovery.unavailable is None)  # meanwhile: "... it is restarting"
+    # The engine fails its requests before it calls on_dead: wait for the restart itself.
+    _wait(lambda: recovery.restarts == 1 and recovery.unavailable is None)
     assert any("recovery: restart" in line for line in slot.log), slot.log
     assert old() is None  # the dead engine (model, KV cache) was collected
     assert slot.engine is recovery.engine and not slot.unloads
@@ -120,12 +122,26 @@ def test_unload_frees_the_engine_and_asks_triton(model, trigger):
     assert slot.engine is None and recovery.close() is None
 
 
+def test_an_engine_still_held_for_a_moment_is_freed_all_the_same(model, trigger):
+    # As a request's coroutine may hold it a moment after its error: the recovery must not
+    # collect once, too early, and leave the engine to a collection that may never come.
+    slot = Model()
+    recovery = _recovery(model, Recovery.UNLOAD, slot)
+    held = [slot.engine]
+    threading.Timer(0.5, held.clear).start()
+    old = _kill_engine(slot, trigger)
+    _wait(lambda: slot.unloads and not held)
+    _wait(lambda: old() is None, timeout=5.0)
+    assert not any("still referenced" in line for line in slot.log), slot.log
+    assert recovery.close() is None
+
+
 def test_a_refused_unload_falls_back_to_a_restart(model, trigger):
     slot = Model(unload_error=RuntimeError("explicit model load / unload is not allowed"))
     recovery = _recovery(model, Recovery.UNLOAD, slot)
     reference = _generate(slot, "before")
     _kill_engine(slot, trigger)
-    _wait(lambda: recovery.unavailable is None)
+    _wait(lambda: recovery.restarts == 1 and recovery.unavailable is None)
     assert slot.unloads and recovery.recovery == Recovery.RESTART
     assert _generate(slot, "after") == reference
     recovery.close().shutdown()

@@ -158,4 +158,6 @@ def test_freed_large_activations_leave_the_process():
         return float(out.stdout)
 
     default, engine = retained_mib("default"), retained_mib("engine")
-    assert default > 20 and engine < default / 2, (default, engine)
+    # Default: the first 20 MiB buffer is mapped, and raises the threshold, so the later ones
+    # (up to 18 MiB) come from the heap and stay (19-21 MiB seen); the engine's: about 1 MiB.
+    assert default > 15 and engine < default / 2, (default, engine)

@@ -78,6 +78,10 @@ class EngineArgs:
     enable_log_requests: Optional[bool] = None
     disable_log_requests: Optional[bool] = None
     disable_log_stats: bool = True
+    # vLLM's name of the checkpoint's quantization method (gptq, awq, auto-round,
+    # compressed-tensors; gptq_marlin/awq_marlin are taken as gptq/awq); None: what the
+    # checkpoint says. One that disagrees with the checkpoint fails the load.
+    quantization: Optional[str] = None
     tensor_parallel_size: int = 1  # accepted for vllm_backend model.json files; must be 1
 
     def __post_init__(self) -> None:
@@ -222,6 +226,7 @@ def resolve_engine_config(
     checkpoint_dtype: str,
     sliding_window: Optional[int] = None,
     cuda_available: bool = False,
+    quantized: bool = False,
 ) -> EngineConfig:
     """Fills in the ``auto`` choices and checks the arguments against the model."""
     device = args.device
@@ -235,7 +240,11 @@ def resolve_engine_config(
     if dtype == "auto":
         dtype = checkpoint_dtype
         # fp16 matmuls are slow or missing on CPUs; keep the checkpoint's range in fp32 instead.
-        if device == "cpu" and dtype == "float16":
+        # torch's CPU weight-only int kernels are vectorized for bfloat16 activations only
+        # (float32 runs several times slower than the dense fp32 model): quantized -> bf16.
+        if device == "cpu" and quantized:
+            dtype = "bfloat16"
+        elif device == "cpu" and dtype == "float16":
             dtype = "float32"
     limit = max_position_embeddings
     if sliding_window:

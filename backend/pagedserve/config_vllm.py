@@ -35,7 +35,6 @@ UNSUPPORTED_ENGINE_ARGS: dict[str, tuple[Any, ...]] = {
     "rope_theta": (None,),
     "hf_token": _OFF,
     "hf_overrides": (None, {}),
-    "quantization": (None,),
     "model_loader_extra_config": (None, {}),
     "ignore_patterns": (None, [], ["original/**/*"]),
     "generation_config": ("auto", "vllm"),

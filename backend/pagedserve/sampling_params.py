@@ -38,7 +38,9 @@ class _SamplingFields:
     ``temperature=0`` is greedy. ``top_k`` 0 or -1 disables top-k. ``stop`` strings end the text
     (excluded unless ``include_stop_str_in_output``); ``stop_token_ids`` end it too (the token is
     kept in ``token_ids``, its text is not). ``logprobs=k`` returns the sampled token's logprob
-    and the top-k for each generated token.
+    and the top-k for each generated token; ``prompt_logprobs=k`` the same for each prompt
+    token (its own logprob and rank, and the top-k before it; ``None`` for the first token).
+    -1 means the whole vocabulary, which the engine allows with ``max_logprobs=-1`` only.
 
     ``bad_words``: words never generated (vLLM's rule: each word is tokenized with and without
     a leading space, and a word's last token is banned whenever the tokens generated just
@@ -63,6 +65,7 @@ class _SamplingFields:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
@@ -111,9 +114,10 @@ class _SamplingFields:
         )
         self.presence_penalty = _real("presence_penalty", self.presence_penalty, -2.0, 2.0)
         self.frequency_penalty = _real("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        if self.logprobs is not None:
-            self.logprobs = _int("logprobs", self.logprobs, -1, _INT64_MAX,
-                                 "non-negative, or -1 (the whole vocabulary)")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _int(name, getattr(self, name), -1, _INT64_MAX,
+                                         "non-negative, or -1 (the whole vocabulary)"))
         if not isinstance(self.output_kind, RequestOutputKind):
             raise _invalid("output_kind", "a RequestOutputKind", self.output_kind)
         self.bad_words = list(dict.fromkeys(_strings("bad_words", self.bad_words)))
@@ -261,7 +265,7 @@ def _logit_bias(values: Any) -> dict[int, float]:
     return out
 
 
-_INT_FIELDS = {"n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs"}
+_INT_FIELDS = {"n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"}
 _FLOAT_FIELDS = {
     "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
     "frequency_penalty",

@@ -23,6 +23,8 @@ _KERNEL_MODULES = (
     "pagedserve_kernels.rotary",
     "pagedserve_kernels.activation",
     "pagedserve_kernels.cache",
+    "pagedserve_kernels.int_gemm",
+    "pagedserve_kernels.scaled_gemm",
     "pagedserve_kernels.ops",
 )
 

@@ -110,6 +110,29 @@ def test_streamed_responses_carry_deltas_and_requested_outputs():
     assert "cumulative_logprob" not in last
 
 
+def test_prompt_logprobs_are_sent_with_their_flag():
+    parsed = parse_request({
+        "text_input": _s("hi"), "stream": _b(True), "return_prompt_logprobs": _b(True),
+        "sampling_parameters": _s('{"prompt_logprobs": "1"}'),
+    })
+    assert parsed.params.prompt_logprobs == 1 and parsed.wants("return_prompt_logprobs")
+    builder = ResponseBuilder(parsed, _Tokenizer(), frozenset({"text_output"}))
+    first = _output("a", [7], False)
+    first.prompt_logprobs = [None, {2: Logprob(-1.5, 3, "t2"), 5: Logprob(-0.25, 1, "t5")}]
+    later = _output("b", [8], True, reason="length")
+    later.prompt_logprobs = []
+    sent = builder.build(first)["prompt_logprobs"]
+    assert sent.shape == (1,) and json.loads(sent[0]) == [None, {
+        "2": {"logprob": -1.5, "rank": 3, "decoded_token": "t2"},
+        "5": {"logprob": -0.25, "rank": 1, "decoded_token": "t5"},
+    }]
+    assert builder.build(later)["prompt_logprobs"].tolist() == [b"[]"]
+    unflagged = parse_request({"text_input": _s("hi"),
+                               "sampling_parameters": _s('{"prompt_logprobs": 1}')})
+    out = ResponseBuilder(unflagged, _Tokenizer(), frozenset({"text_output"})).build(first)
+    assert "prompt_logprobs" not in out
+
+
 def test_non_streamed_response_prepends_the_prompt():
     parsed = parse_request({"input_ids": np.array([1, 2, 3], dtype=np.int32)})
     builder = ResponseBuilder(parsed, _Tokenizer(), frozenset({"text_output"}))

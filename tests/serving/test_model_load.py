@@ -77,3 +77,55 @@ def test_unload_lets_inflight_streams_finish_then_shuts_down(triton_server):
     while f"model '{name}' shut down" not in triton_server.log() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert f"pagedserve: model '{name}' shut down" in triton_server.log()
+
+
+def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(start_triton_server):
+    """model.json naming ``quantization``: the GPTQ checkpoint serves, and so does the
+    unquantized model with ``fp8`` (quantized at load), each greedy text equal to the offline
+    engine's; a method that disagrees with the checkpoint fails the load naming it.
+    A server of its own: a stub crash here must not take the shared one down."""
+    from pagedserve import LLM, SamplingParams
+    from pagedserve.devtools.quantized_model import write_quantized
+
+    triton_server = start_triton_server()
+    source = triton_server.repository / "llm" / "1" / "default_model"
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+              "desc_act": False, "checkpoint_format": "gptq"}
+    # A load on the loaded 2-core machine took over the client's default 60 s.
+    client = httpclient.InferenceServerClient(
+        f"127.0.0.1:{triton_server.http_port}", connection_timeout=600, network_timeout=600
+    )
+    try:
+        for name, method in (("llm_gptq", "gptq"), ("llm_gptq_as_awq", "awq"),
+                             ("llm_fp8_online", "fp8")):
+            target = triton_server.repository / name
+            shutil.copytree(triton_server.repository / "llm", target,
+                            ignore=shutil.ignore_patterns("default_model"))
+            if method == "fp8":
+                shutil.copytree(source, target / "1" / "quantized")
+            else:
+                write_quantized(source, target / "1" / "quantized", target / "twin", "gptq",
+                                config, bits=4, group_size=32, sym=True)
+            (target / "1" / "model.json").write_text(json.dumps(
+                {"model": "quantized", "quantization": method, "kv_cache_memory_bytes": 1 << 24}))
+            if method == "awq":
+                with pytest.raises(InferenceServerException) as failure:
+                    client.load_model(name)
+                assert "'quantization' is 'awq'" in str(failure.value)
+                continue
+            client.load_model(name)
+            r = requests.post(
+                f"{triton_server.http_url}/v2/models/{name}/generate",
+                json={"text_input": "Hello world", "exclude_input_in_output": True,
+                      "sampling_parameters": json.dumps({"max_tokens": 8, "temperature": 0})},
+                timeout=120,
+            )
+            assert r.status_code == 200, r.text
+            llm = LLM(str(target / "1" / "quantized"), kv_cache_memory_bytes=1 << 24,
+                      quantization=method)
+            offline = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=8),
+                                   use_tqdm=False)[0].outputs[0].text
+            assert r.json()["text_output"] == offline
+            client.unload_model(name)
+    finally:
+        client.close()

@@ -1,6 +1,6 @@
 """The issue's sampling parameters over a real tritonserver: each out-of-range one is
 INVALID_ARG naming the field, the engine keeps serving the same greedy text with no KV block
-left in use, and the edge values and the new fields are served."""
+left in use, and the edge values and the new fields (prompt_logprobs too) are served."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ REJECTED = [
     ('{"temperature": "inf"}', "temperature"),
     ('{"n": 10000}', "max_num_seqs"),
     ('{"logprobs": 21}', "max_logprobs"),
+    ('{"prompt_logprobs": 21}', "prompt_logprobs"),
+    ('{"prompt_logprobs": "two"}', "prompt_logprobs"),
+    ('{"prompt_logprobs": -2}', "prompt_logprobs"),
     ('{"logit_bias": {"999999": 5}}', "logit_bias"),
 ]
 SERVED = [
@@ -91,3 +94,54 @@ def test_edge_values_and_new_fields_are_served(triton_server):
     assert banned.status_code == 200, banned.text
     out = banned.json()["output_ids"]
     assert all(out[i:i + len(span)] != span for i in range(len(out))), (span, out)
+
+
+def _as_json(entries) -> list:
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in entries]
+
+
+def _assert_same_entries(got: list, expected: list) -> None:
+    assert len(got) == len(expected) and got[0] is None
+    for g, e in zip(got[1:], expected[1:]):
+        assert list(g) == list(e)  # the prompt token first, then the top-k
+        for tid, value in g.items():
+            assert value["rank"] == e[tid]["rank"]
+            assert value["decoded_token"] == e[tid]["decoded_token"]
+            assert value["logprob"] == pytest.approx(e[tid]["logprob"], abs=1e-5)
+
+
+def test_prompt_logprobs_come_back_once_with_return_prompt_logprobs(
+    triton_server, serving_checkpoint
+):
+    from pagedserve import LLM, SamplingParams
+
+    prompt = "Hello world, once more"
+    reference = LLM(str(serving_checkpoint), kv_cache_memory_bytes=32 << 20).generate(
+        prompt, SamplingParams(prompt_logprobs=2, max_tokens=1), use_tqdm=False
+    )[0]
+    expected = _as_json(reference.prompt_logprobs)
+    asks = json.dumps({**GREEDY, "prompt_logprobs": "2"})
+    # Not streamed (HTTP generate): the one response holds them.
+    body = {"text_input": prompt, "sampling_parameters": asks, "return_prompt_logprobs": True}
+    r = requests.post(f"{triton_server.http_url}/v2/models/llm/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    _assert_same_entries(json.loads(r.json()["prompt_logprobs"]), expected)
+    stream = GrpcStream(triton_server.grpc_url)
+    try:
+        inputs = [tensor("text_input", prompt), tensor("stream", True)]
+        streamed = stream.send("llm", inputs + [tensor("sampling_parameters", asks),
+                                                tensor("return_prompt_logprobs", True)])
+        unasked = stream.send("llm", inputs + [tensor("sampling_parameters", json.dumps(GREEDY)),
+                                               tensor("return_prompt_logprobs", True)])
+        unflagged = stream.send("llm", inputs + [tensor("sampling_parameters", asks)])
+        results = stream.collect([streamed, unasked, unflagged], timeout=60)
+    finally:
+        stream.close()
+    # Streamed: the whole list in the first response, [] after it (vLLM's DELTA outputs).
+    first, *rest = [json.loads(r["prompt_logprobs"][0]) for r in results[streamed].responses]
+    _assert_same_entries(first, expected)
+    assert rest and all(entries == [] for entries in rest)
+    assert {r["prompt_logprobs"][0] for r in results[unasked].responses} == {b"null"}
+    assert all("prompt_logprobs" not in r for r in results[unflagged].responses)

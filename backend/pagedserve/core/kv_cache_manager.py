@@ -56,11 +56,17 @@ class KVCacheManager:
             hashes.append(parent)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
-        """The longest cached prefix of ``request`` (whole blocks, short of its last token)."""
+        """The longest cached prefix of ``request`` (whole blocks, short of its last token).
+
+        A request that still owes prompt logprobs finds nothing beyond the positions already
+        scored: cached blocks hold keys and values, not the logits those positions need."""
         if not self._shares(request):
             return [], 0
         self._update_hashes(request)
         max_blocks = (request.num_tokens - 1) // self.block_size
+        if (request.num_prompt_logprobs >= 0
+                and request.num_scored_prompt_tokens < request.num_prompt_positions):
+            max_blocks = min(max_blocks, request.num_scored_prompt_tokens // self.block_size)
         tokens, size = request.all_token_ids, self.block_size
         hits: list[KVCacheBlock] = []
         for i, block_hash in enumerate(request.block_hashes[:max_blocks]):

@@ -47,7 +47,8 @@ class Request:
         "all_token_ids", "sampling_params", "eos_token_ids", "stop_token_ids", "max_tokens",
         "min_tokens", "num_computed_tokens", "num_cached_tokens", "status", "stop_reason",
         "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
-        "num_output_placeholders", "scheduled_time",
+        "num_output_placeholders", "scheduled_time", "num_prompt_logprobs",
+        "num_scored_prompt_tokens",
     )
 
     def __init__(
@@ -87,6 +88,14 @@ class Request:
         self.num_preemptions = 0
         # Hashes chain from the salt, so only requests with the same salt share blocks.
         self.cache_salt = cache_salt
+        # prompt_logprobs: the top-k asked for (-1: none). The first completion computes them
+        # for the whole request. Positions below num_scored_prompt_tokens have been scored by
+        # an earlier run (before a preemption), so a resumed request may find those cached.
+        self.num_prompt_logprobs = (
+            sampling_params.prompt_logprobs
+            if sampling_params.prompt_logprobs is not None and index == 0 else -1
+        )
+        self.num_scored_prompt_tokens = 0
 
     @property
     def num_tokens(self) -> int:
@@ -99,6 +108,11 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_prompt_positions(self) -> int:
+        """Prompt positions whose logits score a prompt token (every one but the last)."""
+        return len(self.prompt_token_ids) - 1
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

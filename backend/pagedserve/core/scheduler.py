@@ -13,6 +13,7 @@ from pagedserve.core.scheduler_output import (
     LogprobsLists,
     ModelRunnerOutput,
     NewRequestData,
+    PromptLogprobsChunk,
     SchedulerOutput,
 )
 
@@ -25,6 +26,8 @@ class EngineCoreOutput:
     new_token_ids: list[int]
     new_logprobs: Optional[tuple[list[int], list[float], int]] = None  # ids, logprobs, rank
     finished: bool = False
+    # Prompt logprobs computed this step; they come before the step's token, if any.
+    prompt_logprobs: Optional[PromptLogprobsChunk] = None
 
 
 @dataclass
@@ -191,9 +194,18 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             eos_token_ids=request.eos_token_ids | request.stop_token_ids,
             seed=None if params.seed is None else params.seed + request.index,
+            num_prompt_logprobs=request.num_prompt_logprobs,
+            prompt_logprobs_from=request.num_scored_prompt_tokens,
         )
 
     def _preempt(self, request: Request) -> None:
+        if request.num_prompt_logprobs >= 0:
+            # Every prompt position computed so far has been (or is being) scored: the
+            # resumed request skips them, and may find their blocks cached.
+            request.num_scored_prompt_tokens = max(
+                request.num_scored_prompt_tokens,
+                min(request.num_computed_tokens, request.num_prompt_positions),
+            )
         self._free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -208,6 +220,7 @@ class Scheduler:
         requests = self.requests
         outputs: list[EngineCoreOutput] = []
         logprobs: Optional[LogprobsLists] = runner_output.logprobs
+        prompt_chunks = runner_output.prompt_logprobs
         for i, (rid, token) in enumerate(
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
         ):
@@ -222,7 +235,10 @@ class Scheduler:
                 (logprobs.token_ids[i], logprobs.logprobs[i], logprobs.ranks[i])
                 if logprobs is not None else None
             )
-            outputs.append(EngineCoreOutput(request, [token], new_logprobs, stopped))
+            outputs.append(EngineCoreOutput(
+                request, [token], new_logprobs, stopped,
+                None if prompt_chunks is None else prompt_chunks.get(rid),
+            ))
             if stopped:
                 del requests[rid]
                 if preempted:  # its blocks are already free
@@ -230,6 +246,12 @@ class Scheduler:
                 else:
                     self.running.remove(request)
                     self._free(request)
+        if prompt_chunks:  # partial prefill chunks: prompt logprobs without a token
+            sampled = set(runner_output.req_ids)
+            for rid, chunk in prompt_chunks.items():
+                request = requests.get(rid)
+                if request is not None and rid not in sampled:
+                    outputs.append(EngineCoreOutput(request, [], prompt_logprobs=chunk))
         return outputs
 
     def stats(self) -> SchedulerStats:

@@ -20,6 +20,10 @@ class NewRequestData:
     num_computed_tokens: int
     eos_token_ids: frozenset[int]  # what min_tokens must hold back
     seed: Optional[int]  # per-request generator seed, or None
+    # prompt_logprobs: the top-k (-1: none), and the first prompt position still to score
+    # (positions before it were scored before a preemption).
+    num_prompt_logprobs: int = -1
+    prompt_logprobs_from: int = 0
 
 
 @dataclass
@@ -50,13 +54,24 @@ class LogprobsLists:
 
 
 @dataclass
+class PromptLogprobsChunk:
+    """One step's prompt logprobs of one request: entry ``i`` scores prompt token
+    ``first_position + i + 1`` (the prompt token first, then the top-k, as LogprobsLists)."""
+
+    first_position: int
+    lists: LogprobsLists
+
+
+@dataclass
 class ModelRunnerOutput:
     """Tokens sampled this step, for the requests whose scheduled tokens reached the end of
-    what is known (prefill done or decode); partial prefill chunks sample nothing."""
+    what is known (prefill done or decode); partial prefill chunks sample nothing. Requests
+    that asked for prompt logprobs get those of the prompt positions this step computed."""
 
     req_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: Optional[LogprobsLists] = None
+    prompt_logprobs: Optional[dict[str, PromptLogprobsChunk]] = None
 
 
 EMPTY_RUNNER_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

@@ -68,6 +68,8 @@ def merge_deltas(old: RequestOutput, new: RequestOutput) -> RequestOutput:
         prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
     old.outputs.sort(key=lambda c: c.index)
     old.finished, old.metrics = new.finished, new.metrics
+    if new.prompt_logprobs:  # delta outputs carry them once, whole
+        old.prompt_logprobs = new.prompt_logprobs
     return old
 
 

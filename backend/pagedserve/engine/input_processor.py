@@ -79,9 +79,29 @@ class InputProcessor:
         if bad:
             raise ValueError(f"{name} hold ids outside the vocabulary [0, {vocab}): {bad[:5]}")
 
+    def _check_num_logprobs(self, name: str, value: Optional[int]) -> Optional[int]:
+        """``logprobs`` or ``prompt_logprobs`` against ``max_logprobs`` (vLLM's rule: -1, the
+        whole vocabulary, needs ``max_logprobs=-1``); returns it with -1 resolved."""
+        if value is None:
+            return None
+        cap = self.vocab_size if self.max_logprobs == -1 else self.max_logprobs
+        if value == -1 and self.max_logprobs != -1:
+            raise ValueError(
+                f"SamplingParams.{name}=-1 (the whole vocabulary) needs the engine "
+                f"argument max_logprobs=-1; it is {self.max_logprobs}"
+            )
+        if value > min(cap, self.vocab_size):
+            raise ValueError(
+                f"SamplingParams.{name} must be at most {min(cap, self.vocab_size)} (the "
+                f"engine's max_logprobs={self.max_logprobs}, vocabulary "
+                f"{self.vocab_size}), got {value}"
+            )
+        return self.vocab_size if value == -1 else value
+
     def process_params(self, params: SamplingParams) -> SamplingParams:
         """Checks ``params`` against the engine; returns them ready for the scheduler (a copy
-        when something had to be resolved: ``logprobs=-1``, the bad words' token ids)."""
+        when something had to be resolved: ``logprobs=-1`` or ``prompt_logprobs=-1``, the
+        bad words' token ids)."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params)}")
         if params.n > self.max_num_seqs:
@@ -91,22 +111,10 @@ class InputProcessor:
                 f"({self.max_num_seqs}), got {params.n}"
             )
         changes: dict[str, Any] = {}
-        logprobs = params.logprobs
-        if logprobs is not None:
-            cap = self.vocab_size if self.max_logprobs == -1 else self.max_logprobs
-            if logprobs == -1 and self.max_logprobs != -1:
-                raise ValueError(
-                    "SamplingParams.logprobs=-1 (the whole vocabulary) needs the engine "
-                    f"argument max_logprobs=-1; it is {self.max_logprobs}"
-                )
-            if logprobs > min(cap, self.vocab_size):
-                raise ValueError(
-                    f"SamplingParams.logprobs must be at most {min(cap, self.vocab_size)} (the "
-                    f"engine's max_logprobs={self.max_logprobs}, vocabulary "
-                    f"{self.vocab_size}), got {logprobs}"
-                )
-            if logprobs == -1:
-                changes["logprobs"] = self.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = self._check_num_logprobs(name, getattr(params, name))
+            if wanted != getattr(params, name):
+                changes[name] = wanted
         for name, ids in params.token_ids_to_check.items():
             self._check_in_vocab(f"SamplingParams.{name}", ids)
         sequences = None

@@ -90,7 +90,9 @@ class LLMEngine:
         model_path = resolve_checkpoint(
             args.model, revision=args.revision, download_dir=args.download_dir
         )
-        model_config = ModelConfig.from_pretrained(model_path, args.trust_remote_code)
+        model_config = ModelConfig.from_pretrained(
+            model_path, args.trust_remote_code, args.quantization
+        )
         model_class(model_config.architecture)  # unsupported architectures fail before loading
         checkpoint_dtype = str(model_config.checkpoint_dtype).removeprefix("torch.")
         self.config = resolve_engine_config(
@@ -99,6 +101,7 @@ class LLMEngine:
             checkpoint_dtype,
             sliding_window=model_config.sliding_window,
             cuda_available=torch.cuda.is_available(),
+            quantized=model_config.quant_config is not None,
         )
         self.model_config = model_config
         tokenizer_path = model_path if args.tokenizer is None else resolve_checkpoint(

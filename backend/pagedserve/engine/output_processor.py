@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import EngineCoreOutput
+from pagedserve.core.scheduler_output import PromptLogprobsChunk
 from pagedserve.engine.loggers import RequestLogger
 from pagedserve.engine.stats import EngineCounters
 from pagedserve.errors import RequestError
@@ -47,6 +48,10 @@ class _RequestState:
     metrics: RequestMetrics
     num_finished: int = 0
     changed: set[int] = field(default_factory=set)  # completions updated since the last output
+    # Asked for prompt logprobs: one entry per prompt token so far (None for the first); they
+    # are shown once complete (with DELTA outputs once, then []).
+    prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = None
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         self.streaming = self.params.output_kind != RequestOutputKind.FINAL_ONLY
@@ -95,6 +100,7 @@ class OutputProcessor:
         self.states[request_id] = _RequestState(
             request_id, prompt, prompt_token_ids, params, completions,
             RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids)),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
 
     def _detokenizer(self, prompt_token_ids: list[int], params: SamplingParams):
@@ -130,6 +136,10 @@ class OutputProcessor:
             if state is None:
                 continue
             try:  # free unless it raises
+                if out.prompt_logprobs is not None:
+                    self._add_prompt_logprobs(state, out.prompt_logprobs)
+                    if not out.new_token_ids:
+                        continue  # a prompt chunk: nothing to show until its first token
                 completion = state.completions[request.index]
                 if completion.logprobs is not None and out.new_logprobs is not None:
                     completion.logprobs.append(self._logprob_entry(*out.new_logprobs))
@@ -188,6 +198,33 @@ class OutputProcessor:
         """Forgets a request without an output (it failed); returns its state, if known."""
         return self.states.pop(request_id, None)
 
+    def _add_prompt_logprobs(self, state: _RequestState, chunk: PromptLogprobsChunk) -> None:
+        entries = state.prompt_logprobs
+        if entries is None or chunk.first_position != len(entries) - 1:
+            # Positions are scored once each, in order (see Request.num_scored_prompt_tokens).
+            raise RuntimeError(
+                f"prompt logprobs from position {chunk.first_position} arrived after "
+                f"{None if entries is None else len(entries) - 1} positions"
+            )
+        lists = chunk.lists
+        for ids, lps, rank in zip(lists.token_ids, lists.logprobs, lists.ranks):
+            entries.append(self._logprob_entry(ids, lps, rank))
+
+    def _prompt_logprobs_output(
+        self, state: _RequestState, delta: bool
+    ) -> Optional[list[Optional[dict[int, Logprob]]]]:
+        """What an output shows (vLLM's rule): None unless asked; the whole list once it is
+        complete, and with DELTA outputs only in the first output after that ([] otherwise)."""
+        entries = state.prompt_logprobs
+        if entries is None:
+            return None
+        if state.prompt_logprobs_sent or len(entries) < len(state.prompt_token_ids):
+            return []
+        if delta:
+            state.prompt_logprobs_sent = True
+            state.prompt_logprobs = []
+        return entries
+
     def _logprob_entry(self, ids: list[int], lps: list[float], rank: int) -> dict[int, Logprob]:
         # The sampled token first, then the top-k by rank (the sampled one may repeat there).
         entry = {ids[0]: Logprob(lps[0], rank, self.tokenizer.decode([ids[0]]))}
@@ -245,6 +282,7 @@ class OutputProcessor:
             finished=finished,
             metrics=state.metrics,
             num_cached_tokens=max(first.num_cached_tokens, 0),
+            prompt_logprobs=self._prompt_logprobs_output(state, delta),
         )
         if finished and self.request_logger is not None:
             self.request_logger.log_finished(output)

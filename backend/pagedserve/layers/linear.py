@@ -119,6 +119,7 @@ class LinearBase(nn.Module):
     """A linear layer whose output is the concatenation of named shards (e.g. q, k, v).
 
     ``shard_names`` map checkpoint shard ids to positions; a single-shard layer uses None.
+    ``prefix`` is the layer's module name in the model (for errors and per-layer choices).
     """
 
     def __init__(
@@ -130,8 +131,10 @@ class LinearBase(nn.Module):
         shard_names: Optional[list[ShardId]] = None,
         linear_method: Optional[LinearMethod] = None,
         dtype: Optional[torch.dtype] = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
+        self.prefix = prefix
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.shard_names = list(shard_names) if shard_names is not None else [None]

@@ -19,8 +19,20 @@ from pagedserve.layers.activation import SiluAndMul
 from pagedserve.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.layers.linear import LinearBase, LinearMethod
 from pagedserve.layers.norm import RMSNorm
+from pagedserve.layers.quantization import QuantizationConfig
 from pagedserve.layers.rotary import RotaryEmbedding
 from pagedserve.models.model_config import ModelConfig
+
+
+def linear_method(
+    quant_config: Optional[QuantizationConfig], prefix: str
+) -> Optional[LinearMethod]:
+    """The method of our layer ``prefix`` from the checkpoint modules it merges."""
+    if quant_config is None:
+        return None
+    parent, _, name = prefix.rpartition(".")
+    shards = [f"{parent}.{ckpt}" for ckpt in _SHARDS_OF.get(name, [name])]
+    return quant_config.linear_method(prefix, shards)
 
 
 class LlamaAttention(nn.Module):
@@ -30,8 +42,9 @@ class LlamaAttention(nn.Module):
         self,
         config: ModelConfig,
         attn: AttentionBackend,
-        linear_method: LinearMethod,
+        quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
+        prefix: str,
     ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -44,12 +57,14 @@ class LlamaAttention(nn.Module):
             [self.q_size, self.kv_size, self.kv_size],
             bias=config.qkv_bias,
             shard_names=["q", "k", "v"],
-            linear_method=linear_method,
+            linear_method=linear_method(quant_config, f"{prefix}.qkv_proj"),
             dtype=dtype,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = LinearBase(
             self.q_size, [config.hidden_size], bias=config.o_proj_bias,
-            linear_method=linear_method, dtype=dtype,
+            linear_method=linear_method(quant_config, f"{prefix}.o_proj"), dtype=dtype,
+            prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = RotaryEmbedding(
             self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
@@ -81,16 +96,24 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """Owns the gated MLP: merged [gate; up] projection, SiLU-and-mul, down projection."""
 
-    def __init__(self, config: ModelConfig, linear_method: LinearMethod, dtype: torch.dtype):
+    def __init__(
+        self,
+        config: ModelConfig,
+        quant_config: Optional[QuantizationConfig],
+        dtype: torch.dtype,
+        prefix: str,
+    ) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = LinearBase(
             config.hidden_size, [size, size], bias=config.mlp_bias, shard_names=[0, 1],
-            linear_method=linear_method, dtype=dtype,
+            linear_method=linear_method(quant_config, f"{prefix}.gate_up_proj"), dtype=dtype,
+            prefix=f"{prefix}.gate_up_proj",
         )
         self.down_proj = LinearBase(
-            size, [config.hidden_size], bias=config.mlp_bias, linear_method=linear_method,
-            dtype=dtype,
+            size, [config.hidden_size], bias=config.mlp_bias,
+            linear_method=linear_method(quant_config, f"{prefix}.down_proj"), dtype=dtype,
+            prefix=f"{prefix}.down_proj",
         )
         self.act = SiluAndMul()
 
@@ -105,14 +128,15 @@ class LlamaDecoderLayer(nn.Module):
         self,
         config: ModelConfig,
         attn: AttentionBackend,
-        linear_method: LinearMethod,
+        quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
+        prefix: str,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, attn, linear_method, dtype)
+        self.self_attn = LlamaAttention(config, attn, quant_config, dtype, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, linear_method, dtype)
+        self.mlp = LlamaMLP(config, quant_config, dtype, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -139,14 +163,14 @@ class LlamaModel(nn.Module):
         self,
         config: ModelConfig,
         attn: AttentionBackend,
-        linear_method: LinearMethod,
+        quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, attn, linear_method, dtype)
-            for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, attn, quant_config, dtype, f"model.layers.{i}")
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -173,6 +197,11 @@ _STACKED = [
     ("gate_proj", "gate_up_proj", 0),
     ("up_proj", "gate_up_proj", 1),
 ]
+# Our merged module -> the checkpoint modules (its shards, in order).
+_SHARDS_OF = {
+    ours: [ckpt for ckpt, merged, _ in _STACKED if merged == ours]
+    for _, ours, _ in _STACKED
+}
 _SKIPPED = re.compile(r"rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached")
 
 
@@ -183,12 +212,12 @@ class LlamaForCausalLM(nn.Module):
         self,
         config: ModelConfig,
         attn: AttentionBackend,
-        linear_method: LinearMethod,
+        quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
     ) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, attn, linear_method, dtype)
+        self.model = LlamaModel(config, attn, quant_config, dtype)
         tied = self.model.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied_to=tied)
 
@@ -209,6 +238,7 @@ class LlamaForCausalLM(nn.Module):
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for name, tensor in weights:
+            original = name
             if _SKIPPED.search(name):
                 continue
             if name.startswith("lm_head.") and self.config.tie_word_embeddings:
@@ -221,20 +251,21 @@ class LlamaForCausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 raise ValueError(
-                    f"checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                    f"checkpoint tensor {original!r} has no place in {type(self).__name__}"
                 )
             loader = getattr(param, "weight_loader", None)
             if loader is None:
                 if param.shape != tensor.shape:
                     raise ValueError(
-                        f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"checkpoint tensor {original!r} has shape {tuple(tensor.shape)}, "
                         f"expected {tuple(param.shape)}"
                     )
                 param.data.copy_(tensor)
-            elif shard_id is None:
-                loader(param, tensor)
             else:
-                loader(param, tensor, shard_id)
+                try:
+                    loader(param, tensor, shard_id)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint tensor {original!r}: {e}") from None
             loaded.add(name)
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")

@@ -13,7 +13,8 @@ from torch import nn
 
 from pagedserve.attention.base import AttentionBackend
 from pagedserve.layers.embedding import LMHead
-from pagedserve.layers.linear import LinearBase, LinearMethod, UnquantizedLinearMethod
+from pagedserve.layers.linear import LinearBase
+from pagedserve.layers.quantization import QuantizationConfig
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 
@@ -47,14 +48,17 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     attn: AttentionBackend,
-    linear_method: Optional[LinearMethod] = None,
+    quant_config: Optional[QuantizationConfig] = None,
 ) -> nn.Module:
-    """Instantiates the architecture's class on ``device`` and loads every parameter."""
+    """Instantiates the architecture's class on ``device`` and loads every parameter
+    (``quant_config`` chooses each linear layer's method; None: all unquantized)."""
     cls = model_class(config.architecture)
     with torch.device(device):
-        model = cls(config, attn, linear_method or UnquantizedLinearMethod(), dtype)
+        model = cls(config, attn, quant_config, dtype)
     loaded = model.load_weights(iterate_weights(config.path))
-    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    # A parameter marked optional (GPTQ's g_idx) may be absent from a checkpoint.
+    required = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)}
+    missing = sorted(required - loaded)
     if missing:
         raise ValueError(f"checkpoint {config.path} lacks weights for: {', '.join(missing[:8])}")
     for module in model.modules():

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import torch
 
+from pagedserve.layers.quantization import QuantizationConfig, parse_quantization
+
 _DTYPE_NAMES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
@@ -50,10 +52,17 @@ class ModelConfig:
     # The attention window, or None for full attention (Qwen2-style configs carry a window
     # that use_sliding_window=false turns off).
     sliding_window: Optional[int] = None
+    # The checkpoint's quantization (None: full-precision weights).
+    quant_config: Optional[QuantizationConfig] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_pretrained(cls, path: Path | str, trust_remote_code: bool = False) -> ModelConfig:
+    def from_pretrained(
+        cls, path: Path | str, trust_remote_code: bool = False,
+        quantization: Optional[str] = None,
+    ) -> ModelConfig:
+        """Reads ``path``/config.json; ``quantization`` (the engine argument) must agree with
+        the checkpoint's quantization when given."""
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -92,6 +101,7 @@ class ModelConfig:
             checkpoint_dtype=_DTYPE_NAMES.get(str(dtype_name), torch.float32),
             eos_token_ids=_eos_ids(path, raw),
             sliding_window=_sliding_window(raw),
+            quant_config=parse_quantization(path, raw, quantization),
             raw=raw,
         )
 

@@ -1,4 +1,5 @@
-"""The llm model's tensor contract: vllm_backend's inputs and outputs, plus input_ids/output_ids.
+"""The llm model's tensor contract: vllm_backend's inputs and outputs, plus input_ids/output_ids
+and return_prompt_logprobs/prompt_logprobs.
 
 Parsing here is plain numpy and JSON so that it is testable without a tritonserver; the Triton
 side (``model.py``, ``handler.py``) only moves tensors in and out.
@@ -26,6 +27,8 @@ INPUTS: tuple[dict[str, Any], ...] = (
     {"name": "return_logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "return_num_input_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "return_num_output_tokens", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    # Not vllm_backend's: prompt logprobs in its return_* style.
+    {"name": "return_prompt_logprobs", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
 )
 
 OUTPUTS: tuple[dict[str, Any], ...] = (
@@ -36,6 +39,7 @@ OUTPUTS: tuple[dict[str, Any], ...] = (
     {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
     {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
     {"name": "output_ids", "data_type": "TYPE_INT32", "dims": [-1]},
+    {"name": "prompt_logprobs", "data_type": "TYPE_STRING", "dims": [1]},
 )
 
 RETURN_FLAGS = (
@@ -44,6 +48,7 @@ RETURN_FLAGS = (
     "return_logprobs",
     "return_num_input_tokens",
     "return_num_output_tokens",
+    "return_prompt_logprobs",
 )
 
 Prompt = Union[str, dict[str, list[int]]]
@@ -72,32 +77,37 @@ class GenerateRequest:
         return flag in self.flags
 
 
-def _scalar(array: np.ndarray, name: str) -> Any:
+def scalar_input(array: np.ndarray, name: str) -> Any:
+    """The one element of an input tensor, as a Python value."""
     flat = np.asarray(array).reshape(-1)
     if flat.size != 1:
         raise InvalidRequest(f"input '{name}' must hold exactly one element, got {flat.size}")
-    return flat[0]
+    value = flat[0]
+    return value.item() if isinstance(value, np.generic) else value
 
 
-def _text(value: Any, name: str) -> str:
+def text_value(value: Any, name: str) -> str:
+    """A BYTES element as text: UTF-8, or an error naming the input."""
     if isinstance(value, (bytes, np.bytes_)):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError as e:
             raise InvalidRequest(f"input '{name}' is not valid UTF-8: {e}") from None
-    return str(value)
+    if isinstance(value, str):
+        return value
+    raise InvalidRequest(f"input '{name}' must be a string (BYTES), got {type(value).__name__}")
 
 
 def _bool(tensors: Mapping[str, np.ndarray], name: str) -> Optional[bool]:
     if name not in tensors:
         return None
-    return bool(_scalar(tensors[name], name))
+    return bool(scalar_input(tensors[name], name))
 
 
 def _sampling_dict(tensors: Mapping[str, np.ndarray], request_parameters: str) -> dict:
     if "sampling_parameters" in tensors:
         source = "sampling_parameters"
-        raw = _text(_scalar(tensors["sampling_parameters"], source), source)
+        raw = text_value(scalar_input(tensors["sampling_parameters"], source), source)
     else:
         # vllm_backend's fallback: the request's parameters (HTTP generate puts the top-level
         # keys that are not inputs there).
@@ -142,7 +152,7 @@ def parse_request(
     if has_text and has_ids:
         raise InvalidRequest("give either 'text_input' or 'input_ids', not both")
     if has_text:
-        prompt: Prompt = _text(_scalar(tensors["text_input"], "text_input"), "text_input")
+        prompt: Prompt = text_value(scalar_input(tensors["text_input"], "text_input"), "text_input")
     elif has_ids:
         ids = np.asarray(tensors["input_ids"]).reshape(-1)
         if ids.size == 0:

@@ -25,6 +25,8 @@ import gc
 import os
 import sys
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
@@ -151,8 +153,20 @@ class EngineRecovery:
         if not self._wait_drained(DRAIN_TIMEOUT_S):
             self._log_error("pagedserve: requests of the failed engine are still in flight")
         old.shutdown()
+        gone = weakref.ref(old)
         del old
+        # A request's coroutine may still hold the engine for a moment after its final
+        # response; what it leaves behind after that sits in cycles that only a collection
+        # frees (and a rebuild must not start beside the old KV cache), so collect until the
+        # engine is gone.
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
         free_memory()
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            free_memory()
+        if gone() is not None:
+            self._log_error("pagedserve: the failed engine is still referenced; its memory "
+                            "is freed once that reference goes")
 
     def _rebuild(self) -> None:
         with self._lock:

@@ -18,13 +18,14 @@ from pagedserve.outputs import RequestOutput
 from pagedserve.serving.contract import GenerateRequest
 
 
-def _logprobs_json(entries: Optional[list[dict[int, Any]]]) -> bytes:
-    """vllm_backend's format: one ``{token_id: {logprob, rank, decoded_token}}`` per token."""
+def _logprobs_json(entries: Optional[list[Optional[dict[int, Any]]]]) -> bytes:
+    """vllm_backend's format: one ``{token_id: {logprob, rank, decoded_token}}`` per token
+    (``null`` for a position without logprobs: the prompt's first token)."""
     if entries is None:
         return b"null"
     return json.dumps(
         [
-            {
+            None if entry is None else {
                 str(token_id): {
                     "logprob": lp.logprob,
                     "rank": lp.rank,
@@ -95,4 +96,10 @@ class ResponseBuilder:
             tensors["num_output_tokens"] = np.array(new_tokens, dtype=np.uint32)
         if "output_ids" in self.requested:
             tensors["output_ids"] = np.array(ids, dtype=np.int32)
+        if req.wants("return_prompt_logprobs"):
+            # The whole list in the first response, [] after it (vLLM's DELTA outputs), null
+            # when sampling_parameters did not ask for prompt_logprobs.
+            tensors["prompt_logprobs"] = np.array(
+                [_logprobs_json(output.prompt_logprobs)], dtype=np.object_
+            )
         return tensors

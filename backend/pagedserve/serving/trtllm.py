@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.serving.contract import InvalidRequest
+from pagedserve.serving.contract import InvalidRequest, scalar_input, text_value
 
 # TensorRT-LLM input -> SamplingParams field, passed through as given.
 SCALAR_FIELDS: dict[str, str] = {
@@ -79,34 +79,15 @@ class TrtllmRequest:
         return json.dumps(self.sampling).encode("utf-8")
 
 
-def _scalar(array: np.ndarray, name: str) -> Any:
-    flat = np.asarray(array).reshape(-1)
-    if flat.size != 1:
-        raise InvalidRequest(f"input '{name}' must hold exactly one element, got {flat.size}")
-    value = flat[0]
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _text(value: Any, name: str) -> str:
-    if isinstance(value, (bytes, np.bytes_)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidRequest(f"input '{name}' is not valid UTF-8: {e}") from None
-    if isinstance(value, str):
-        return value
-    raise InvalidRequest(f"input '{name}' must be a string (BYTES), got {type(value).__name__}")
-
-
 def _flag(tensors: Mapping[str, np.ndarray], name: str) -> bool:
-    return name in tensors and bool(_scalar(tensors[name], name))
+    return name in tensors and bool(scalar_input(tensors[name], name))
 
 
 def _words(tensors: Mapping[str, np.ndarray], name: str) -> list[str]:
     """A STRING[-1] word list; empty strings are padding (TensorRT-LLM clients send [""])."""
     if name not in tensors:
         return []
-    return [_text(item, name) for item in np.asarray(tensors[name]).reshape(-1)]
+    return [text_value(item, name) for item in np.asarray(tensors[name]).reshape(-1)]
 
 
 def _finite(value: Any, name: str) -> Any:
@@ -149,7 +130,7 @@ class TrtllmTranslator:
         """``tensors``: name -> array of one request (one batch item, no batch dimension)."""
         if "text_input" not in tensors:
             raise InvalidRequest("input 'text_input' is required")
-        prompt = _text(_scalar(tensors["text_input"], "text_input"), "text_input")
+        prompt = text_value(scalar_input(tensors["text_input"], "text_input"), "text_input")
         if not prompt:
             raise InvalidRequest("input 'text_input' is empty")
         sampling = self.sampling_parameters(tensors)
@@ -171,24 +152,24 @@ class TrtllmTranslator:
         for name in UNSUPPORTED_FLAGS:
             if _flag(tensors, name):
                 raise InvalidRequest(f"input '{name}' = true is not supported by pagedserve")
-        if "beam_width" in tensors and _scalar(tensors["beam_width"], "beam_width") != 1:
+        if "beam_width" in tensors and scalar_input(tensors["beam_width"], "beam_width") != 1:
             raise InvalidRequest(
                 f"input 'beam_width' must be 1 (pagedserve has no beam search), got "
-                f"{_scalar(tensors['beam_width'], 'beam_width')}; use 'num_return_sequences' "
+                f"{scalar_input(tensors['beam_width'], 'beam_width')}; use 'num_return_sequences' "
                 "for several completions"
             )
         values: dict[str, Any] = {}
         for name, field in SCALAR_FIELDS.items():
             if name not in tensors:
                 continue
-            value = _finite(_scalar(tensors[name], name), name)
+            value = _finite(scalar_input(tensors[name], name), name)
             if field in values and values[field] != value:
                 raise InvalidRequest(
                     f"inputs 'min_tokens' ({values[field]}) and 'min_length' ({value}) "
                     "disagree; min_length is an alias of min_tokens"
                 )
             values[field] = value
-        given = {name: _finite(_scalar(tensors[name], name), name)
+        given = {name: _finite(scalar_input(tensors[name], name), name)
                  for name in SAMPLING_FIELDS if name in tensors}
         self._sampling(given, values)
         stop = [w for w in _words(tensors, "stop_words") if w]
@@ -201,7 +182,7 @@ class TrtllmTranslator:
         if bias:
             values["logit_bias"] = bias
         if "end_id" in tensors:
-            self._end_id(_scalar(tensors["end_id"], "end_id"), values)
+            self._end_id(scalar_input(tensors["end_id"], "end_id"), values)
         if _flag(tensors, "return_log_probs"):
             values["logprobs"] = 0  # the sampled token's log probability
         # Checked here so that a bad value is an error even where TensorRT-LLM's rules ignore

@@ -11,6 +11,7 @@ import torch
 
 from pagedserve.core.scheduler_output import NewRequestData
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.worker.prompt_logprobs import PromptLogprobsPlan
 from pagedserve.worker.sampler import SamplingMetadata
 
 _GREEDY_EPS = 1e-5
@@ -59,6 +60,11 @@ class InputBatch:
         self.bad_words: dict[int, tuple[list[int], list[tuple[list[int], int]]]] = {}
         # Rows whose sampling reads the tokens generated so far (penalties, longer bad words).
         self._history_rows: set[int] = set()
+        # prompt_logprobs: top-k per row (-1: none), the first prompt position still to score,
+        # and the rows with positions still to score (a row leaves once it has scored them).
+        self.num_prompt_logprobs = np.full(max_num_reqs, -1, dtype=np.int32)
+        self.prompt_logprobs_from = np.zeros(max_num_reqs, dtype=np.int32)
+        self.prompt_logprob_rows: set[int] = set()
 
     def add(self, req: NewRequestData, device: torch.device) -> int:
         row = self._free_rows.pop()
@@ -73,6 +79,10 @@ class InputBatch:
         self.num_computed[row] = req.num_computed_tokens
         self.num_blocks[row] = 0
         self.append_blocks(row, req.block_ids)
+        self.num_prompt_logprobs[row] = req.num_prompt_logprobs
+        self.prompt_logprobs_from[row] = req.prompt_logprobs_from
+        if req.num_prompt_logprobs >= 0 and req.prompt_logprobs_from < req.num_prompt_tokens - 1:
+            self.prompt_logprob_rows.add(row)
         self._set_sampling(row, req, device)
         return row
 
@@ -146,6 +156,7 @@ class InputBatch:
         self.logit_bias.pop(row, None)
         self.bad_words.pop(row, None)
         self._history_rows.discard(row)
+        self.prompt_logprob_rows.discard(row)
         self._free_rows.append(row)
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
@@ -169,6 +180,44 @@ class InputBatch:
         for (``serials``: the rows' serial numbers then; a row reused since has a new one)."""
         same = self.serial[rows] == serials
         self.token_ids[rows[same], positions[same]] = tokens[same]
+
+    def prompt_logprobs_plan(
+        self, rows: np.ndarray, num_sched: np.ndarray
+    ) -> Optional[PromptLogprobsPlan]:
+        """The prompt positions this step computes that still owe logprobs, for the rows of
+        ``prompt_logprob_rows`` among ``rows`` (the step's rows, in order, with their scheduled
+        token counts); None if there are none. Call it before the
+        step's tokens are counted as computed. Rows that score their last positions leave
+        ``prompt_logprob_rows``."""
+        found = _rows_among(rows, self.prompt_logprob_rows)
+        if not found:
+            return None
+        idx = np.array([i for i, _ in found], dtype=np.int64)
+        mine = rows[idx]
+        computed = self.num_computed[mine].astype(np.int64)
+        first = np.maximum(computed, self.prompt_logprobs_from[mine])
+        end = np.minimum(computed + num_sched[idx], self.num_prompt_tokens[mine] - 1)
+        counts = np.maximum(end - first, 0)
+        for row in mine[end >= self.num_prompt_tokens[mine] - 1].tolist():
+            self.prompt_logprob_rows.discard(row)
+        keep = counts > 0
+        if not keep.any():
+            return None
+        idx, mine, computed, first, counts = (
+            a[keep] for a in (idx, mine, computed, first, counts)
+        )
+        owner = np.repeat(np.arange(len(mine)), counts)
+        within = np.arange(int(counts.sum())) - (np.cumsum(counts) - counts)[owner]
+        positions = first[owner] + within
+        step_start = (np.cumsum(num_sched) - num_sched)[idx]
+        return PromptLogprobsPlan(
+            req_ids=[self.req_id_of[row] for row in mine.tolist()],
+            first_positions=first.tolist(),
+            counts=counts.tolist(),
+            num_logprobs=self.num_prompt_logprobs[mine].tolist(),
+            token_index=(step_start[owner] + positions - computed[owner]).astype(np.int64),
+            targets=self.token_ids[mine[owner], positions + 1].astype(np.int64),
+        )
 
     @property
     def needs_output_tokens(self) -> bool:

@@ -1,19 +1,23 @@
-"""How much GPU memory the KV cache may take: the arithmetic, and the sampler's worst case.
+"""How much GPU memory the KV cache may take: the arithmetic, and the worst cases of the
+sampler and of prompt logprobs.
 
 The budget follows vLLM: ``gpu_memory_utilization`` is the share of the device this engine may
 use. What it needs besides the KV cache is measured: the torch allocator's peak over the
-weights and a profiling step (a forward over ``max_num_batched_tokens`` and the sampler at its
-worst), plus what the process took outside torch's allocator meanwhile (cuBLAS workspaces,
-kernels). Memory other processes hold is seen through ``torch.cuda.mem_get_info``: the share
-must be free when the engine starts, and the cache never takes more than is free now.
+weights and a profiling step (a forward over ``max_num_batched_tokens``, prompt logprobs for
+all of it, and the sampler at its worst), plus what the process took outside torch's
+allocator meanwhile (cuBLAS workspaces, kernels). Memory other processes hold is seen through
+``torch.cuda.mem_get_info``: the share must be free when the engine starts, and the cache never
+takes more than is free now.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from pagedserve.worker.prompt_logprobs import PromptLogprobsPlan
 from pagedserve.worker.sampler import SamplingMetadata
 
 GIB = 1 << 30
@@ -103,4 +107,17 @@ def worst_case_sampling(
         bias_rows=torch.zeros(1, dtype=torch.int64, device=device),
         bias_tokens=torch.zeros(1, dtype=torch.int64, device=device),
         bias_values=torch.ones(1, device=device),
+    )
+
+
+def worst_case_prompt_logprobs(
+    num_tokens: int, vocab_size: int, max_logprobs: int
+) -> PromptLogprobsPlan:
+    """Prompt logprobs for every one of a step's ``num_tokens`` tokens at the widest top-k:
+    their results, and one slice of logits at a time (``prompt_logprobs.slice_rows``)."""
+    index = np.arange(num_tokens, dtype=np.int64)
+    return PromptLogprobsPlan(
+        req_ids=["profile"], first_positions=[0], counts=[num_tokens],
+        num_logprobs=[min(max_logprobs, vocab_size)],
+        token_index=index, targets=index % vocab_size,
     )

@@ -28,7 +28,13 @@ from pagedserve.worker.isolation import sample_isolating
 from pagedserve.worker.memory_profiling import (
     DeviceMemory,
     kv_cache_budget,
+    worst_case_prompt_logprobs,
     worst_case_sampling,
+)
+from pagedserve.worker.prompt_logprobs import (
+    PromptLogprobsPlan,
+    PromptLogprobsTensors,
+    compute_prompt_logprobs,
 )
 from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.step_buffers import StepBuffers
@@ -53,6 +59,7 @@ class LaunchedStep:
     logprobs_host: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     num_logprobs: np.ndarray  # per sampled row, -1 for none
     done: Optional[torch.cuda.Event]  # None on the CPU, where all of it has already run
+    prompt_logprobs: Optional[PromptLogprobsTensors] = None  # host copies, in flight too
     output: Optional[ModelRunnerOutput] = None  # set by collect
 
 
@@ -93,7 +100,9 @@ class ModelRunner:
             scale=model_config.head_dim ** -0.5,
             block_size=config.block_size,
         )
-        self.model = load_model(model_config, self.dtype, self.device, self.attn)
+        self.model = load_model(
+            model_config, self.dtype, self.device, self.attn, model_config.quant_config
+        )
         self.vocab_size = model_config.vocab_size
         self.batch = InputBatch(
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
@@ -164,8 +173,9 @@ class ModelRunner:
 
     def _profile_run(self) -> None:
         """The largest step the engine can run, to measure its peak memory: a forward over
-        max_num_batched_tokens dummy tokens, then logits for the most rows a step samples
-        and the sampler at its worst on them (see ``worst_case_sampling``)."""
+        max_num_batched_tokens dummy tokens, then logits for the most rows a step samples,
+        a slice of prompt logprobs, and the sampler at its worst on those rows (see
+        ``worst_case_sampling``)."""
         tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         cache = [torch.empty(2, 1, self.block_size, self.model_config.num_kv_heads,
                              self.model_config.head_dim, dtype=self.dtype, device=self.device)
@@ -191,7 +201,14 @@ class ModelRunner:
             hidden = self.model(ids, torch.arange(tokens, device=self.device), cache, meta)
             index = torch.arange(rows, device=self.device) % tokens
             logits = self.model.compute_logits(hidden[index])
-            del hidden  # as in a step: only the logits outlive the forward
+            # As in a step: prompt logprobs (one slice at the widest top-k) while the hidden
+            # states live; only the logits outlive the forward.
+            compute_prompt_logprobs(
+                self.model.compute_logits, hidden,
+                worst_case_prompt_logprobs(tokens, self.vocab_size, max_logprobs),
+                self.vocab_size,
+            )
+            del hidden
             self.sampler(
                 logits, worst_case_sampling(rows, self.vocab_size, self.device, max_logprobs)
             )
@@ -237,7 +254,10 @@ class ModelRunner:
             self.collect(pending_from)  # penalties and bad words read the previous tokens
             pending_from = None
         inputs, sample_mask = self._prepare_inputs(rows, num_sched, pending_from)
-        logits = self._forward_logits(inputs)
+        prompt_plan = (
+            batch.prompt_logprobs_plan(rows, num_sched) if batch.prompt_logprob_rows else None
+        )
+        logits, prompt_logprobs = self._forward_logits(inputs, prompt_plan)
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
         out = None
@@ -260,6 +280,10 @@ class ModelRunner:
                 self._to_host(out.sampled_rank),
             ),
             num_logprobs=batch.num_logprobs[sample_rows],
+            prompt_logprobs=None if prompt_logprobs is None else PromptLogprobsTensors(
+                prompt_logprobs.plan, self._to_host(prompt_logprobs.token_ids),
+                self._to_host(prompt_logprobs.logprobs), self._to_host(prompt_logprobs.ranks),
+            ),
             done=self._record_event(),  # last: after the copies above
         )
         self._older, self._latest = self._latest, launched
@@ -308,7 +332,10 @@ class ModelRunner:
         logprobs = None
         if launched.logprobs_host is not None:
             logprobs = self._logprobs_lists(launched.num_logprobs, *launched.logprobs_host)
-        launched.output = ModelRunnerOutput(launched.req_ids, sampled.tolist(), logprobs)
+        launched.output = ModelRunnerOutput(
+            launched.req_ids, sampled.tolist(), logprobs,
+            None if launched.prompt_logprobs is None else launched.prompt_logprobs.to_chunks(),
+        )
         if launched is self._older:
             self._older = None
         return launched.output
@@ -417,7 +444,11 @@ class ModelRunner:
         )
         return inputs, sample_mask
 
-    def _forward_logits(self, inputs: ForwardInputs) -> torch.Tensor:
+    def _forward_logits(
+        self, inputs: ForwardInputs, prompt_plan: Optional[PromptLogprobsPlan]
+    ) -> tuple[torch.Tensor, Optional[PromptLogprobsTensors]]:
+        """Runs the forward; returns the logits of the rows that sample and, with a plan,
+        the prompt logprobs it asks for (from the hidden states, before they are freed)."""
         if inputs.graph_size:
             hidden = self.graphs.replay(inputs.graph_size)
         else:
@@ -425,7 +456,12 @@ class ModelRunner:
             hidden = self.model(
                 inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata
             )
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        if prompt_plan is None:
+            return logits, None
+        return logits, compute_prompt_logprobs(
+            self.model.compute_logits, hidden, prompt_plan, self.vocab_size
+        )
 
     @staticmethod
     def _logprobs_lists(

@@ -90,8 +90,8 @@ class Sampler:
                 sampled = torch.where(greedy, argmax(logits), sampled)
             out.sampled = sampled
         if meta.max_num_logprobs >= 0:
-            out.logprob_token_ids, out.logprobs, out.sampled_rank = self._logprobs(
-                raw, out.sampled, meta
+            out.logprob_token_ids, out.logprobs, out.sampled_rank = gather_logprobs(
+                raw, out.sampled, meta.max_num_logprobs
             )
         return out
 
@@ -140,18 +140,22 @@ class Sampler:
             noise[row].exponential_(generator=generator)
         return argmax(probs.div_(noise))
 
-    @staticmethod
-    def _logprobs(
-        raw: torch.Tensor, sampled: torch.Tensor, meta: SamplingMetadata
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logprobs = raw.log_softmax(dim=-1)
-        chosen = logprobs.gather(1, sampled[:, None])
-        rank = (logprobs > chosen).sum(dim=-1) + 1
-        if meta.max_num_logprobs == 0:
-            return sampled[:, None], chosen, rank
-        top_lp, top_ids = logprobs.topk(meta.max_num_logprobs, dim=-1)
-        ids = torch.cat([sampled[:, None], top_ids], 1)
-        return ids, torch.cat([chosen, top_lp], 1), rank
+
+
+def gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_logprobs: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of raw ``logits``: the logprob of ``token_ids[row]`` and its rank (1 = most
+    likely; tokens tied with it do not count), then the ``num_logprobs`` most likely tokens.
+    Returns ids and logprobs ``[n, num_logprobs + 1]`` (the given token first) and ranks
+    ``[n]``. Log-softmax runs in fp32 whatever the logits' dtype (as vLLM's)."""
+    logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    rank = (logprobs > chosen).sum(dim=-1) + 1
+    if num_logprobs == 0:
+        return token_ids[:, None], chosen, rank
+    top_lp, top_ids = logprobs.topk(num_logprobs, dim=-1)
+    return torch.cat([token_ids[:, None], top_ids], 1), torch.cat([chosen, top_lp], 1), rank
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ detokenizer instead, and tensorrt_llm_bls passes those on.
 """
 
 import json
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -41,16 +40,7 @@ class TritonPythonModel:
         return [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
 
     def execute(self, requests):
-        now = time.monotonic()
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                outputs = self._outputs(request)
-            except InvalidRequest as e:
-                self.errors.send(sender, str(e), "INVALID_ARG", now)
-                continue
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.errors.respond_each(requests, self._outputs)
         return None
 
     def finalize(self):

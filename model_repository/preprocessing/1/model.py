@@ -8,12 +8,10 @@ keeps Triton 2.51's gRPC frontend from crashing on them.
 """
 
 import json
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from pagedserve.serving.contract import InvalidRequest
 from pagedserve.serving.error_sender import ErrorSender
 from pagedserve.serving.trtllm import INPUT_NAMES, TrtllmTranslator, tokenizer_dir_parameter
 from pagedserve.tokenizer.tokenizer import load_tokenizer
@@ -42,16 +40,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("sampling_parameters", params)]
 
     def execute(self, requests):
-        now = time.monotonic()
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                outputs = self._outputs(request)
-            except InvalidRequest as e:
-                self.errors.send(sender, str(e), "INVALID_ARG", now)
-                continue
-            sender.send(pb_utils.InferenceResponse(output_tensors=outputs),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self.errors.respond_each(requests, self._outputs)
         return None
 
     def finalize(self):
