@@ -4,7 +4,7 @@
 #   docker run --gpus all --rm -p 8000:8000 -p 8001:8001 -p 8002:8002 \
 #       -v "$PWD/model_repository:/models" pagedserve tritonserver --model-repository /models
 #
-# The image also holds a ready repository with the small default model:
+# The image also holds a ready repository with the small trained default model:
 #   docker run --gpus all --rm -p 8000-8002:8000-8002 pagedserve \
 #       tritonserver --model-repository /opt/pagedserve/model_repository
 #
@@ -28,8 +28,5 @@ RUN python3 -m pip install ".[kernels]" "tritonclient[grpc,http]>=2.50" requests
 
 COPY model_repository ./model_repository
 COPY client_examples ./client_examples
-RUN rm -rf model_repository/llm/1/default_model \
-    && python3 -m pagedserve.devtools.default_model \
-        --out /opt/pagedserve/model_repository/llm/1/default_model
 
 EXPOSE 8000 8001 8002

@@ -1,10 +1,12 @@
-"""Decode throughput of int weight-only quantized checkpoints on the CPU, side by side:
+"""Decode throughput of quantized checkpoints on the CPU, side by side:
 
     python benchmarks/quant_bench.py [--preset cpu-small] [--batch 1 16] [--tokens 64] [--threads N]
 
 The preset's checkpoint runs dense in float32 and bfloat16, and quantized W8A16 (compressed-
 tensors pack-quantized, 8 bit channel-wise) and W4A16 (GPTQ, 4 bit, group 128), in bfloat16
-activations, which torch's CPU weight-only kernels are vectorized for. Decode tok/s =
+activations, which torch's CPU weight-only kernels are vectorized for; W8A8 (compressed-tensors
+int-quantized, int8 channel-wise weights, dynamic per-token int8 activations: torch._int_mm) and
+online FP8 (``quantization="fp8"``: fp8 weights dequantized per call) in float32. Decode tok/s =
 batch * (tokens - 1) / (time of ``tokens`` tokens - time of 1 token), best of ``--repeats``
 interleaved rounds (the machine may be shared).
 """
@@ -26,15 +28,21 @@ W8A16 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "igno
          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None,
                                        "weights": {"num_bits": 8, "type": "int",
                                                    "symmetric": True, "strategy": "channel"}}}}
+W8A8 = {"quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"},
+            "input_activations": {"num_bits": 8, "type": "int", "symmetric": True,
+                                  "strategy": "token", "dynamic": True}}}}
 W4A16 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
          "checkpoint_format": "gptq"}
 
 
 def quantized_checkpoints(base: pathlib.Path) -> dict[str, pathlib.Path]:
-    """W8A16 and W4A16 versions of ``base``, built once next to it."""
+    """W8A16, W4A16 and W8A8 versions of ``base``, built once next to it."""
     out = {}
     for name, fmt, config, bits, group in (
         ("w8a16", "pack_quantized", W8A16, 8, -1), ("w4a16", "gptq", W4A16, 4, 128),
+        ("w8a8", "int_quantized", W8A8, 8, -1),
     ):
         path = base.parent / f"{base.name}-{name}"
         if not (path / "config.json").is_file():
@@ -71,14 +79,17 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     base = model_dir(args.preset)
     quantized = quantized_checkpoints(base)
-    configs: dict[str, tuple[pathlib.Path, str]] = {
-        "fp32": (base, "float32"), "bf16": (base, "bfloat16"),
-        "w8a16": (quantized["w8a16"], "bfloat16"), "w4a16": (quantized["w4a16"], "bfloat16"),
+    configs: dict[str, tuple[pathlib.Path, str, dict[str, Any]]] = {
+        "fp32": (base, "float32", {}), "bf16": (base, "bfloat16", {}),
+        "w8a16": (quantized["w8a16"], "bfloat16", {}),
+        "w4a16": (quantized["w4a16"], "bfloat16", {}),
+        "w8a8": (quantized["w8a8"], "float32", {}),
+        "fp8": (base, "float32", {"quantization": "fp8"}),
     }
     engines: dict[str, Any] = {
         name: LLM(str(path), dtype=dtype, kv_cache_memory_bytes=256 << 20,
-                  max_num_seqs=max(args.batch))
-        for name, (path, dtype) in configs.items()
+                  max_num_seqs=max(args.batch), **extra)
+        for name, (path, dtype, extra) in configs.items()
     }
     best: dict[tuple[str, int], float] = {}
     for _ in range(args.repeats):

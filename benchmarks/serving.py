@@ -330,7 +330,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         repository = work / "model_repository"
         shutil.copytree(REPO_ROOT / "model_repository" / "llm", repository / "llm",
-                        ignore=shutil.ignore_patterns("default_model", "__pycache__"))
+                        ignore=shutil.ignore_patterns("default_model", "draft_model",
+                                                      "__pycache__"))
         engine_json = repository / "llm" / "1" / "model.json"
         engine_json.write_text(json.dumps(engine_args))
         if args.no_metrics:

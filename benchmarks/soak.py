@@ -425,15 +425,14 @@ async def soak(args: argparse.Namespace, server: Any) -> bool:
 
 
 def _repository(dest: Path, model: Optional[Path], engine_args: list[str]) -> Path:
-    """A copy of the shipped model repository with the default model (or ``model``) and
-    ``KEY=JSON`` entries added to llm/1/model.json."""
-    from pagedserve.devtools.default_model import build_default_model
-
+    """A copy of the shipped model repository (its committed default model replaced by
+    ``model`` when given) with ``KEY=JSON`` entries added to llm/1/model.json."""
     shutil.copytree(REPO_ROOT / "model_repository", dest,
-                    ignore=shutil.ignore_patterns("default_model", "__pycache__"))
-    target = dest / "llm" / "1" / "default_model"
-    source = model if model is not None else build_default_model()
-    shutil.copytree(source, target)
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    if model is not None:
+        target = dest / "llm" / "1" / "default_model"
+        shutil.rmtree(target)
+        shutil.copytree(model, target)
     model_json = dest / "llm" / "1" / "model.json"
     values = json.loads(model_json.read_text())
     for item in engine_args:

@@ -3,8 +3,8 @@
     .venv/bin/python client_examples/chat_loop.py [--url localhost:8001] [--history]
 
 With --history, earlier turns are sent again as a plain "User:/Assistant:" transcript (the
-engine's prefix cache then reuses their KV blocks). The default model has random weights:
-its replies are noise, but they stream like a real model's.
+engine's prefix cache then reuses their KV blocks). The default model knows only Python
+source code: it continues a prompt as code, not as a conversation.
 """
 
 from __future__ import annotations

@@ -68,11 +68,13 @@ def main() -> None:
     parser.add_argument("--model", default="llm")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="vLLM's repetition_penalty (> 1 discourages repeating tokens)")
     args = parser.parse_args()
-    stream_completion(
-        args.url, args.model, args.prompt,
-        {"max_tokens": args.max_tokens, "temperature": args.temperature},
-    )
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.repetition_penalty is not None:
+        sampling["repetition_penalty"] = args.repetition_penalty
+    stream_completion(args.url, args.model, args.prompt, sampling)
 
 
 if __name__ == "__main__":

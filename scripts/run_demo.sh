@@ -3,9 +3,12 @@
 # streams a completion to the terminal over gRPC, then stops the server.
 # Run scripts/setup.sh first (README: scripts/setup.sh && scripts/run_demo.sh).
 #   scripts/run_demo.sh ["prompt"]        KEEP_SERVER=1 leaves the server running.
+# The default model writes Python; end a prompt with a newline where a line ends (the tokenizer
+# joins "):" and the newline after it into one token, so a prompt that stops at "):" asks for
+# more on the same line). Greedy with a repetition penalty: small models loop when fully greedy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PROMPT=${1:-"The quick brown fox"}
+PROMPT=${1:-$'def fibonacci(n):\n'}
 HTTP_PORT=${HTTP_PORT:-8000} GRPC_PORT=${GRPC_PORT:-8001} METRICS_PORT=${METRICS_PORT:-8002}
 LOG=${LOG:-.cache/tritonserver.log}
 mkdir -p "$(dirname "$LOG")"
@@ -27,8 +30,10 @@ for _ in $(seq 1 600); do
 done
 curl -sf "localhost:$HTTP_PORT/v2/health/ready" >/dev/null || { tail -n 40 "$LOG" >&2; exit 1; }
 
-echo "prompt: $PROMPT" >&2
-.venv/bin/python client_examples/grpc_stream.py --url "localhost:$GRPC_PORT" "$PROMPT"
+echo "--- the prompt, then the streamed completion ---" >&2
+printf '%s' "$PROMPT"
+.venv/bin/python client_examples/grpc_stream.py --url "localhost:$GRPC_PORT" \
+    --max-tokens "${MAX_TOKENS:-96}" --repetition-penalty 1.2 "$PROMPT"
 echo "--- metrics ---" >&2
 curl -s "localhost:$METRICS_PORT/metrics" | grep -E '^vllm:(generation_tokens_total|prompt_tokens_total|time_to_first_token_seconds_sum)' >&2
 if [ "${KEEP_SERVER:-0}" = 1 ]; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv/ at the repository root with pagedserve, its test tools and a real tritonserver
-# (from the nvidia-pytriton wheel), then builds the small default model that model_repository/ serves.
+# (from the nvidia-pytriton wheel). The default model that model_repository/ serves is committed
+# (model_repository/llm/1/default_model/; python -m pagedserve.devtools.train retrains it).
 # Idempotent: a second run only checks what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,6 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 .venv/bin/python -m pip install -q -e ".[triton,kernels,test]"
-.venv/bin/python -m pagedserve.devtools.default_model
 # Finds tritonserver and prepares the backend directory `pagedserve serve` passes to it
 # (python backend + the stub for this Python + pagedserve), so a missing piece fails here.
 .venv/bin/pagedserve backend-dir >/dev/null

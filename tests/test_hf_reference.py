@@ -18,7 +18,7 @@ from hf_reference import (
     load_hf_model,
 )
 
-from pagedserve.devtools import default_model, tokenizers_builder
+from pagedserve.devtools import tokenizers_builder
 from pagedserve.devtools.tiny_model import build_tiny_model, main
 
 NUM_PROMPTS, NUM_TOKENS = 8, 32
@@ -216,16 +216,3 @@ def test_cli(tmp_path, capsys):
     assert out == str(tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["architectures"] == ["MistralForCausalLM"] and config["dtype"] == "bfloat16"
-
-
-def test_default_model(tmp_path, capsys):
-    assert default_model.DEFAULT_OUT.parts[-4:] == ("model_repository", "llm", "1", "default_model")
-    out = tmp_path / "default_model"
-    default_model.main(["--out", str(out)])
-    assert capsys.readouterr().out.strip() == str(out)
-    config = json.loads((out / "config.json").read_text())
-    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == 256
-    stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert default_model.build_default_model(out) == out  # present: not rebuilt
-    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
-    assert not (tmp_path / "default_model.partial").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hf_reference import assert_greedy_match, hf_greedy
+from hf_reference import assert_greedy_match, hf_greedy, load_hf_model
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.devtools.quantized_model import write_quantized
@@ -315,7 +315,9 @@ def _fixture_dirs() -> list[Path]:
 @pytest.mark.parametrize("fixture", _fixture_dirs(), ids=lambda p: p.name)
 def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, monkeypatch):
     """A real producer's checkpoint: greedy output equals HF transformers on the weights our
-    loader decoded (written back as a full-precision twin)."""
+    loader decoded (written back as a full-precision twin); where the format quantizes
+    activations too (W8A8, FP8), HF's linear inputs are quantized by the format's rule, stated
+    independently (``activation_quantizer``)."""
     import json
     import shutil
 
@@ -324,12 +326,6 @@ def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, m
 
     from pagedserve.layers.linear import LinearBase
 
-    quant = json.loads((fixture / "config.json").read_text()).get("quantization_config") or {}
-    if quant.get("quant_method") == "fp8" or (
-        quant.get("quant_method") == "compressed-tensors"
-        and quant.get("format") != "pack-quantized"
-    ):
-        pytest.skip(f"{fixture.name}: FP8 and W8A8 formats are not implemented yet")
     monkeypatch.setenv("PAGEDSERVE_ONEDNN", "0")  # keep unquantized layers' dense weights
     # The checkpoint alone, as a user would have it: the fixture also holds the producer's
     # logits (reference_logits.safetensors), and the fixtures share one tokenizer, in base/.
@@ -346,8 +342,10 @@ def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, m
     for name, param in llm.engine.runner.model.named_parameters():
         tensors[name] = param.detach().float().contiguous()
     for module in llm.engine.runner.model.modules():
-        if isinstance(module, LinearBase) and getattr(module, "cpu_kernel", None) is not None:
-            tensors[f"{module.prefix}.weight"] = module.cpu_kernel.dense()
+        if isinstance(module, LinearBase):
+            kernel = getattr(module, "cpu_kernel", None) or getattr(module, "w8a8", None)
+            if kernel is not None:
+                tensors[f"{module.prefix}.weight"] = kernel.dense()
     state = {}
     for name, t in tensors.items():
         parent, _, leaf = name.rpartition(".")
@@ -365,5 +363,50 @@ def test_producer_fixture_matches_hf_on_dequantized_weights(fixture, tmp_path, m
     config = json.loads((twin / "config.json").read_text())
     config.pop("quantization_config", None)
     (twin / "config.json").write_text(json.dumps(config))
+    quantize_inputs(load_hf_model(str(twin)), checkpoint)
     for tokens, ref in zip(ours, hf_greedy(twin, PROMPTS, MAX_TOKENS)):
         assert_greedy_match(tokens, ref)
+
+
+def activation_quantizer(checkpoint: Path, prefix: str):
+    """The input quantize-dequantize of layer ``prefix`` that the checkpoint's format means, or
+    None: compressed-tensors' rule is test_quant_fixtures' (checked there against the
+    producer's logits); native FP8 quantizes statically by ``input_scale``, else dynamically
+    per token, or per token and group of 128 with block weights."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+    from test_quant_fixtures import activation_quantizer as compressed_tensors_rule
+
+    q = json.loads((checkpoint / "config.json").read_text())["quantization_config"]
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    if q["quant_method"] != "fp8":
+        return compressed_tensors_rule(q, tensors, prefix)
+    top = torch.finfo(torch.float8_e4m3fn).max
+
+    def rounded(x):
+        return x.clamp(-top, top).to(torch.float8_e4m3fn).float()
+
+    if q["activation_scheme"] == "static":
+        scale = tensors[f"{prefix}.input_scale"].float()
+        return lambda x: rounded(x / scale) * scale
+    group = (q.get("weight_block_size") or [None, None])[1]
+
+    def dynamic(x):
+        grouped = x.reshape(*x.shape[:-1], -1, group or x.shape[-1])
+        scale = grouped.abs().amax(-1, keepdim=True).clamp(min=1e-12) / top
+        return (rounded(grouped / scale) * scale).reshape(x.shape)
+
+    return dynamic
+
+
+def quantize_inputs(model, checkpoint: Path) -> None:
+    """Hooks the format's activation quantization onto an HF model's decoder linears."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear):
+            quantize = activation_quantizer(checkpoint, name)
+            if quantize is not None:
+                module.register_forward_pre_hook(lambda _m, args, f=quantize: (f(args[0]),))

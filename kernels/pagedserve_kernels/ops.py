@@ -12,6 +12,7 @@ from pagedserve_kernels.cache import reshape_and_cache
 from pagedserve_kernels.int_gemm import int_weight_matmul
 from pagedserve_kernels.norm import fused_add_rms_norm, rms_norm
 from pagedserve_kernels.rotary import rotary_embedding
+from pagedserve_kernels.scaled_gemm import scaled_matmul
 
 __all__ = [
     "AttentionConfig",
@@ -20,6 +21,7 @@ __all__ = [
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
+    "scaled_matmul",
     "silu_and_mul",
     "unified_attention",
 ]

@@ -211,3 +211,60 @@ def int_weight_matmul(
         x = x.index_select(-1, perm)
     w = dequantize_int_weight(qweight, scales, zeros, bits, group_size)
     return (x.float() @ w.float()).to(x.dtype)
+
+
+# ---- W8A8: 8-bit weights and activations (int8, fp8 e4m3) ---------------------------------
+
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+# compressed-tensors' symmetric int8 scale is absmax / (half the range 255): the producer's own
+# forward quantizes dynamic activations so, and we follow the producer.
+INT8_HALF_RANGE = 127.5
+
+
+def quantize_activation(
+    x: torch.Tensor,
+    qdtype: torch.dtype,
+    static_scale: Optional[torch.Tensor],
+    group_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` [M, K] -> (q [M, K] in ``qdtype`` (int8 or float8_e4m3fn), scale [M, K/group] or
+    [1, 1] fp32) with x ~ q * scale. ``static_scale``: one calibrated scale for the tensor;
+    otherwise dynamic, one scale per token (``group_size`` = K) or per token and group of K.
+    fp8 saturates to +-448 before its round-to-nearest cast; int8 rounds half to even and
+    clamps to [-128, 127]. Pure tensor ops: no host sync, capturable in a CUDA graph."""
+    is_int = qdtype == torch.int8
+    if static_scale is not None:
+        scale = static_scale.float().reshape(1, 1)
+        grouped = x.float().unsqueeze(1)
+    else:
+        grouped = x.float().view(x.shape[0], x.shape[1] // group_size, group_size)
+        top = INT8_HALF_RANGE if is_int else FP8_MAX
+        scale = grouped.abs().amax(-1).clamp(min=1e-12) / top
+    scaled = grouped / scale.unsqueeze(-1)
+    if is_int:
+        q = scaled.round().clamp(-128, 127).to(torch.int8)
+    else:
+        q = scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(x.shape), scale
+
+
+def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """q [R, K] (int8 / fp8) times scale [R or 1, G] over G contiguous groups of K (fp32)."""
+    rows, k = q.shape
+    groups = scale.shape[1]
+    return (q.float().view(rows, groups, k // groups) * scale.float().unsqueeze(-1)).view(rows, k)
+
+
+def scaled_matmul(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(xq * x_scale) @ (wq * w_scale).T`` for 8-bit xq [M, K] and wq [N, K] (int8 or fp8 e4m3
+    alike), x_scale [M or 1, G] (per tensor, per token, or per token and K group) and w_scale
+    [N, G] (per channel; G = K/128 for 128x128 blocks expanded per row); fp32 accumulation."""
+    x = dequantize_grouped(xq, x_scale)
+    w = dequantize_grouped(wq, w_scale)
+    return (x @ w.t()).to(out_dtype)

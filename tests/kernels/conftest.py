@@ -24,6 +24,7 @@ _KERNEL_MODULES = (
     "pagedserve_kernels.activation",
     "pagedserve_kernels.cache",
     "pagedserve_kernels.int_gemm",
+    "pagedserve_kernels.scaled_gemm",
     "pagedserve_kernels.ops",
 )
 

@@ -80,8 +80,9 @@ def test_unload_lets_inflight_streams_finish_then_shuts_down(triton_server):
 
 
 def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(start_triton_server):
-    """model.json naming ``quantization``: the GPTQ checkpoint serves, its greedy text equal to
-    the offline engine's; a method that disagrees with the checkpoint fails the load naming it.
+    """model.json naming ``quantization``: the GPTQ checkpoint serves, and so does the
+    unquantized model with ``fp8`` (quantized at load), each greedy text equal to the offline
+    engine's; a method that disagrees with the checkpoint fails the load naming it.
     A server of its own: a stub crash here must not take the shared one down."""
     from pagedserve import LLM, SamplingParams
     from pagedserve.devtools.quantized_model import write_quantized
@@ -95,12 +96,16 @@ def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(start_tri
         f"127.0.0.1:{triton_server.http_port}", connection_timeout=600, network_timeout=600
     )
     try:
-        for name, method in (("llm_gptq", "gptq"), ("llm_gptq_as_awq", "awq")):
+        for name, method in (("llm_gptq", "gptq"), ("llm_gptq_as_awq", "awq"),
+                             ("llm_fp8_online", "fp8")):
             target = triton_server.repository / name
             shutil.copytree(triton_server.repository / "llm", target,
                             ignore=shutil.ignore_patterns("default_model"))
-            write_quantized(source, target / "1" / "quantized", target / "twin", "gptq", config,
-                            bits=4, group_size=32, sym=True)
+            if method == "fp8":
+                shutil.copytree(source, target / "1" / "quantized")
+            else:
+                write_quantized(source, target / "1" / "quantized", target / "twin", "gptq",
+                                config, bits=4, group_size=32, sym=True)
             (target / "1" / "model.json").write_text(json.dumps(
                 {"model": "quantized", "quantization": method, "kv_cache_memory_bytes": 1 << 24}))
             if method == "awq":
@@ -116,7 +121,8 @@ def test_a_quantized_checkpoint_serves_with_quantization_in_model_json(start_tri
                 timeout=120,
             )
             assert r.status_code == 200, r.text
-            llm = LLM(str(target / "1" / "quantized"), kv_cache_memory_bytes=1 << 24)
+            llm = LLM(str(target / "1" / "quantized"), kv_cache_memory_bytes=1 << 24,
+                      quantization=method)
             offline = llm.generate("Hello world", SamplingParams(temperature=0, max_tokens=8),
                                    use_tqdm=False)[0].outputs[0].text
             assert r.json()["text_output"] == offline

@@ -87,6 +87,10 @@ def _tensors_of(fmt: str, qz: Quantized, bits: int, with_g_idx: bool) -> dict[st
         if not bool((qz.zeros == 1 << (bits - 1)).all()):
             out["weight_zero_point"] = pack_rows(qz.zeros.t(), bits)
         return out
+    if fmt == "int_quantized":  # compressed-tensors W8A8: signed int8 [N, K], scale [N, G]
+        if bits != 8 or not bool((qz.zeros == 128).all()):
+            raise ValueError("int_quantized checkpoints are 8-bit symmetric")
+        return {"weight": (qz.q - 128).to(torch.int8), "weight_scale": qz.scales.t().contiguous()}
     raise ValueError(fmt)
 
 

@@ -21,6 +21,7 @@ from pagedserve.devtools.tokenizers_builder import (
     PAD,
     TOKENIZER_KINDS,
     build_tokenizer,
+    save_fast_tokenizer,
     wrap_fast_tokenizer,
 )
 
@@ -209,8 +210,7 @@ def build_tiny_model(
     if max_shard_size is not None:
         save_kwargs["max_shard_size"] = max_shard_size
     model.save_pretrained(out, **save_kwargs)
-    hf_tok.save_pretrained(out)
-    _write_special_tokens_map(out)
+    save_fast_tokenizer(hf_tok, out)
     if legacy_rope_keys:
         _write_legacy_rope_keys(out / "config.json")
     for path in out.iterdir():
@@ -218,14 +218,6 @@ def build_tiny_model(
         if path.is_file():
             path.chmod(0o644)
     return out
-
-
-def _write_special_tokens_map(out: pathlib.Path) -> None:
-    # transformers 5 no longer writes this file; older loaders (and people) look for it.
-    path = out / "special_tokens_map.json"
-    if not path.exists():
-        tokens = {"bos_token": BOS, "eos_token": EOS, "unk_token": "<unk>", "pad_token": PAD}
-        path.write_text(json.dumps(tokens, indent=2) + "\n")
 
 
 def build_preset(out_dir: Union[str, pathlib.Path], preset: str = "tiny",

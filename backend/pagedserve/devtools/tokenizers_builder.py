@@ -20,7 +20,8 @@ from __future__ import annotations
 import collections
 import functools
 import json
-from typing import Dict, List, Tuple
+import pathlib
+from typing import Any, Dict, Iterable, List, Tuple
 
 from tokenizers import (
     Regex,
@@ -61,7 +62,8 @@ def _bos_post_processor() -> processors.TemplateProcessing:
     )
 
 
-def _build_byte_level_bpe(vocab_size: int) -> Tokenizer:
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE ("bpe" kind: specials first, BOS prepended) trained on `texts`."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -78,9 +80,13 @@ def _build_byte_level_bpe(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_lines(_extra_chars_for(vocab_size)), trainer)
+    tok.train_from_iterator(texts, trainer)
     tok.post_processor = _bos_post_processor()
     return tok
+
+
+def _build_byte_level_bpe(vocab_size: int) -> Tokenizer:
+    return train_byte_level_bpe(training_lines(_extra_chars_for(vocab_size)), vocab_size)
 
 
 def _most_frequent_chars(lines: List[str], n: int) -> List[str]:
@@ -185,3 +191,14 @@ def wrap_fast_tokenizer(tok: Tokenizer):
         clean_up_tokenization_spaces=False,
         model_max_length=1 << 20,
     )
+
+
+def save_fast_tokenizer(hf_tok: Any, out: pathlib.Path) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into `out`."""
+    hf_tok.save_pretrained(out)
+    # transformers 5 no longer writes special_tokens_map.json; older loaders (and people) look
+    # for it.
+    path = out / "special_tokens_map.json"
+    if not path.exists():
+        tokens = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+        path.write_text(json.dumps(tokens, indent=2) + "\n")

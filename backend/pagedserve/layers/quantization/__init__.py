@@ -10,16 +10,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagedserve.layers.quantization.base import QuantizationConfig
-from pagedserve.layers.quantization.int_configs import (
-    AutoRoundConfig,
-    AWQConfig,
-    CompressedTensorsConfig,
-    GPTQConfig,
-)
+from pagedserve.layers.quantization.compressed_tensors import CompressedTensorsConfig
+from pagedserve.layers.quantization.fp8_configs import Fp8Config
+from pagedserve.layers.quantization.int_configs import AutoRoundConfig, AWQConfig, GPTQConfig
 
 QUANTIZATION_METHODS: dict[str, type[QuantizationConfig]] = {
     cls.method: cls
-    for cls in (GPTQConfig, AWQConfig, AutoRoundConfig, CompressedTensorsConfig)
+    for cls in (GPTQConfig, AWQConfig, AutoRoundConfig, CompressedTensorsConfig, Fp8Config)
 }
 # Other names users give the same methods (vLLM's kernel-specific variants, legacy names).
 _ALIASES = {
@@ -58,15 +55,18 @@ def checkpoint_quantization(path: Path, raw: dict[str, Any]) -> Optional[dict[st
 def parse_quantization(
     path: Path, raw: dict[str, Any], requested: Optional[str] = None
 ) -> Optional[QuantizationConfig]:
-    """The checkpoint's QuantizationConfig; ``requested`` (the engine argument) must agree."""
+    """The checkpoint's QuantizationConfig; ``requested`` (the engine argument) must agree, or
+    be ``fp8`` for a full-precision checkpoint (quantized at load)."""
     config = checkpoint_quantization(path, raw)
     if config is None:
-        if requested is not None:
-            raise ValueError(
-                f"engine argument 'quantization' is {requested!r} but {path} is not quantized "
-                "(no quantization_config); quantizing at load is not supported"
-            )
-        return None
+        if requested is None:
+            return None
+        if canonical_method(requested) == Fp8Config.method:
+            return Fp8Config.quantize_at_load()
+        raise ValueError(
+            f"engine argument 'quantization' is {requested!r} but {path} is not quantized "
+            "(no quantization_config); only 'fp8' quantizes at load"
+        )
     quant_method = str(config["quant_method"])
     try:
         method = canonical_method(quant_method)

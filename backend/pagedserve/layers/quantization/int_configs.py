@@ -1,6 +1,7 @@
-"""The integer weight-only formats' configs: GPTQ, AWQ, AutoRound and compressed-tensors'
-pack-quantized W4A16/W8A16. Each reads its checkpoint's quantization_config, validates it in
-``__post_init__`` and gives each layer an IntWeightLinearMethod (or none)."""
+"""The integer weight-only formats' configs: GPTQ, AWQ and AutoRound (compressed-tensors'
+pack-quantized W4A16/W8A16 is read in ``compressed_tensors.py``). Each reads its checkpoint's
+quantization_config, validates it in ``__post_init__`` and gives each layer an
+IntWeightLinearMethod (or none)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ from pagedserve.layers.quantization.base import (
 )
 from pagedserve.layers.quantization.int_linear import IntScheme, IntWeightLinearMethod
 
-_BITS = (4, 8)
-_GROUPS = (-1, 32, 64, 128, 256)
+INT_BITS = (4, 8)
+INT_GROUPS = (-1, 32, 64, 128, 256)
 
 
 def _check_scheme(method: str, bits: Any, group_size: Any) -> None:
-    check_choice(method, "bits", bits, _BITS)
-    check_choice(method, "group_size", group_size, _GROUPS)
+    check_choice(method, "bits", bits, INT_BITS)
+    check_choice(method, "group_size", group_size, INT_GROUPS)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class AWQConfig(QuantizationConfig):
 
     def __post_init__(self) -> None:
         check_choice(self.method, "bits", self.bits, (4,))
-        check_choice(self.method, "group_size", self.group_size, _GROUPS)
+        check_choice(self.method, "group_size", self.group_size, INT_GROUPS)
         check_choice(self.method, "zero_point", self.zero_point, (True,))
         check_choice(self.method, "version", self.version, ("gemm",))
 
@@ -168,65 +169,3 @@ class AutoRoundConfig(QuantizationConfig):
         group = override.get("group_size", self.group_size)
         sym = override.get("sym", self.sym)
         return IntWeightLinearMethod(IntScheme(bits, group, sym, packing))
-
-
-@dataclass
-class CompressedTensorsConfig(QuantizationConfig):
-    """compressed-tensors (llm-compressor): pack-quantized int weights with 16-bit activations
-    (W4A16 / W8A16, symmetric or not, group or channel strategy); ``ignore`` leaves layers
-    unquantized. Other schemes fail naming what is unsupported."""
-
-    method: ClassVar[str] = "compressed-tensors"
-    format: str = "pack-quantized"
-    config_groups: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ignore: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        check_choice(self.method, "format", self.format, ("pack-quantized",))
-        if not self.config_groups:
-            raise field_error(self.method, "config_groups", self.config_groups,
-                              "must name at least one group")
-        for name, group in self.config_groups.items():
-            where = f"config_groups.{name}"
-            weights = group.get("weights") or {}
-            if group.get("input_activations"):
-                raise field_error(self.method, f"{where}.input_activations",
-                                  group["input_activations"],
-                                  "is not supported (only weight-only int schemes)")
-            check_choice(self.method, f"{where}.weights.type", weights.get("type"), ("int",))
-            check_choice(self.method, f"{where}.weights.num_bits", weights.get("num_bits"), _BITS)
-            check_choice(self.method, f"{where}.weights.strategy", weights.get("strategy"),
-                         ("group", "channel"))
-            if weights.get("strategy") == "group":
-                check_choice(self.method, f"{where}.weights.group_size",
-                             weights.get("group_size"), _GROUPS[1:])
-            # "weight" (alias "static") only ordered the quantization: groups stay contiguous
-            # and no g_idx is stored, so loading is unchanged. "group" ("dynamic") stores one.
-            if weights.get("actorder") not in (None, "weight", "static"):
-                raise field_error(self.method, f"{where}.weights.actorder",
-                                  weights["actorder"], "is not supported")
-            if not group.get("targets"):
-                raise field_error(self.method, f"{where}.targets", group.get("targets"),
-                                  "must name the layers")
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> CompressedTensorsConfig:
-        return cls(
-            format=raw.get("format", "pack-quantized"),
-            config_groups=raw.get("config_groups") or {},
-            ignore=tuple(raw.get("ignore") or ()),
-        )
-
-    def method_for(self, prefix: str) -> Optional[LinearMethod]:
-        if matches_any(prefix, self.ignore):
-            return None
-        for group in self.config_groups.values():
-            targets = group["targets"]
-            if "Linear" in targets or matches_any(prefix, targets):
-                w = group["weights"]
-                size = w.get("group_size") if w.get("strategy") == "group" else -1
-                return IntWeightLinearMethod(
-                    IntScheme(w["num_bits"], size, bool(w.get("symmetric", True)),
-                              "pack_quantized")
-                )
-        return None
