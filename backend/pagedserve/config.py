@@ -16,6 +16,9 @@ from pagedserve.config_vllm import check_unsupported
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 _DEVICES = ("auto", "cpu", "cuda")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flashinfer")
+# vLLM's names; "fp8" is e4m3 (as on CUDA in vLLM). Each maps to the cache's storage format.
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+_KV_CACHE_CANONICAL = {"fp8": "fp8_e4m3"}
 # What each field annotation accepts (annotations are strings here: postponed evaluation).
 _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str, Path),
@@ -82,6 +85,9 @@ class EngineArgs:
     # compressed-tensors; gptq_marlin/awq_marlin are taken as gptq/awq); None: what the
     # checkpoint says. One that disagrees with the checkpoint fails the load.
     quantization: Optional[str] = None
+    # What the KV cache stores: auto (the model's dtype) or fp8 (fp8_e4m3, fp8_e5m2): half the
+    # bytes of bf16/fp16 per block, with per-layer k/v scales from the checkpoint (default 1.0).
+    kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1  # accepted for vllm_backend model.json files; must be 1
 
     def __post_init__(self) -> None:
@@ -109,6 +115,8 @@ class EngineArgs:
             raise bad("device", f"must be one of {', '.join(_DEVICES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise bad("attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise bad("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}")
         if self.block_size not in (8, 16, 32, 64, 128, 256):
             # 256 is what FlashAttention-2's paged KV cache needs.
             raise bad("block_size", "must be one of 8, 16, 32, 64, 128, 256")
@@ -214,6 +222,8 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     async_scheduling: bool
+    # "fp8_e4m3" | "fp8_e5m2", or the model's dtype (as ``dtype``) for auto.
+    kv_cache_dtype: str
 
     @property
     def max_blocks_per_req(self) -> int:
@@ -270,6 +280,8 @@ def resolve_engine_config(
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        kv_cache_dtype=(dtype if args.kv_cache_dtype == "auto"
+                        else _KV_CACHE_CANONICAL.get(args.kv_cache_dtype, args.kv_cache_dtype)),
         # Off on the CPU, where nothing runs asynchronously and it would only compute one
         # extra token per finishing request.
         async_scheduling=(

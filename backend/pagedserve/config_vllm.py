@@ -83,7 +83,6 @@ UNSUPPORTED_ENGINE_ARGS: dict[str, tuple[Any, ...]] = {
     "worker_use_ray": _OFF,
     "engine_use_ray": _OFF,
     # KV cache and scheduling.
-    "kv_cache_dtype": ("auto",),
     "calculate_kv_scales": _OFF,
     "prefix_caching_hash_algo": ("sha256", "builtin", "sha256_cbor"),
     "disable_cascade_attn": (False, True),

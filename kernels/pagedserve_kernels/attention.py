@@ -12,6 +12,7 @@ import triton
 from pagedserve_kernels._utils import check, device_sms, is_power_of_2, next_power_of_2
 from pagedserve_kernels.attention_split import merge_splits_kernel, split_kv_decode_kernel
 from pagedserve_kernels.attention_unified import unified_attention_kernel
+from pagedserve_kernels.fp8 import fp8_format
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ def unified_attention(
     out: Optional[torch.Tensor] = None,
     num_actual_tokens: Optional[int] = None,
     config: Optional[AttentionConfig] = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Paged attention of a mixed batch of prefill chunks and decodes, after the cache is written.
 
@@ -72,7 +75,10 @@ def unified_attention(
     ``query_start_loc[i]:query_start_loc[i+1]`` at positions ``seq_lens[i] - q_len_i ...
     seq_lens[i] - 1`` and attends causally to its cached context. ``max_query_len`` and
     ``max_seq_len`` are host-side upper bounds used only to pick the launch. Rows from
-    ``num_actual_tokens`` on are padding and are zeroed. Returns ``out`` [T, Hq, D].
+    ``num_actual_tokens`` on are padding and are zeroed. An fp8 ``kv_cache`` (e4m3fn, e5m2)
+    holds ``x / scale``: it is read as ``x * k_scale`` / ``x * v_scale``, with fp32
+    accumulation; the scales are ignored for a cache in ``query``'s dtype. Returns ``out``
+    [T, Hq, D].
     """
     cfg = config or AttentionConfig()
     check(query.dim() == 3, f"query {tuple(query.shape)} must be [tokens, heads, head_dim]")
@@ -86,7 +92,13 @@ def unified_attention(
     check(is_power_of_2(head_dim) and head_dim >= 16,
           f"head_dim {head_dim} must be a power of two >= 16")
     check(is_power_of_2(block_size), f"block_size {block_size} must be a power of two")
-    check(query.dtype == kv_cache.dtype, f"query {query.dtype} != kv_cache {kv_cache.dtype}")
+    is_fp8 = fp8_format(kv_cache.dtype) is not None
+    check(query.dtype == kv_cache.dtype or is_fp8,
+          f"query {query.dtype} != kv_cache {kv_cache.dtype} (which is not an fp8 format)")
+    if not is_fp8:
+        k_scale = v_scale = 1.0
+    check(k_scale > 0 and v_scale > 0,
+          f"fp8 KV-cache scales must be positive, got k_scale={k_scale}, v_scale={v_scale}")
     for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens),
                     ("block_table", block_table)):
         check(t.dtype == torch.int32, f"{name} must be int32, got {t.dtype}")
@@ -138,7 +150,7 @@ def unified_attention(
         split_kv_decode_kernel[(num_seqs, num_kv_heads, splits)](
             query, k_cache, v_cache, part_acc, part_m, part_l,
             query_start_loc, seq_lens, block_table,
-            float(scale), splits,
+            float(scale), float(k_scale), float(v_scale), splits,
             query.stride(0), query.stride(1),
             **common, **part_strides,
             GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
@@ -162,7 +174,7 @@ def unified_attention(
     unified_attention_kernel[grid](
         query, k_cache, v_cache, out,
         query_start_loc, seq_lens, block_table,
-        float(scale), num_seqs,
+        float(scale), float(k_scale), float(v_scale), num_seqs,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         **common,
         GROUP=group, GROUP_P2=group_p2, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,

@@ -27,6 +27,10 @@ def attend_tile(
     ``m_i`` is kept in the log2 domain (``qk_scale`` includes log2(e)). With ``MASKED`` the
     tile may reach past ``seq_len`` or past a row's own position ``q_pos`` [M] (causal); without
     it every position is visible to every row and inside the block table.
+
+    K and V are converted to ``q``'s dtype as loaded: an fp8 cache's values are exact in
+    fp16/bf16/fp32, and its scales are applied outside, k's in ``qk_scale`` and v's to the
+    final accumulator (both dot products accumulate in fp32).
     """
     offs_n = tile_start + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -44,6 +48,7 @@ def attend_tile(
         k = tl.load(k_base + k_off[None, :] + offs_d[:, None], mask=n_valid[None, :], other=0.0)
     else:
         k = tl.load(k_base + k_off[None, :] + offs_d[:, None])
+    k = k.to(q.dtype)
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, TILE_N]
     if MASKED:
         s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
@@ -58,5 +63,6 @@ def attend_tile(
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :], mask=n_valid[:, None], other=0.0)
     else:
         v = tl.load(v_base + v_off[:, None] + offs_d[None, :])
+    v = v.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new

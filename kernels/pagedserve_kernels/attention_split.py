@@ -19,7 +19,7 @@ def split_kv_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr,
     part_acc_ptr, part_m_ptr, part_l_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
-    scale, num_splits,
+    scale, k_scale, v_scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -52,7 +52,7 @@ def split_kv_decode_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * k_scale * 1.4426950408889634
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
     v_base = v_cache_ptr + kv_head * stride_vh
@@ -71,7 +71,8 @@ def split_kv_decode_kernel(
         )
     # An empty split stores (acc=0, m=-inf, l=0), which the merge weighs by exp2(-inf) = 0.
     base = seq.to(tl.int64) * stride_ps + head * stride_ph + split * stride_pp
-    tl.store(part_acc_ptr + base[:, None] + offs_d[None, :], acc, mask=row_valid[:, None])
+    tl.store(part_acc_ptr + base[:, None] + offs_d[None, :], acc * v_scale,
+             mask=row_valid[:, None])
     tl.store(part_m_ptr + base // HEAD_DIM, m_i, mask=row_valid)
     tl.store(part_l_ptr + base // HEAD_DIM, l_i, mask=row_valid)
 

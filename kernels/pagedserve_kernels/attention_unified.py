@@ -37,7 +37,7 @@ def find_seq(query_start_loc_ptr, pid, num_seqs, BLOCK_Q: tl.constexpr):
 def unified_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
-    scale, num_seqs,
+    scale, k_scale, v_scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt,
@@ -70,7 +70,7 @@ def unified_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = scale * 1.4426950408889634  # exp2 instead of exp
+    qk_scale = scale * k_scale * 1.4426950408889634  # exp2 instead of exp
 
     bt_row = block_table_ptr + seq * stride_bt
     k_base = k_cache_ptr + kv_head * stride_kh
@@ -93,6 +93,6 @@ def unified_attention_kernel(
             stride_kb, stride_ks, stride_vb, stride_vs, qk_scale,
             BLOCK_SIZE, TILE_N, HEAD_DIM, True, DOT_PRECISION,
         )
-    out = acc / l_i[:, None]
+    out = acc * v_scale / l_i[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])

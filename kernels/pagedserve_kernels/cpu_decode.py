@@ -79,19 +79,24 @@ def paged_decode(
     block_table: torch.Tensor,
     scale: float,
     out: Optional[torch.Tensor] = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of one query row per request over its cached context (fp32, CPU).
 
     query [rows, heads, dim]; kv_cache [2, blocks, block_size, kv_heads, dim]; seq_lens [rows]
     int32 (context including the row's own token, already written); block_table [rows, width]
-    int32. Raises RuntimeError when the kernel is not available.
+    int32. An fp8 cache (float8_e4m3fn, float8_e5m2) is read as ``x * k_scale`` /
+    ``x * v_scale``; the scales are ignored for a float32 cache. Raises RuntimeError when the
+    kernel is not available.
     """
     module = load()
     if module is None:
         raise RuntimeError("the CPU decode kernel could not be built")
     if out is None:
         out = torch.empty_like(query)
-    module.paged_decode(query.contiguous(), kv_cache, seq_lens, block_table, float(scale), out)
+    module.paged_decode(query.contiguous(), kv_cache, seq_lens, block_table, float(scale), out,
+                        float(k_scale), float(v_scale))
     return out
 
 

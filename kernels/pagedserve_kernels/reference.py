@@ -56,22 +56,49 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :d]) * x[..., d:]
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x / scale`` in fp32, saturated to ``dtype``'s finite range, rounded to nearest even in
+    ``dtype`` (an fp8 cache format); out of range values become the largest finite one."""
+    limit = torch.finfo(dtype).max
+    return (x.float() / scale).clamp_(-limit, limit).to(dtype)
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``x * scale`` (x from an fp8 cache) in fp32, returned in ``dtype``."""
+    return (x.float() * scale).to(dtype)
+
+
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
     kv_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     all_valid: bool = False,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Stores key/value [T, Hkv, D] into ``kv_cache`` [2, num_blocks, block_size, Hkv, D] at
     ``slot_mapping[:T]``; rows whose slot is -1 are skipped (``all_valid`` says there are none,
-    sparing the check)."""
+    sparing the check). An fp8 cache stores ``quantize_kv(key, k_scale)`` (and v likewise);
+    the scales are ignored otherwise."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
     slot_mapping = slot_mapping[: key.shape[0]]
     keep = None if all_valid else slot_mapping >= 0
     if keep is not None and not bool(keep.all()):
         slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
+    if is_fp8(kv_cache.dtype):
+        # index_copy_ has no fp8 kernels: copy the bytes.
+        key = quantize_kv(key, k_scale, kv_cache.dtype).view(torch.uint8)
+        value = quantize_kv(value, v_scale, kv_cache.dtype).view(torch.uint8)
+        flat = flat.view(torch.uint8)
     flat[0].index_copy_(0, slot_mapping, key)
     flat[1].index_copy_(0, slot_mapping, value)
 
@@ -89,13 +116,16 @@ def paged_attention(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of every query row over its request's cached context, one request at a time.
 
     The simplest correct statement of what every attention kernel and backend computes once the
     cache is written: request ``i`` owns query rows ``query_start_loc[i]:query_start_loc[i+1]``;
     row ``j`` of it sits at position ``seq_lens[i] - q_len + j`` and sees positions ``<=`` it.
-    Rows past the last request are left unset.
+    Rows past the last request are left unset. An fp8 cache is read as ``x * k_scale`` /
+    ``x * v_scale`` (the scales are ignored otherwise); everything is computed in fp32.
     """
     block_size = kv_cache.shape[2]
     num_kv_heads = kv_cache.shape[3]
@@ -103,6 +133,8 @@ def paged_attention(
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     out = torch.empty_like(query)
+    if not is_fp8(kv_cache.dtype):
+        k_scale = v_scale = 1.0
     for i in range(len(qsl) - 1):
         start, end, seq_len = qsl[i], qsl[i + 1], lens[i]
         if end == start:
@@ -111,8 +143,8 @@ def paged_attention(
         k, v = flat[0, slots], flat[1, slots]  # [seq, kv_heads, dim]
         q = query[start:end]
         group = q.shape[1] // num_kv_heads
-        k = k.repeat_interleave(group, dim=1).float()
-        v = v.repeat_interleave(group, dim=1).float()
+        k = k.repeat_interleave(group, dim=1).float() * k_scale
+        v = v.repeat_interleave(group, dim=1).float() * v_scale
         scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
         q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
@@ -132,6 +164,8 @@ def unified_attention(
     max_seq_len: int,
     out: Optional[torch.Tensor] = None,
     num_actual_tokens: Optional[int] = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The Triton kernel's contract (padding rows past ``query_start_loc[-1]`` zeroed),
     computed by ``paged_attention``; ``max_query_len``/``max_seq_len``/``num_actual_tokens``
@@ -139,7 +173,7 @@ def unified_attention(
     del max_query_len, max_seq_len, num_actual_tokens
     num_seqs = query_start_loc.numel() - 1
     res = paged_attention(query, kv_cache, query_start_loc, seq_lens[:num_seqs],
-                          block_table[:num_seqs], scale)
+                          block_table[:num_seqs], scale, k_scale, v_scale)
     res[int(query_start_loc[-1]):] = 0
     if out is None:
         return res

@@ -75,3 +75,22 @@ def test_graph_runner_captures_and_replays(tiny_model_dir):
     llm.generate([{"prompt_token_ids": p} for p in prompts_of([4] * 5, 1)], params,
                  use_tqdm=False)
     assert replays and set(replays) == {8}  # 5 decodes replay the graph of size 8
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_kv_cache_graphs_equal_eager(tiny_model_dir, kv_cache_dtype):
+    """The Triton kernels' fp8 write and read inside CUDA graphs give eager's tokens, and the
+    fp8 cache holds twice the bf16 cache's blocks in the same memory."""
+    model = tiny_model_dir("llama")
+    prompts = prompts_of([5, 60, 17, 33, 2, 90, 11], seed=13)
+    args = dict(dtype="bfloat16", kv_cache_dtype=kv_cache_dtype)
+    eager = generate(model, prompts, enforce_eager=True, **args)
+    graphs = generate(model, prompts, enforce_eager=False, max_num_seqs=16, **args)
+    assert graphs == eager
+    blocks = {}
+    for kv in ("auto", kv_cache_dtype):
+        llm = LLM(str(model), dtype="bfloat16", kv_cache_dtype=kv, kv_cache_memory_bytes=64 << 20)
+        blocks[kv] = llm.engine.get_stats().num_kv_blocks
+        del llm
+        torch.cuda.empty_cache()
+    assert blocks[kv_cache_dtype] == 2 * blocks["auto"]

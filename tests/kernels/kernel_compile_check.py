@@ -18,7 +18,9 @@ INT32_PTRS = {"query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr"}
 INT64_PTRS = {"pos_ptr", "slot_ptr"}
 
 
-def _pointer_type(name: str, dtype: str) -> str:
+def _pointer_type(name: str, dtype: str, cache_dtype: str) -> str:
+    if name in ("k_cache_ptr", "v_cache_ptr"):
+        return f"*{cache_dtype}"
     if name in INT32_PTRS:
         return "*i32"
     if name in INT64_PTRS:
@@ -28,16 +30,18 @@ def _pointer_type(name: str, dtype: str) -> str:
     return f"*{dtype}"
 
 
-def compile_sm90(fn, dtype: str, consts: dict, num_stages: int = 3) -> int:
-    """Compiles ``fn`` for sm_90; returns its shared-memory bytes."""
+def compile_sm90(fn, dtype: str, consts: dict, num_stages: int = 3,
+                 cache_dtype: str = "") -> int:
+    """Compiles ``fn`` for sm_90 (KV-cache pointers of ``cache_dtype``, default ``dtype``);
+    returns its shared-memory bytes."""
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = _pointer_type(name, dtype)
+            sig[name] = _pointer_type(name, dtype, cache_dtype or dtype)
         else:
-            sig[name] = "fp32" if name in ("scale", "eps") else "i32"
+            sig[name] = "fp32" if name in ("scale", "eps", "k_scale", "v_scale") else "i32"
         # What the JIT infers at launch for aligned pointers and strides divisible by 16.
         if name.endswith("_ptr") or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -62,8 +66,19 @@ def main() -> int:
     compile_sm90(norm._rms_norm_kernel, "bf16", dict(HAS_RESIDUAL=True, BLOCK=4096))
     compile_sm90(rotary._rotary_kernel, "bf16", dict(HALF=64, QH_P2=32, KH_P2=8))
     compile_sm90(activation._silu_and_mul_kernel, "bf16", dict(BLOCK=1024))
+    plain = dict(IS_FP8=False, FP8_MAX=0.0, MANT_BITS=0, MIN_EXP=0)
     compile_sm90(cache._reshape_and_cache_kernel, "bf16",
-                 dict(BLOCK_SIZE=16, HEADS_P2=8, HEAD_DIM=128))
+                 dict(BLOCK_SIZE=16, HEADS_P2=8, HEAD_DIM=128, **plain))
+    # FP8 KV caches: the quantizing write and the dequantizing reads.
+    for cache_dtype, fmt in (("fp8e4nv", (448.0, 3, -6)), ("fp8e5", (57344.0, 2, -14))):
+        fp8 = dict(IS_FP8=True, FP8_MAX=fmt[0], MANT_BITS=fmt[1], MIN_EXP=fmt[2])
+        compile_sm90(cache._reshape_and_cache_kernel, "bf16",
+                     dict(BLOCK_SIZE=16, HEADS_P2=8, HEAD_DIM=128, **fp8), cache_dtype=cache_dtype)
+        compile_sm90(attention_unified.unified_attention_kernel, "bf16",
+                     dict(GROUP=4, GROUP_P2=4, BLOCK_M=64, BLOCK_Q=16, TILE_N=64, **attn),
+                     cache_dtype=cache_dtype)
+        compile_sm90(attention_split.split_kv_decode_kernel, "fp16",
+                     dict(GROUP=4, BLOCK_M=16, TILE_N=64, **attn), cache_dtype=cache_dtype)
     print("all kernels compiled for sm_90")
     return 0
 

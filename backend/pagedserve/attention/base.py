@@ -44,7 +44,8 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
-    """Owns one way of computing paged attention; one instance serves every layer of a model."""
+    """Owns one way of computing paged attention; one instance serves every layer of a model
+    (per-layer state, the KV-cache scales, lives in each layer's ``attention.layer.Attention``)."""
 
     name: str = "abstract"
     # Whether a decode step through this backend can be captured in a CUDA graph and replayed
@@ -73,5 +74,9 @@ class AttentionBackend(ABC):
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-        """Writes this step's keys/values into their slots, then attends."""
+        """Writes this step's keys/values into their slots, then attends. An fp8 ``kv_cache``
+        stores ``key / k_scale`` and ``value / v_scale`` and is read back times the scales;
+        for any other cache the scales are ignored."""

@@ -119,6 +119,8 @@ class FlashInferBackend(AttentionBackend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        k_scale: float = 1.0,  # unused: the selector gives this backend no fp8 cache
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         plan: _FlashInferPlan = metadata.plan
         n = metadata.num_actual_tokens

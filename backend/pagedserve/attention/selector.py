@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from pagedserve.attention.base import AttentionBackend
+from pagedserve.attention.layer import fp8_cache_name, is_fp8_cache
 from pagedserve.config import ATTENTION_BACKENDS
 
 
@@ -47,6 +48,20 @@ def _needs_cuda(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
+def _fp8_unsupported(backend: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend`` cannot serve an fp8 KV cache of ``dtype`` on ``device``, or None."""
+    if backend in ("flash_attn", "flashinfer"):
+        # Their fp8 paths (scales, kernels) have never run here: not installed on our machines.
+        return ("this backend's fp8 KV cache is not supported by pagedserve; use "
+                "attention_backend 'triton' (CUDA) or 'torch'")
+    if (backend == "triton" and device.type == "cuda" and dtype == torch.float8_e4m3fn
+            and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(device) < (8, 9)):
+        return ("Triton has no e4m3 type before compute capability 8.9 (Ada, Hopper); "
+                "use kv_cache_dtype 'fp8_e5m2' on this GPU")
+    return None
+
+
 def resolve_backend_name(name: str, device: torch.device) -> str:
     """The concrete backend ``name`` stands for on ``device`` ("auto" resolved)."""
     if name not in ATTENTION_BACKENDS:
@@ -68,14 +83,21 @@ def get_attention_backend(
     head_dim: int,
     scale: float,
     block_size: int,
+    kv_cache_dtype: Optional[torch.dtype] = None,
 ) -> AttentionBackend:
     """Builds the backend ``name`` ("auto", "torch", "triton", "flash_attn", "flashinfer").
 
     "auto" is "triton" on CUDA when Triton is installed, else "torch". Raises ValueError when the
-    named backend is unknown, not installed, or cannot serve this device/shape.
+    named backend is unknown, not installed, or cannot serve this device/shape, or an fp8
+    ``kv_cache_dtype`` (None: the model's dtype).
     """
     device = torch.device(device)
     resolved = resolve_backend_name(name, device)
+    if kv_cache_dtype is not None and is_fp8_cache(kv_cache_dtype):
+        reason = _fp8_unsupported(resolved, device, kv_cache_dtype)
+        if reason:
+            raise ValueError(f"kv_cache_dtype {fp8_cache_name(kv_cache_dtype)!r} with "
+                             f"attention_backend {resolved!r}: {reason}")
     args = (num_heads, num_kv_heads, head_dim, scale, block_size)
     if resolved == "torch":
         from pagedserve.attention.torch_backend import TorchAttentionBackend

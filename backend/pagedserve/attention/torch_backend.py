@@ -47,13 +47,27 @@ class _Plan:
     gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (block ids, attend mask)
 
 
+@dataclass(frozen=True)
+class _Scales:
+    """How one layer's attention reads its cache: the softmax scale (k's scale folded in) and
+    the factor of the output (v's scale; 1.0 unless the cache is fp8)."""
+
+    softmax: float
+    v: float
+    k: float = 1.0  # k's scale alone (the C++ kernel folds it itself)
+
+    def apply_v(self, attn: torch.Tensor) -> torch.Tensor:
+        return attn if self.v == 1.0 else attn * self.v
+
+
 class TorchAttentionBackend(AttentionBackend):
     """Paged attention for the CPU. Decodes are batched: in fp32 on the CPU through our C++
-    decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``), otherwise
-    by gathering their blocks whole (one index_select per layer) into one masked SDPA call.
-    Prefill chunks go one at a time through causal SDPA; a chunk with no cached prefix reads
-    its own new keys and values without touching the cache. ``prepare`` builds the plan once
-    per forward for all layers."""
+    decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``; an fp32 or
+    fp8 cache), otherwise by gathering their blocks whole (one index_select per layer) into one
+    masked SDPA call. Prefill chunks go one at a time through causal SDPA; a chunk with no
+    cached prefix reads its own new keys and values without touching the cache (rounded
+    through fp8 first when the cache is fp8, so that it sees what a later reader will).
+    ``prepare`` builds the plan once per forward for all layers."""
 
     name = "torch"
     # prepare() plans on the host from the batch's values (a replay would reuse the captured
@@ -67,11 +81,13 @@ class TorchAttentionBackend(AttentionBackend):
         self._decode_kernel: Any = None  # resolved on the first CPU forward (it may compile)
         self._kernel_checked = False
         if not torch.cuda.is_available():  # a CPU machine: build now, not in a request
-            self._kernel_for(torch.empty(0))
+            self._kernel_for(torch.empty(0), torch.float32)
 
-    def _kernel_for(self, kv_cache: torch.Tensor) -> Any:
-        """The C++ decode kernel when it serves this cache (fp32 on the CPU), else None."""
-        if kv_cache.device.type != "cpu" or kv_cache.dtype != torch.float32:
+    def _kernel_for(self, kv_cache: torch.Tensor, query_dtype: torch.dtype) -> Any:
+        """The C++ decode kernel when it serves this cache and query (fp32 queries on the
+        CPU, with an fp32 or fp8 cache), else None."""
+        if (kv_cache.device.type != "cpu" or query_dtype != torch.float32
+                or not (kv_cache.dtype == torch.float32 or reference.is_fp8(kv_cache.dtype))):
             return None
         if not self._kernel_checked:
             self._kernel_checked = True
@@ -126,16 +142,23 @@ class TorchAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         n = metadata.num_actual_tokens
         plan: _Plan = metadata.plan
         reference.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping,
-                                    all_valid=plan.slots_valid)
+                                    all_valid=plan.slots_valid, k_scale=k_scale, v_scale=v_scale)
+        fp8 = reference.is_fp8(kv_cache.dtype)
+        # An fp8 cache is read in the query's dtype (exact), its scales folded into the
+        # softmax scale (k) and the output (v): SDPA accumulates in fp32.
+        scales = (_Scales(self.scale * k_scale, v_scale, k_scale) if fp8
+                  else _Scales(self.scale, 1.0))
         out = torch.empty_like(query)
         if plan.num_decodes:
             rows = plan.decode_rows
             q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
-            attn = self._decode(q, kv_cache, plan)
+            attn = self._decode(q, kv_cache, plan, scales)
             if rows is None:
                 out[: plan.num_decodes] = attn
             else:
@@ -146,24 +169,30 @@ class TorchAttentionBackend(AttentionBackend):
             if pf.mask is None:  # nothing cached before this chunk
                 k = key[pf.start:pf.end].transpose(0, 1)
                 v = value[pf.start:pf.end].transpose(0, 1)
+                if fp8:  # attend to what the cache holds, as a later chunk or a prefix hit will
+                    k = reference.quantize_kv(k, k_scale, kv_cache.dtype).to(q.dtype)
+                    v = reference.quantize_kv(v, v_scale, kv_cache.dtype).to(q.dtype)
             else:
-                k = self._gather(kv_cache[0], pf.blocks, 1)[0, :, :pf.seq_len]
-                v = self._gather(kv_cache[1], pf.blocks, 1)[0, :, :pf.seq_len]
+                k = self._gather(kv_cache[0], pf.blocks, 1)[0, :, :pf.seq_len].to(q.dtype)
+                v = self._gather(kv_cache[1], pf.blocks, 1)[0, :, :pf.seq_len].to(q.dtype)
             if group > 1:  # SDPA's fused CPU kernel takes 4-D inputs with as many K/V heads as Q
                 k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             attn = F.scaled_dot_product_attention(
                 q, k[None], v[None], attn_mask=pf.mask, is_causal=pf.mask is None,
-                scale=self.scale,
+                scale=scales.softmax,
             )
-            out[pf.start:pf.end] = attn[0].transpose(0, 1)
+            out[pf.start:pf.end] = scales.apply_v(attn[0].transpose(0, 1))
         return out
 
-    def _decode(self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        kernel = self._kernel_for(kv_cache)
+    def _decode(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, scales: _Scales
+    ) -> torch.Tensor:
+        kernel = self._kernel_for(kv_cache, q.dtype)
         if kernel is not None:
             attn = torch.empty_like(q)
+            # The kernel folds an fp8 cache's scales itself (and ignores them otherwise).
             kernel(q.contiguous(), kv_cache, plan.decode_seq_lens, plan.decode_tables,
-                   self.scale, attn)
+                   self.scale, attn, scales.k, scales.v)
             return attn
         if plan.gather is None:
             width = plan.decode_tables.shape[1] * self.block_size
@@ -172,12 +201,12 @@ class TorchAttentionBackend(AttentionBackend):
             plan.gather = (plan.decode_tables.reshape(-1).long(), mask[:, None, None, :])
         blocks, mask = plan.gather
         b = q.shape[0]
-        k = self._gather(kv_cache[0], blocks, b)
-        v = self._gather(kv_cache[1], blocks, b)
-        return F.scaled_dot_product_attention(
-            q[:, :, None, :], k, v, attn_mask=mask, scale=self.scale,
+        k = self._gather(kv_cache[0], blocks, b).to(q.dtype)
+        v = self._gather(kv_cache[1], blocks, b).to(q.dtype)
+        return scales.apply_v(F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask, scale=scales.softmax,
             enable_gqa=self.num_heads != self.num_kv_heads,
-        )[:, :, 0, :]
+        )[:, :, 0, :])
 
     @staticmethod
     def _gather(cache: torch.Tensor, blocks: torch.Tensor, batch: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ def _int32(t: torch.Tensor) -> torch.Tensor:
 
 class TritonAttentionBackend(AttentionBackend):
     """The default backend on CUDA: a single kernel serves any mix of prefill chunks and decodes
-    (split-KV for long-context decode), so one forward costs two launches per layer."""
+    (split-KV for long-context decode), so one forward costs two launches per layer. An fp8
+    cache is quantized by the write kernel and dequantized inside the attention kernel."""
 
     name = "triton"
     # prepare() slices the runner's step buffers into views and forward() launches kernels that
@@ -68,11 +69,15 @@ class TritonAttentionBackend(AttentionBackend):
         value: torch.Tensor,
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         plan: _TritonPlan = metadata.plan
         n = metadata.num_actual_tokens
-        self._ops.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n])
+        self._ops.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping[:n],
+                                    k_scale, v_scale)
         return self._ops.unified_attention(
             query, kv_cache, plan.query_start_loc, plan.seq_lens, plan.block_table,
             self.scale, metadata.max_query_len, metadata.max_seq_len, num_actual_tokens=n,
+            k_scale=k_scale, v_scale=v_scale,
         )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.attention.layer import Attention
 from pagedserve.layers.activation import SiluAndMul
 from pagedserve.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.layers.linear import LinearBase, LinearMethod
@@ -72,7 +73,7 @@ class LlamaAttention(nn.Module):
         eps = config.rms_norm_eps
         self.q_norm = RMSNorm(self.head_dim, eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps, dtype) if config.qk_norm else None
-        self.attn = attn
+        self.attn = Attention(attn, f"{prefix}.attn")
 
     def forward(
         self,
@@ -89,7 +90,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn.forward(q, k, v, kv_cache, metadata)
+        out = self.attn(q, k, v, kv_cache, metadata)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -202,7 +203,24 @@ _SHARDS_OF = {
     ours: [ckpt for ckpt, merged, _ in _STACKED if merged == ours]
     for _, ours, _ in _STACKED
 }
-_SKIPPED = re.compile(r"rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached")
+_SKIPPED = re.compile(r"rotary_emb\.inv_freq|rotary_emb\.cos_cached|rotary_emb\.sin_cached"
+                      # Q stays in the model's dtype here: a checkpoint's query/softmax scales
+                      # (FP8 attention, vLLM's FlashAttention-3 path) have no use.
+                      r"|\.self_attn\.(q_scale|prob_scale)$")
+# KV-cache scales as checkpoints name them (vLLM's accepted spellings) -> our attention's.
+_KV_SCALE = re.compile(r"\.self_attn\.(?:(?P<kv>[kv])_scale|(?P<proj>[kv])_proj\.output_scale"
+                       r"|(?P<both>kv)_scale)$")
+
+
+def _kv_scale_targets(name: str) -> Optional[list[str]]:
+    """Our parameter names for a checkpoint's KV-cache scale tensor ``name``, else None. The
+    legacy single ``kv_scale`` serves as both."""
+    m = _KV_SCALE.search(name)
+    if m is None:
+        return None
+    base = name[: m.start()] + ".self_attn.attn."
+    which = m.group("kv") or m.group("proj")
+    return [base + f"{which}_scale"] if which else [base + "k_scale", base + "v_scale"]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -243,30 +261,41 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name.startswith("lm_head.") and self.config.tie_word_embeddings:
                 continue
+            scale_targets = _kv_scale_targets(name)
+            if scale_targets is not None:
+                for target in scale_targets:
+                    self._load_one(params, target, original, tensor, None)
+                    loaded.add(target)
+                continue
             shard_id = None
             for ckpt, ours, shard in _STACKED:
                 if f".{ckpt}." in name:
                     name, shard_id = name.replace(f".{ckpt}.", f".{ours}."), shard
                     break
-            param = params.get(name)
-            if param is None:
-                raise ValueError(
-                    f"checkpoint tensor {original!r} has no place in {type(self).__name__}"
-                )
-            loader = getattr(param, "weight_loader", None)
-            if loader is None:
-                if param.shape != tensor.shape:
-                    raise ValueError(
-                        f"checkpoint tensor {original!r} has shape {tuple(tensor.shape)}, "
-                        f"expected {tuple(param.shape)}"
-                    )
-                param.data.copy_(tensor)
-            else:
-                try:
-                    loader(param, tensor, shard_id)
-                except ValueError as e:
-                    raise ValueError(f"checkpoint tensor {original!r}: {e}") from None
+            self._load_one(params, name, original, tensor, shard_id)
             loaded.add(name)
         if self.config.tie_word_embeddings:
             loaded.add("lm_head.weight")
         return loaded
+
+    def _load_one(self, params: dict[str, nn.Parameter], name: str, original: str,
+                  tensor: torch.Tensor, shard_id: object) -> None:
+        """Copies checkpoint tensor ``original`` into our parameter ``name``."""
+        param = params.get(name)
+        if param is None:
+            raise ValueError(
+                f"checkpoint tensor {original!r} has no place in {type(self).__name__}"
+            )
+        loader = getattr(param, "weight_loader", None)
+        if loader is None:
+            if param.shape != tensor.shape:
+                raise ValueError(
+                    f"checkpoint tensor {original!r} has shape {tuple(tensor.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            param.data.copy_(tensor)
+            return
+        try:
+            loader(param, tensor, shard_id)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {original!r}: {e}") from None

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedserve.attention.base import AttentionBackend
+from pagedserve.attention.layer import Attention
 from pagedserve.layers.embedding import LMHead
 from pagedserve.layers.linear import LinearBase
 from pagedserve.layers.quantization import QuantizationConfig
@@ -64,6 +65,6 @@ def load_model(
     for module in model.modules():
         if isinstance(module, LinearBase):
             module.linear_method.process_weights_after_loading(module)
-        elif isinstance(module, LMHead):
+        elif isinstance(module, (LMHead, Attention)):
             module.process_weights_after_loading()
     return model.eval()

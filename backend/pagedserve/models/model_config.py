@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 
+from pagedserve.attention.layer import check_kv_cache_scheme
 from pagedserve.layers.quantization import QuantizationConfig, parse_quantization
 
 _DTYPE_NAMES = {
@@ -54,6 +55,8 @@ class ModelConfig:
     sliding_window: Optional[int] = None
     # The checkpoint's quantization (None: full-precision weights).
     quant_config: Optional[QuantizationConfig] = None
+    # compressed-tensors' kv_cache_scheme: the checkpoint carries fp8 KV-cache scales.
+    kv_cache_scheme: Optional[dict[str, Any]] = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -102,6 +105,7 @@ class ModelConfig:
             eos_token_ids=_eos_ids(path, raw),
             sliding_window=_sliding_window(raw),
             quant_config=parse_quantization(path, raw, quantization),
+            kv_cache_scheme=check_kv_cache_scheme(raw),
             raw=raw,
         )
 

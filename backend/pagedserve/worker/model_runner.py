@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.attention.layer import is_fp8_cache, kv_cache_torch_dtype
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import (
@@ -89,6 +90,7 @@ class ModelRunner:
         else:  # activations live in host memory: keep the large ones from pinning the heap
             keep_large_buffers_mapped()
         self.dtype = parse_dtype(config.dtype)
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
         torch.manual_seed(config.args.seed)
         self.attn: AttentionBackend = get_attention_backend(
@@ -99,7 +101,11 @@ class ModelRunner:
             head_dim=model_config.head_dim,
             scale=model_config.head_dim ** -0.5,
             block_size=config.block_size,
+            kv_cache_dtype=self.kv_cache_dtype,
         )
+        if model_config.kv_cache_scheme is not None and not is_fp8_cache(self.kv_cache_dtype):
+            logger.info("the checkpoint carries fp8 KV-cache scales (kv_cache_scheme); they are "
+                        "used with kv_cache_dtype fp8, not with %s", config.kv_cache_dtype)
         self.model = load_model(
             model_config, self.dtype, self.device, self.attn, model_config.quant_config
         )
@@ -130,7 +136,7 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        element = torch.tensor([], dtype=self.dtype).element_size()
+        element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
         return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
 
     def determine_num_blocks(self) -> int:
@@ -178,7 +184,8 @@ class ModelRunner:
         ``worst_case_sampling``)."""
         tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         cache = [torch.empty(2, 1, self.block_size, self.model_config.num_kv_heads,
-                             self.model_config.head_dim, dtype=self.dtype, device=self.device)
+                             self.model_config.head_dim, dtype=self.kv_cache_dtype,
+                             device=self.device)
                  for _ in range(self.model_config.num_layers)]
         meta = AttentionMetadata(
             num_actual_tokens=tokens, num_reqs=1,
@@ -218,7 +225,7 @@ class ModelRunner:
         mc = self.model_config
         shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [
-            torch.zeros(shape, dtype=self.dtype, device=self.device)
+            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
 
