@@ -46,6 +46,14 @@ def auto_round_config(packing: str, sym: bool, extra: dict | None = None) -> dic
 
 
 MID = "model.layers.1.mlp.down_proj"
+# GPTQModel's per-module rules, first match wins: layer 0's down_proj is left unquantized (so
+# the last rule does not reach it), layer 1's gate/up (one fused layer) are 8-bit, every other
+# down_proj is g64; the rest keep the base 4-bit g32.
+DYNAMIC = {r"-:model\.layers\.0\.mlp\.down_proj": {},
+           r"model\.layers\.1\.mlp\.(gate|up)_proj": {"bits": 8},
+           r"+:.*down_proj": {"group_size": 64}}
+DYNAMIC_WRITTEN = {"model.layers.1.mlp.gate_proj": {"bits": 8},
+                   "model.layers.1.mlp.up_proj": {"bits": 8}, MID: {"group_size": 64}}
 # id -> (packer format, quantization_config, packer options)
 CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "gptq-4bit-g32-sym": ("gptq", gptq_config(4, 32, True, False),
@@ -61,6 +69,18 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # A v2 checkpoint labelled v1 (its symmetric zeros are 8, not 7): read as v2.
     "gptq-mislabelled-v2": ("gptq_v2", gptq_config(4, 32, True, False, "gptq"),
                             dict(bits=4, group_size=32, sym=True)),
+    "gptq-dynamic": ("gptq", {**gptq_config(4, 32, True, False), "dynamic": DYNAMIC},
+                     dict(bits=4, group_size=32, sym=True, skip=("layers.0.mlp.down_proj",),
+                          overrides=DYNAMIC_WRITTEN)),
+    "gptq-4bit-g32-asym-desc_act-lm_head": (
+        "gptq", {**gptq_config(4, 32, False, True), "lm_head": True},
+        dict(bits=4, group_size=32, sym=False, act_order=True, quantize_lm_head=True)),
+    # dynamic reaches the head too (GPTQModel names it lm_head).
+    "gptq_v2-lm_head-dynamic-8bit": (
+        "gptq_v2", {**gptq_config(4, 32, True, False, "gptq_v2"), "lm_head": True,
+                    "dynamic": {r"+:lm_head": {"bits": 8, "group_size": -1}}},
+        dict(bits=4, group_size=32, sym=True, quantize_lm_head=True,
+             overrides={"lm_head": {"bits": 8, "group_size": -1}})),
     "awq-4bit-g32": ("awq", awq_config(32), dict(bits=4, group_size=32, sym=False)),
     "awq-4bit-g64-not-converted": (
         "awq", {**awq_config(64), "modules_to_not_convert": ["down_proj"]},
@@ -70,6 +90,10 @@ CASES: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                                   {MID: {"bits": 8}, "model.layers.0.mlp.down_proj": {"bits": 16}}),
         dict(bits=4, group_size=32, sym=True, with_g_idx=False, skip=("layers.0.mlp.down_proj",),
              overrides={MID: {"bits": 8}})),
+    "auto_round-gptq-lm_head": (
+        "gptq", auto_round_config("auto_round:auto_gptq", True, {"lm_head": {"bits": 8}}),
+        dict(bits=4, group_size=32, sym=True, with_g_idx=False, quantize_lm_head=True,
+             overrides={"lm_head": {"bits": 8}})),
     "auto_round-awq": ("awq", auto_round_config("auto_round:auto_awq", False),
                        dict(bits=4, group_size=32, sym=False)),
     "intel-auto-round-legacy": (
@@ -193,10 +217,18 @@ def test_the_layout_decodes_exactly_and_bf16_is_close(case, base_model, tmp_path
 BAD_CONFIGS = [
     ("bits", {"bits": 3}, {}, r"quantization_config\.bits .*3"),
     ("group_size", {"group_size": 16}, {}, r"quantization_config\.group_size"),
-    ("lm_head", {"lm_head": True}, {}, r"quantization_config\.lm_head"),
+    ("lm_head", {"lm_head": True}, {},
+     r"'lm_head\.weight' has no place .*quantizes the LM head"),
+    ("lm_head-type", {"lm_head": "yes"}, {}, r"quantization_config\.lm_head"),
     ("checkpoint_format", {"checkpoint_format": "marlin"}, {},
      r"quantization_config\.checkpoint_format"),
-    ("dynamic", {"dynamic": {"-:.*down": {}}}, {}, r"quantization_config\.dynamic"),
+    ("dynamic-regex", {"dynamic": {"+:model.(layers": {}}}, {},
+     r"quantization_config\.dynamic\['\+:model\.\(layers'\] is not a valid regex"),
+    ("dynamic-override", {"dynamic": {".*down": {"damp_percent": 0.1}}}, {},
+     r"quantization_config\.dynamic\['\.\*down'\] overrides damp_percent"),
+    ("dynamic-bits", {"dynamic": {".*down": {"bits": 3}}}, {},
+     r"quantization_config\.dynamic\['\.\*down'\]\.bits .*3"),
+    ("dynamic-type", {"dynamic": [".*down"]}, {}, r"quantization_config\.dynamic must be"),
     ("quant_method", {"quant_method": "bitsandbytes"}, {}, r"quant_method 'bitsandbytes'"),
     ("awq-version", {"quant_method": "awq", "version": "gemv"}, {},
      r"quantization_config\.version"),
@@ -303,6 +335,34 @@ def test_fused_shards_quantized_differently_fail(base_model, tmp_path):
                     overrides={"model.layers.0.self_attn.k_proj": {"bits": 8}})
     with pytest.raises(ValueError, match=r"self_attn\.qkv_proj: its shards .* differently"):
         _greedy(tmp_path / "q")
+    # The same through GPTQModel's dynamic, and a shard left out by a -: rule.
+    for rule, override in (({"+:.*layers\\.1\\..*k_proj": {"bits": 8}}, {"bits": 8}),
+                           ({"-:.*layers\\.1\\..*k_proj": {}}, None)):
+        config = {**gptq_config(4, 32, True, False), "dynamic": rule}
+        write_quantized(base_model, tmp_path / "q", tmp_path / "twin", "gptq", config, bits=4,
+                        group_size=32, sym=True,
+                        overrides={"model.layers.1.self_attn.k_proj": override or {}},
+                        skip=() if override else ("layers.1.self_attn.k_proj",))
+        with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.qkv_proj: its shards"):
+            _greedy(tmp_path / "q")
+
+
+def test_quantized_lm_head_of_a_tied_checkpoint(tiny_model_dir, tmp_path):
+    """A tied checkpoint whose head the producer quantized stores the head apart: the engine
+    unties it (HF runs the untied twin); with no head tensors the load names tie_word_embeddings."""
+    tied = tiny_model_dir("llama", tie_word_embeddings=True)
+    config = {**gptq_config(4, 32, True, False), "lm_head": True}
+    dst, twin = tmp_path / "quantized", tmp_path / "twin"
+    write_quantized(tied, dst, twin, "gptq", config, bits=4, group_size=32, sym=True,
+                    quantize_lm_head=True)
+    ours, llm = _greedy(dst)
+    model = llm.engine.runner.model
+    assert model.lm_head.prefix == "lm_head" and model.lm_head.cpu_kernel is not None
+    for tokens, ref in zip(ours, hf_greedy(twin, PROMPTS, MAX_TOKENS)):
+        assert_greedy_match(tokens, ref)
+    write_quantized(tied, dst, twin, "gptq", config, bits=4, group_size=32, sym=True)
+    with pytest.raises(ValueError, match=r"tie_word_embeddings is true .* no lm_head tensors"):
+        _greedy(dst)
 
 
 def _fixture_dirs() -> list[Path]:

@@ -109,17 +109,23 @@ def write_quantized(
     skip: tuple[str, ...] = (),
     overrides: Optional[dict[str, dict[str, Any]]] = None,
     config_file: Optional[str] = None,
+    quantize_lm_head: bool = False,
 ) -> None:
     """Writes ``dst`` (the quantized checkpoint) and ``twin`` (dequantized, unquantized config)
     from the tiny checkpoint ``src``. Modules whose name contains an entry of ``skip`` stay
     full precision; ``overrides`` maps a module name to its own bits/group_size/sym. q/k/v and
     gate/up share an act order (they see the same inputs). ``config_file`` writes the config to
-    a legacy file instead of config.json."""
+    a legacy file instead of config.json. ``quantize_lm_head`` quantizes the LM head too (GPTQ's
+    ``lm_head: true``); a tied checkpoint then gets its head stored apart, as producers do, and
+    the twin is untied."""
     for path in (dst, twin):
         if path.exists():
             shutil.rmtree(path)
         shutil.copytree(src, path)
     weights = load_file(str(src / "model.safetensors"))
+    untie_twin = quantize_lm_head and "lm_head.weight" not in weights
+    if untie_twin:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     quantized: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
     orders: dict[str, torch.Tensor] = {}
@@ -127,8 +133,8 @@ def write_quantized(
     for name, tensor in weights.items():
         module = name.rsplit(".", 1)[0]
         leaf = module.rsplit(".", 1)[-1]
-        if (leaf not in LINEAR_NAMES or not name.endswith(".weight")
-                or any(s in module for s in skip)):
+        linear = leaf in LINEAR_NAMES or (quantize_lm_head and module == "lm_head")
+        if not linear or not name.endswith(".weight") or any(s in module for s in skip):
             quantized[name] = tensor
             dequantized[name] = tensor
             continue
@@ -148,6 +154,10 @@ def write_quantized(
         dequantized[name] = qz.dequantized.to(tensor.dtype)
     save_file(quantized, str(dst / "model.safetensors"))
     save_file(dequantized, str(twin / "model.safetensors"))
+    if untie_twin:
+        twin_config = json.loads((twin / "config.json").read_text())
+        twin_config["tie_word_embeddings"] = False
+        (twin / "config.json").write_text(json.dumps(twin_config, indent=2))
     config = json.loads((dst / "config.json").read_text())
     if config_file is None:
         config["quantization_config"] = quantization_config

@@ -1,4 +1,4 @@
-"""Token embedding and the LM head that may share its weight."""
+"""Token embedding, the LM head that may share its weight, and the quantized LM head."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.layers.linear import onednn_linear, onednn_pack
+from pagedserve.layers.linear import LinearBase, LinearMethod, onednn_linear, onednn_pack
 
 
 def _load_full(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
@@ -68,3 +68,18 @@ class LMHead(nn.Module):
         else:
             logits = F.linear(hidden, self.weight)
         return logits.float()
+
+
+class QuantizedLMHead(LinearBase):
+    """The LM head of a checkpoint that quantized it (GPTQ's ``lm_head``, AutoRound's
+    ``extra_config``): a linear layer named ``lm_head`` run by its LinearMethod; never tied, since
+    a quantized head is stored apart from the embedding. Logits in fp32, as LMHead's."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, dtype: torch.dtype, linear_method: LinearMethod
+    ) -> None:
+        super().__init__(hidden_size, [vocab_size], linear_method=linear_method, dtype=dtype,
+                         prefix="lm_head")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden).float()

@@ -17,7 +17,7 @@ from torch import nn
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
 from pagedserve.attention.layer import Attention
 from pagedserve.layers.activation import SiluAndMul
-from pagedserve.layers.embedding import LMHead, VocabEmbedding
+from pagedserve.layers.embedding import LMHead, QuantizedLMHead, VocabEmbedding
 from pagedserve.layers.linear import LinearBase, LinearMethod
 from pagedserve.layers.norm import RMSNorm
 from pagedserve.layers.quantization import QuantizationConfig
@@ -236,8 +236,16 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, attn, quant_config, dtype)
-        tied = self.model.embed_tokens if config.tie_word_embeddings else None
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied_to=tied)
+        head_method = quant_config.lm_head_method() if quant_config is not None else None
+        self.lm_head: nn.Module
+        # A quantized head is stored on its own, even where config.json ties the embeddings.
+        self.tied_head = config.tie_word_embeddings and head_method is None
+        if head_method is not None:
+            self.lm_head = QuantizedLMHead(config.vocab_size, config.hidden_size, dtype,
+                                           head_method)
+        else:
+            tied = self.model.embed_tokens if self.tied_head else None
+            self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied_to=tied)
 
     def forward(
         self,
@@ -259,7 +267,7 @@ class LlamaForCausalLM(nn.Module):
             original = name
             if _SKIPPED.search(name):
                 continue
-            if name.startswith("lm_head.") and self.config.tie_word_embeddings:
+            if name.startswith("lm_head.") and self.tied_head:
                 continue
             scale_targets = _kv_scale_targets(name)
             if scale_targets is not None:
@@ -274,8 +282,14 @@ class LlamaForCausalLM(nn.Module):
                     break
             self._load_one(params, name, original, tensor, shard_id)
             loaded.add(name)
-        if self.config.tie_word_embeddings:
+        if self.tied_head:
             loaded.add("lm_head.weight")
+        elif self.config.tie_word_embeddings and not any(n.startswith("lm_head.") for n in loaded):
+            raise ValueError(
+                "config.json's tie_word_embeddings is true and the quantization config "
+                "quantizes the LM head, but the checkpoint holds no lm_head tensors (a quantized "
+                "head cannot share the embedding's weight)"
+            )
         return loaded
 
     def _load_one(self, params: dict[str, nn.Parameter], name: str, original: str,
@@ -283,8 +297,13 @@ class LlamaForCausalLM(nn.Module):
         """Copies checkpoint tensor ``original`` into our parameter ``name``."""
         param = params.get(name)
         if param is None:
+            head = ""
+            if name.startswith("lm_head."):
+                head = (" (the quantization config quantizes the LM head)"
+                        if isinstance(self.lm_head, QuantizedLMHead)
+                        else " (the quantization config leaves the LM head unquantized)")
             raise ValueError(
-                f"checkpoint tensor {original!r} has no place in {type(self).__name__}"
+                f"checkpoint tensor {original!r} has no place in {type(self).__name__}{head}"
             )
         loader = getattr(param, "weight_loader", None)
         if loader is None:

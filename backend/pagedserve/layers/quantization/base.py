@@ -47,6 +47,11 @@ class QuantizationConfig(ABC):
     def method_for(self, prefix: str) -> Optional[LinearMethod]:
         """The linear method of the checkpoint module ``prefix``; None: not quantized."""
 
+    def lm_head_method(self) -> Optional[LinearMethod]:
+        """The LM head's method where the checkpoint quantized the head; None (the default for
+        every format but GPTQ's ``lm_head`` and AutoRound's ``extra_config``): full precision."""
+        return None
+
     def linear_method(self, layer_prefix: str, shard_prefixes: list[str]) -> LinearMethod:
         """The method of a (possibly fused) layer, whose shards must all agree."""
         methods = [self.method_for(p) for p in shard_prefixes]

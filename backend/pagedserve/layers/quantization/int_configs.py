@@ -5,6 +5,8 @@ IntWeightLinearMethod (or none)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -21,9 +23,50 @@ INT_BITS = (4, 8)
 INT_GROUPS = (-1, 32, 64, 128, 256)
 
 
-def _check_scheme(method: str, bits: Any, group_size: Any) -> None:
-    check_choice(method, "bits", bits, INT_BITS)
-    check_choice(method, "group_size", group_size, INT_GROUPS)
+# What a GPTQModel ``dynamic`` rule may override (the fields vLLM reads; IntScheme's names).
+DYNAMIC_OVERRIDES = ("bits", "group_size", "sym", "desc_act")
+
+
+def _check_scheme(method: str, bits: Any, group_size: Any, where: str = "") -> None:
+    check_choice(method, f"{where}bits", bits, INT_BITS)
+    check_choice(method, f"{where}group_size", group_size, INT_GROUPS)
+
+
+@dataclass(frozen=True)
+class DynamicRule:
+    """One GPTQModel ``dynamic`` entry: modules whose name the regex matches (from the start)
+    are left unquantized (``-:``) or quantized with the overrides (``+:`` or no prefix)."""
+
+    pattern: re.Pattern[str]
+    excluded: bool
+    overrides: dict[str, Any]
+
+
+def _dynamic_rules(method: str, dynamic: Any, base: IntScheme) -> list[DynamicRule]:
+    if not isinstance(dynamic, dict):
+        raise field_error(method, "dynamic", dynamic, "must be an object of regex -> overrides")
+    rules = []
+    for key, overrides in dynamic.items():
+        where = f"dynamic[{key!r}]"
+        if not isinstance(overrides, dict):
+            raise field_error(method, where, overrides, "must be an object")
+        excluded = key.startswith("-:")
+        regex = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            pattern = re.compile(regex)
+        except re.error as e:
+            raise field_error(method, where, key, f"is not a valid regex ({e})") from None
+        if not excluded:
+            unknown = sorted(set(overrides) - set(DYNAMIC_OVERRIDES))
+            if unknown:
+                raise field_error(method, where, overrides, f"overrides {', '.join(unknown)}: "
+                                  f"not supported, only {', '.join(DYNAMIC_OVERRIDES)}")
+            scheme = dataclasses.replace(base, **overrides)
+            _check_scheme(method, scheme.bits, scheme.group_size, f"{where}.")
+            check_choice(method, f"{where}.sym", scheme.sym, (True, False))
+            check_choice(method, f"{where}.desc_act", scheme.desc_act, (True, False))
+        rules.append(DynamicRule(pattern, excluded, {} if excluded else dict(overrides)))
+    return rules
 
 
 @dataclass
@@ -38,18 +81,15 @@ class GPTQConfig(QuantizationConfig):
     lm_head: bool = False
     checkpoint_format: str = "gptq"
     dynamic: dict[str, Any] = field(default_factory=dict)
+    _rules: list[DynamicRule] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _check_scheme(self.method, self.bits, self.group_size)
         check_choice(self.method, "checkpoint_format", self.checkpoint_format, ("gptq", "gptq_v2"))
         check_choice(self.method, "desc_act", self.desc_act, (True, False))
         check_choice(self.method, "sym", self.sym, (True, False))
-        if self.lm_head:
-            raise field_error(self.method, "lm_head", True, "is not supported (lm_head stays "
-                              "unquantized in pagedserve)")
-        if self.dynamic:
-            raise field_error(self.method, "dynamic", self.dynamic, "is not supported "
-                              "(per-module overrides)")
+        check_choice(self.method, "lm_head", self.lm_head, (True, False))
+        self._rules = _dynamic_rules(self.method, self.dynamic, self.scheme())
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> GPTQConfig:
@@ -68,7 +108,16 @@ class GPTQConfig(QuantizationConfig):
                          self.desc_act)
 
     def method_for(self, prefix: str) -> Optional[LinearMethod]:
+        # GPTQModel's rule: the first ``dynamic`` entry whose regex matches decides.
+        for rule in self._rules:
+            if rule.pattern.match(prefix):
+                if rule.excluded:
+                    return None
+                return IntWeightLinearMethod(dataclasses.replace(self.scheme(), **rule.overrides))
         return IntWeightLinearMethod(self.scheme())
+
+    def lm_head_method(self) -> Optional[LinearMethod]:
+        return self.method_for("lm_head") if self.lm_head else None
 
 
 @dataclass
@@ -153,18 +202,29 @@ class AutoRoundConfig(QuantizationConfig):
             block_name_to_quantize=raw.get("block_name_to_quantize"),
         )
 
+    def _override(self, prefix: str) -> Optional[dict[str, Any]]:
+        return next((v for k, v in self.extra_config.items() if matches_any(prefix, [k])), None)
+
+    def lm_head_method(self) -> Optional[LinearMethod]:
+        # AutoRound quantizes the head only when extra_config names it (quant_lm_head).
+        override = self._override("lm_head")
+        if override is None or override.get("bits", self.bits) >= 16:
+            return None
+        return self._method(override)
+
     def method_for(self, prefix: str) -> Optional[LinearMethod]:
-        override = next(
-            (v for k, v in self.extra_config.items() if matches_any(prefix, [k])), {}
-        )
-        bits = override.get("bits", self.bits)
-        if bits >= 16 or prefix.endswith("lm_head"):
+        override = self._override(prefix) or {}
+        if override.get("bits", self.bits) >= 16 or prefix.endswith("lm_head"):
             return None
         blocks = self.block_name_to_quantize
         if blocks:
             names = blocks.split(",") if isinstance(blocks, str) else list(blocks)
             if not any(prefix.startswith(name + ".") for name in names):
                 return None
+        return self._method(override)
+
+    def _method(self, override: dict[str, Any]) -> LinearMethod:
+        bits = override.get("bits", self.bits)
         packing = self._PACKINGS[self.packing_format]
         group = override.get("group_size", self.group_size)
         sym = override.get("sym", self.sym)
