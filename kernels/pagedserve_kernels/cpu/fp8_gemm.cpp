@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -26,11 +27,11 @@ inline float widen(uint8_t b) {
   float v;
   std::memcpy(&v, &bits, sizeof v);
   v = c >= 8u ? v : static_cast<float>(c) * 0x1p-9f;
+  v = c == 0x7Fu ? std::numeric_limits<float>::quiet_NaN() : v;
   return (b & 0x80u) ? -v : v;
 }
 
-// e4m3fn -> fp32, exact for every code but the two NaNs (0x7F, 0xFF), which the quantizers
-// never emit. Normals (exponent field e > 0): the exponent is rebiased by 127 - 7 = 120 and the
+// e4m3fn -> fp32, exact for all 256 codes (0x7F and 0xFF are NaN). Normals (exponent field e > 0): the exponent is rebiased by 127 - 7 = 120 and the
 // 3 mantissa bits move to the top of fp32's 23; subnormals (e = 0) are m * 2^-9. Intrinsics,
 // because GCC does not vectorize the bit casts of the scalar form.
 inline void widen_row(const uint8_t* q, float* w, int64_t k) {
@@ -39,12 +40,14 @@ inline void widen_row(const uint8_t* q, float* w, int64_t k) {
   const __m512i low7 = _mm512_set1_epi32(0x7F), sign = _mm512_set1_epi32(0x80);
   const __m512i rebias = _mm512_set1_epi32(120 << 23), eight = _mm512_set1_epi32(8);
   const __m512 sub_unit = _mm512_set1_ps(0x1p-9f);
+  const __m512i nan = _mm512_set1_epi32(0x7FC00000);
   for (; i + 16 <= k; i += 16) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
     const __m512i c = _mm512_and_si512(b, low7);
     const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(c, 20), rebias);
     const __m512i sub = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(c), sub_unit));
-    const __m512i mag = _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(c, eight), sub, normal);
+    __m512i mag = _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(c, eight), sub, normal);
+    mag = _mm512_mask_mov_epi32(mag, _mm512_cmpeq_epi32_mask(c, low7), nan);
     const __m512i bits = _mm512_or_si512(mag, _mm512_slli_epi32(_mm512_and_si512(b, sign), 24));
     _mm512_storeu_si512(w + i, bits);
   }
@@ -52,13 +55,16 @@ inline void widen_row(const uint8_t* q, float* w, int64_t k) {
   const __m256i low7 = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(0x80);
   const __m256i rebias = _mm256_set1_epi32(120 << 23), seven = _mm256_set1_epi32(7);
   const __m256 sub_unit = _mm256_set1_ps(0x1p-9f);
+  const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
   for (; i + 8 <= k; i += 8) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
     const __m256i c = _mm256_and_si256(b, low7);
     const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(c, 20), rebias));
     const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(c), sub_unit);
     const __m256 is_normal = _mm256_castsi256_ps(_mm256_cmpgt_epi32(c, seven));
-    const __m256i mag = _mm256_castps_si256(_mm256_blendv_ps(sub, normal, is_normal));
+    const __m256 is_nan = _mm256_castsi256_ps(_mm256_cmpeq_epi32(c, low7));
+    const __m256i mag = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_blendv_ps(sub, normal, is_normal), nan, is_nan));
     const __m256i bits = _mm256_or_si256(mag, _mm256_slli_epi32(_mm256_and_si256(b, sign), 24));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + i), bits);
   }
