@@ -1,6 +1,7 @@
 // FP8 (e4m3) W8A8 matmul for the CPU, reading the weight as its fp8 bytes: each weight row is
 // widened to fp32 in a small per-thread buffer (exact, by bit manipulation; vectorizes) and
 // multiplied there, while it is in L1, by every activation row; scales apply per K group.
+// Tiles of 4 weight rows x 4 activation rows keep 16 independent sums in registers.
 //
 // x        [M, K]  float32  the activations' fp8 values (unscaled codes, exact in fp32)
 // x_scale  [1 or M, G] float32  per tensor / per token / per token and K group
@@ -31,9 +32,10 @@ inline float widen(uint8_t b) {
   return (b & 0x80u) ? -v : v;
 }
 
-// e4m3fn -> fp32, exact for all 256 codes (0x7F and 0xFF are NaN). Normals (exponent field e > 0): the exponent is rebiased by 127 - 7 = 120 and the
-// 3 mantissa bits move to the top of fp32's 23; subnormals (e = 0) are m * 2^-9. Intrinsics,
-// because GCC does not vectorize the bit casts of the scalar form.
+// e4m3fn -> fp32, exact for all 256 codes (0x7F and 0xFF are NaN). Normals (exponent field
+// e > 0): the exponent is rebiased by 127 - 7 = 120 and the 3 mantissa bits move to the top of
+// fp32's 23; subnormals (e = 0) are m * 2^-9. Intrinsics, because GCC does not vectorize the
+// bit casts of the scalar form.
 inline void widen_row(const uint8_t* q, float* w, int64_t k) {
   int64_t i = 0;
 #if defined(__AVX512F__)
@@ -42,7 +44,8 @@ inline void widen_row(const uint8_t* q, float* w, int64_t k) {
   const __m512 sub_unit = _mm512_set1_ps(0x1p-9f);
   const __m512i nan = _mm512_set1_epi32(0x7FC00000);
   for (; i + 16 <= k; i += 16) {
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+    const __m512i b = _mm512_cvtepu8_epi32(raw);
     const __m512i c = _mm512_and_si512(b, low7);
     const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(c, 20), rebias);
     const __m512i sub = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(c), sub_unit));
@@ -57,7 +60,8 @@ inline void widen_row(const uint8_t* q, float* w, int64_t k) {
   const __m256 sub_unit = _mm256_set1_ps(0x1p-9f);
   const __m256 nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000));
   for (; i + 8 <= k; i += 8) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)));
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i));
+    const __m256i b = _mm256_cvtepu8_epi32(raw);
     const __m256i c = _mm256_and_si256(b, low7);
     const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(c, 20), rebias));
     const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(c), sub_unit);
@@ -94,6 +98,26 @@ inline void dot4(const float* x, const float* w, int64_t stride, int64_t n, floa
   out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
 
+// x0..x3 . w0..w3: 16 sums, each x and w vector loaded once for four FMAs.
+inline void dot4x4(const float* x, int64_t xstride, const float* w, int64_t wstride, int64_t n,
+                   float* out /* [4 x rows][4 w rows] */) {
+  const float *x0 = x, *x1 = x + xstride, *x2 = x + 2 * xstride, *x3 = x + 3 * xstride;
+  const float *w0 = w, *w1 = w + wstride, *w2 = w + 2 * wstride, *w3 = w + 3 * wstride;
+  float a00 = 0.f, a01 = 0.f, a02 = 0.f, a03 = 0.f, a10 = 0.f, a11 = 0.f, a12 = 0.f, a13 = 0.f;
+  float a20 = 0.f, a21 = 0.f, a22 = 0.f, a23 = 0.f, a30 = 0.f, a31 = 0.f, a32 = 0.f, a33 = 0.f;
+#pragma omp simd reduction(+ : a00, a01, a02, a03, a10, a11, a12, a13) \
+    reduction(+ : a20, a21, a22, a23, a30, a31, a32, a33)
+  for (int64_t i = 0; i < n; ++i) {
+    a00 += x0[i] * w0[i]; a01 += x0[i] * w1[i]; a02 += x0[i] * w2[i]; a03 += x0[i] * w3[i];
+    a10 += x1[i] * w0[i]; a11 += x1[i] * w1[i]; a12 += x1[i] * w2[i]; a13 += x1[i] * w3[i];
+    a20 += x2[i] * w0[i]; a21 += x2[i] * w1[i]; a22 += x2[i] * w2[i]; a23 += x2[i] * w3[i];
+    a30 += x3[i] * w0[i]; a31 += x3[i] * w1[i]; a32 += x3[i] * w2[i]; a33 += x3[i] * w3[i];
+  }
+  const float sums[16] = {a00, a01, a02, a03, a10, a11, a12, a13,
+                          a20, a21, a22, a23, a30, a31, a32, a33};
+  std::memcpy(out, sums, sizeof sums);
+}
+
 }  // namespace
 
 torch::Tensor fp8_scaled_mm(const torch::Tensor& x, const torch::Tensor& x_scale,
@@ -122,7 +146,27 @@ torch::Tensor fp8_scaled_mm(const torch::Tensor& x, const torch::Tensor& x_scale
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first = tile * kTile, rows = std::min(kTile, n - first);
       for (int64_t r = 0; r < rows; ++r) widen_row(qp + (first + r) * k, w.data() + r * k, k);
-      for (int64_t i = 0; i < m; ++i) {
+      int64_t i = 0;
+      if (rows == kTile) {
+        float block[kTile * kTile];
+        for (; i + kTile <= m; i += kTile) {
+          float acc[kTile * kTile] = {};
+          for (int64_t g = 0; g < groups; ++g) {
+            const int64_t at = g * group;
+            dot4x4(xp + i * k + at, k, w.data() + at, k, group, block);
+            for (int64_t a = 0; a < kTile; ++a) {
+              const float xsg = xs[(i + a) * xs_row + g];
+              for (int64_t r = 0; r < kTile; ++r) {
+                acc[a * kTile + r] += xsg * ws[(first + r) * groups + g] * block[a * kTile + r];
+              }
+            }
+          }
+          for (int64_t a = 0; a < kTile; ++a) {
+            for (int64_t r = 0; r < kTile; ++r) op[(i + a) * n + first + r] = acc[a * kTile + r];
+          }
+        }
+      }
+      for (; i < m; ++i) {
         const float* xr = xp + i * k;
         const float* xsr = xs + i * xs_row;
         float acc[kTile] = {};
@@ -133,7 +177,9 @@ torch::Tensor fp8_scaled_mm(const torch::Tensor& x, const torch::Tensor& x_scale
           } else {
             for (int64_t r = 0; r < rows; ++r) sums[r] = dot(xr + at, w.data() + r * k + at, group);
           }
-          for (int64_t r = 0; r < rows; ++r) acc[r] += xsr[g] * ws[(first + r) * groups + g] * sums[r];
+          for (int64_t r = 0; r < rows; ++r) {
+            acc[r] += xsr[g] * ws[(first + r) * groups + g] * sums[r];
+          }
         }
         for (int64_t r = 0; r < rows; ++r) op[i * n + first + r] = acc[r];
       }
