@@ -1,7 +1,8 @@
 // FP8 (e4m3) W8A8 matmul for the CPU, reading the weight as its fp8 bytes: each weight row is
 // widened to fp32 in a small per-thread buffer (exact, by bit manipulation; vectorizes) and
 // multiplied there, while it is in L1, by every activation row; scales apply per K group.
-// Tiles of 4 weight rows x 4 activation rows keep 16 independent sums in registers.
+// Tiles of 4 weight rows x 4 activation rows keep 16 independent sums in registers; a single
+// activation row (decode at batch 1) widens the weight in registers instead (AVX-512).
 //
 // x        [M, K]  float32  the activations' fp8 values (unscaled codes, exact in fp32)
 // x_scale  [1 or M, G] float32  per tensor / per token / per token and K group
@@ -36,24 +37,47 @@ inline float widen(uint8_t b) {
 // e > 0): the exponent is rebiased by 127 - 7 = 120 and the 3 mantissa bits move to the top of
 // fp32's 23; subnormals (e = 0) are m * 2^-9. Intrinsics, because GCC does not vectorize the
 // bit casts of the scalar form.
-inline void widen_row(const uint8_t* q, float* w, int64_t k) {
-  int64_t i = 0;
 #if defined(__AVX512F__)
+inline __m512 widen16(const uint8_t* q) {
   const __m512i low7 = _mm512_set1_epi32(0x7F), sign = _mm512_set1_epi32(0x80);
   const __m512i rebias = _mm512_set1_epi32(120 << 23), eight = _mm512_set1_epi32(8);
   const __m512 sub_unit = _mm512_set1_ps(0x1p-9f);
   const __m512i nan = _mm512_set1_epi32(0x7FC00000);
-  for (; i + 16 <= k; i += 16) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
-    const __m512i b = _mm512_cvtepu8_epi32(raw);
-    const __m512i c = _mm512_and_si512(b, low7);
-    const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(c, 20), rebias);
-    const __m512i sub = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(c), sub_unit));
-    __m512i mag = _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(c, eight), sub, normal);
-    mag = _mm512_mask_mov_epi32(mag, _mm512_cmpeq_epi32_mask(c, low7), nan);
-    const __m512i bits = _mm512_or_si512(mag, _mm512_slli_epi32(_mm512_and_si512(b, sign), 24));
-    _mm512_storeu_si512(w + i, bits);
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m512i b = _mm512_cvtepu8_epi32(raw);
+  const __m512i c = _mm512_and_si512(b, low7);
+  const __m512i normal = _mm512_add_epi32(_mm512_slli_epi32(c, 20), rebias);
+  const __m512i sub = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(c), sub_unit));
+  __m512i mag = _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(c, eight), sub, normal);
+  mag = _mm512_mask_mov_epi32(mag, _mm512_cmpeq_epi32_mask(c, low7), nan);
+  return _mm512_castsi512_ps(
+      _mm512_or_si512(mag, _mm512_slli_epi32(_mm512_and_si512(b, sign), 24)));
+}
+
+// One activation row (decode at batch 1) against 4 weight rows at stride k, widened in
+// registers: nothing goes through memory but the weight's bytes.
+inline void fused_dot4(const float* x, const uint8_t* q, int64_t k, int64_t n, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(xv, widen16(q + i), a0);
+    a1 = _mm512_fmadd_ps(xv, widen16(q + k + i), a1);
+    a2 = _mm512_fmadd_ps(xv, widen16(q + 2 * k + i), a2);
+    a3 = _mm512_fmadd_ps(xv, widen16(q + 3 * k + i), a3);
   }
+  out[0] = _mm512_reduce_add_ps(a0), out[1] = _mm512_reduce_add_ps(a1);
+  out[2] = _mm512_reduce_add_ps(a2), out[3] = _mm512_reduce_add_ps(a3);
+  for (; i < n; ++i) {
+    for (int64_t r = 0; r < 4; ++r) out[r] += x[i] * widen(q[r * k + i]);
+  }
+}
+#endif
+
+inline void widen_row(const uint8_t* q, float* w, int64_t k) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= k; i += 16) _mm512_storeu_ps(w + i, widen16(q + i));
 #elif defined(__AVX2__)
   const __m256i low7 = _mm256_set1_epi32(0x7F), sign = _mm256_set1_epi32(0x80);
   const __m256i rebias = _mm256_set1_epi32(120 << 23), seven = _mm256_set1_epi32(7);
@@ -145,6 +169,19 @@ torch::Tensor fp8_scaled_mm(const torch::Tensor& x, const torch::Tensor& x_scale
     float sums[kTile];
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first = tile * kTile, rows = std::min(kTile, n - first);
+#if defined(__AVX512F__)
+      if (m == 1 && rows == kTile) {
+        float acc[kTile] = {};
+        for (int64_t g = 0; g < groups; ++g) {
+          fused_dot4(xp + g * group, qp + first * k + g * group, k, group, sums);
+          for (int64_t r = 0; r < kTile; ++r) {
+            acc[r] += xs[g] * ws[(first + r) * groups + g] * sums[r];
+          }
+        }
+        for (int64_t r = 0; r < kTile; ++r) op[first + r] = acc[r];
+        continue;
+      }
+#endif
       for (int64_t r = 0; r < rows; ++r) widen_row(qp + (first + r) * k, w.data() + r * k, k);
       int64_t i = 0;
       if (rows == kTile) {
