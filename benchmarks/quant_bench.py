@@ -6,9 +6,9 @@ The preset's checkpoint runs dense in float32 and bfloat16, and quantized W8A16 
 tensors pack-quantized, 8 bit channel-wise) and W4A16 (GPTQ, 4 bit, group 128), in bfloat16
 activations, which torch's CPU weight-only kernels are vectorized for; W8A8 (compressed-tensors
 int-quantized, int8 channel-wise weights, dynamic per-token int8 activations: torch._int_mm) and
-online FP8 (``quantization="fp8"``: fp8 weights dequantized per call) in float32. Decode tok/s =
-batch * (tokens - 1) / (time of ``tokens`` tokens - time of 1 token), best of ``--repeats``
-interleaved rounds (the machine may be shared).
+online FP8 (``quantization="fp8"``: the CPU fp8 kernel reads the weights' bytes) in float32.
+Decode tok/s = batch * (tokens - 1) / (time of ``tokens`` tokens - time of 1 token), best of
+``--repeats`` interleaved rounds (the machine may be shared).
 """
 
 from __future__ import annotations

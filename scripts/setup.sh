@@ -22,5 +22,7 @@ fi
 # Finds tritonserver and prepares the backend directory `pagedserve serve` passes to it
 # (python backend + the stub for this Python + pagedserve), so a missing piece fails here.
 .venv/bin/pagedserve backend-dir >/dev/null
-# Builds the C++ decode-attention kernel the CPU engine uses (cached; ~35 s the first time).
+# Builds the C++ decode-attention kernel the CPU engine uses (cached; ~35 s the first time),
+# and the fp8 W8A8 GEMM kernel of FP8 checkpoints on the CPU (cached; ~40 s).
 .venv/bin/python -m pagedserve_kernels.cpu_decode
+.venv/bin/python -m pagedserve_kernels.cpu_fp8_gemm
