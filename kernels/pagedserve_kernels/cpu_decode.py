@@ -4,65 +4,28 @@ Each decode row reads its context's keys and values once, straight from the cach
 all the query heads of a KV head; the pure-torch path (gather the blocks, then SDPA) moves the
 context three times. The reference is ``pagedserve_kernels.reference.paged_attention``.
 
-The kernel is compiled with torch's C++ extension machinery (a C++ compiler and ninja are
-needed) and cached under ``~/.cache/torch_extensions``. Where it cannot be built, ``load()``
-returns None, logs why once, and the caller keeps its pure-torch path.
+Built by ``cpu_build`` on first use; where it cannot be built, ``load()`` returns None and the
+caller keeps its pure-torch path.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
-import pathlib
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = pathlib.Path(__file__).with_name("cpu") / "paged_decode.cpp"
-
-
-def _simd_flags() -> list[str]:
-    try:
-        cpu_flags = pathlib.Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return []
-    flags = []
-    if "avx2" in cpu_flags:
-        flags.append("-mavx2")
-    if "fma" in cpu_flags:
-        flags.append("-mfma")
-    return flags
+from pagedserve_kernels.cpu_build import build, simd_flags
 
 
 @functools.cache
 def load() -> Optional[ModuleType]:
     """The compiled extension, or None where it cannot be built (or PAGEDSERVE_CPU_KERNEL=0)."""
-    if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
-        return None
-    from torch.utils import cpp_extension
-
     # -ffast-math lets exp vectorize (glibc's libmvec, a few ulp); sums are reordered anyway.
-    flags = ["-O3", "-ffast-math", "-fopenmp", *_simd_flags()]
-    # The name carries the source, the flags and the torch it builds against: builds for other
-    # CPUs or other environments never collide (nor rebuild each other back and forth).
-    key = _SOURCE.read_text() + " ".join(flags) + torch.__file__ + torch.__version__
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    try:
-        return cpp_extension.load(
-            name=f"pagedserve_cpu_decode_{digest}",
-            sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, no headers: keep the torch path
-        logger.warning("pagedserve: CPU decode kernel unavailable (%s); using pure torch", e)
-        return None
+    flags = ["-O3", "-ffast-math", "-fopenmp", *simd_flags()]
+    return build("pagedserve_cpu_decode", "paged_decode.cpp", flags, "CPU decode kernel")
 
 
 def main() -> None:

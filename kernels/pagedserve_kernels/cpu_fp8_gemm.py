@@ -7,59 +7,27 @@ four weight rows at a time to fp32 by bit manipulation (exact) into a buffer tha
 and multiplies them there by every activation row, so memory traffic is one byte per weight:
 faster than the fp32 matmul at decode, with the weights kept fp8 in memory.
 
-Built like ``cpu_decode`` (torch's C++ extension machinery, cached under
-``~/.cache/torch_extensions``); where it cannot be built, ``load()`` returns None, logs why once,
-and the caller keeps its pure-torch path. ``PAGEDSERVE_CPU_KERNEL=0`` turns it off.
+Built by ``cpu_build`` on first use; where it cannot be built, ``load()`` returns None and the
+caller keeps its pure-torch path. ``PAGEDSERVE_CPU_KERNEL=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import os
-import pathlib
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-_SOURCE = pathlib.Path(__file__).with_name("cpu") / "fp8_gemm.cpp"
-
-
-def _simd_flags() -> list[str]:
-    try:
-        cpu_flags = set(pathlib.Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    if {"avx512f", "avx512bw"} <= cpu_flags:
-        return ["-mavx512f", "-mavx512bw", "-mfma"]
-    return [flag for name, flag in (("avx2", "-mavx2"), ("fma", "-mfma")) if name in cpu_flags]
+from pagedserve_kernels.cpu_build import build, simd_flags
 
 
 @functools.cache
 def load() -> Optional[ModuleType]:
     """The compiled extension, or None where it cannot be built (or PAGEDSERVE_CPU_KERNEL=0)."""
-    if os.environ.get("PAGEDSERVE_CPU_KERNEL", "1") == "0":
-        return None
-    from torch.utils import cpp_extension
-
-    flags = ["-O3", "-fopenmp", *_simd_flags()]
-    key = _SOURCE.read_text() + " ".join(flags) + torch.__file__ + torch.__version__
-    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    try:
-        return cpp_extension.load(
-            name=f"pagedserve_cpu_fp8_gemm_{digest}",
-            sources=[str(_SOURCE)],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, no headers: keep the torch path
-        logger.warning("pagedserve: CPU fp8 GEMM kernel unavailable (%s); using pure torch", e)
-        return None
+    flags = ["-O3", "-fopenmp", *simd_flags(avx512=True)]
+    return build("pagedserve_cpu_fp8_gemm", "fp8_gemm.cpp", flags, "CPU fp8 GEMM kernel")
 
 
 def fp8_scaled_mm(
