@@ -24,8 +24,10 @@ import functools
 import gc
 import json
 import pathlib
+import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -176,35 +178,59 @@ def copies_for(weight_bytes: int, plan: Plan) -> int:
     return max(1, -(-plan.rotate_bytes // weight_bytes))
 
 
-def gemm_tables(plan: Plan, bandwidth: float) -> tuple[list[dict], list[dict]]:
+def attempt(errors: list[str], what: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, or None with the failure recorded in ``errors`` (and its traceback printed):
+    one failing row must not cost the others on a GPU lent for minutes."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - recorded and reported, the run goes on
+        traceback.print_exc()
+        errors.append(f"{what}: {type(e).__name__}: {e}")
+        return None
+
+
+def w4a16_copies(k: int, n: int, plan: Plan) -> list[LinearBase]:
+    return [w4a16_layer(k, n, plan.device) for _ in range(copies_for(n * k // 2, plan))]
+
+
+def fp8_copies(dense: torch.Tensor, plan: Plan) -> list[LinearBase]:
+    return [fp8_layer(dense) for _ in range(copies_for(dense.numel(), plan))]
+
+
+def time_layers(layers: list[LinearBase], x: torch.Tensor, plan: Plan) -> tuple[float, str]:
+    return time_calls([functools.partial(layer, x) for layer in layers], plan.device, plan.iters)
+
+
+def gemm_tables(plan: Plan, bandwidth: float, errors: list[str]) -> tuple[list[dict], list[dict]]:
     w4_rows, fp8_rows = [], []
     for k, n in plan.shapes:
         gen = torch.Generator(plan.device).manual_seed(1)
         dense = (torch.randn(n, k, generator=gen, device=plan.device) * 0.02).to(torch.bfloat16)
         denses = [dense] + [dense.clone() for _ in range(copies_for(2 * n * k, plan) - 1)]
-        w4s = [w4a16_layer(k, n, plan.device) for _ in range(copies_for(n * k // 2, plan))]
-        fp8s = [fp8_layer(dense) for _ in range(copies_for(n * k, plan))]
+        w4s = attempt(errors, f"W4A16 layer {k}x{n}", w4a16_copies, k, n, plan)
+        fp8s = attempt(errors, f"FP8 layer {k}x{n}", fp8_copies, dense, plan)
         for m in sorted(set(plan.w4a16_ms) | set(plan.fp8_ms)):
             x = torch.randn(m, k, generator=gen, device=plan.device).to(torch.bfloat16)
             bf16_s, how = time_calls([functools.partial(torch.matmul, x, w.t()) for w in denses],
                                      plan.device, plan.iters)
             common = dict(k=k, n=n, m=m, bf16_us=bf16_s * 1e6, bf16_timing=how)
-            if m in plan.w4a16_ms:
-                w4_s, how = time_calls([functools.partial(layer, x) for layer in w4s],
-                                       plan.device, plan.iters)
-                achieved = w4a16_bytes(m, k, n) / w4_s
-                w4_rows.append(dict(common, us=w4_s * 1e6, gb_s=achieved / 1e9,
-                                    bandwidth_frac=achieved / bandwidth,
-                                    speedup=bf16_s / w4_s, timing=how,
-                                    target=m == 1 and (k, n) in plan.large))
-                print(w4_rows[-1], flush=True)
-            if m in plan.fp8_ms:
-                fp8_s, how = time_calls([functools.partial(layer, x) for layer in fp8s],
-                                        plan.device, plan.iters)
-                fp8_rows.append(dict(common, us=fp8_s * 1e6, tflops=2 * m * n * k / fp8_s / 1e12,
-                                     speedup=bf16_s / fp8_s, timing=how,
-                                     target=m >= FP8_TARGET_MIN_M))
-                print(fp8_rows[-1], flush=True)
+            if m in plan.w4a16_ms and w4s:
+                timed = attempt(errors, f"W4A16 GEMM {k}x{n} M={m}", time_layers, w4s, x, plan)
+                if timed:
+                    achieved = w4a16_bytes(m, k, n) / timed[0]
+                    w4_rows.append(dict(common, us=timed[0] * 1e6, gb_s=achieved / 1e9,
+                                        bandwidth_frac=achieved / bandwidth,
+                                        speedup=bf16_s / timed[0], timing=timed[1],
+                                        target=m == 1 and (k, n) in plan.large))
+                    print(w4_rows[-1], flush=True)
+            if m in plan.fp8_ms and fp8s:
+                timed = attempt(errors, f"FP8 GEMM {k}x{n} M={m}", time_layers, fp8s, x, plan)
+                if timed:
+                    fp8_rows.append(dict(common, us=timed[0] * 1e6,
+                                         tflops=2 * m * n * k / timed[0] / 1e12,
+                                         speedup=bf16_s / timed[0], timing=timed[1],
+                                         target=m >= FP8_TARGET_MIN_M))
+                    print(fp8_rows[-1], flush=True)
         del w4s, fp8s, denses, dense
         gc.collect()
         if plan.device == "cuda":
@@ -214,26 +240,40 @@ def gemm_tables(plan: Plan, bandwidth: float) -> tuple[list[dict], list[dict]]:
 
 # ---- decode -----------------------------------------------------------------------------------
 
-def decode_table(plan: Plan, base: pathlib.Path, workdir: pathlib.Path) -> list[dict]:
-    """Decode tok/s of each configuration at each batch, with the engine's defaults (CUDA
-    graphs on CUDA)."""
-    w4_path = workdir / "w4a16"
+def decode_rows(plan: Plan, name: str, path: pathlib.Path, extra: dict[str, Any]) -> list[dict]:
+    """One configuration's rows: tok/s at each batch, with the engine's defaults (CUDA graphs
+    on CUDA)."""
+    llm = LLM(str(path), dtype="bfloat16", max_num_seqs=max(plan.decode_batches),
+              max_model_len=plan.prompt_len + 2 * plan.decode_steps + 64,
+              kv_cache_memory_bytes=plan.kv_cache_bytes, **extra)
+    rows = []
+    for batch in plan.decode_batches:
+        step, _ = decode_step_time(llm, batch, plan.prompt_len, plan.decode_steps)
+        rows.append(dict(config=name, batch=batch, step_ms=step * 1e3, tok_s=batch / step))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def write_w4a16(base: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+    """The GPTQ g128 checkpoint of ``base``, written by quantized_model under ``workdir``."""
     start = time.perf_counter()
-    write_quantized(base, w4_path, workdir / "w4a16-twin", "gptq", W4A16, bits=4,
+    path = workdir / "w4a16"
+    write_quantized(base, path, workdir / "w4a16-twin", "gptq", W4A16, bits=4,
                     group_size=GROUP, sym=True)
     print(f"wrote the W4A16 checkpoint in {time.perf_counter() - start:.0f}s", flush=True)
+    return path
+
+
+def decode_table(plan: Plan, base: pathlib.Path, workdir: pathlib.Path,
+                 errors: list[str]) -> list[dict]:
+    w4_path = attempt(errors, "writing the W4A16 checkpoint", write_w4a16, base, workdir)
     rows = []
     for name, extra in DECODE_CONFIGS.items():
         path = w4_path if name == "w4a16" else base
-        llm = LLM(str(path), dtype="bfloat16", max_num_seqs=max(plan.decode_batches),
-                  max_model_len=plan.prompt_len + 2 * plan.decode_steps + 64,
-                  kv_cache_memory_bytes=plan.kv_cache_bytes, **extra)
-        for batch in plan.decode_batches:
-            step, _ = decode_step_time(llm, batch, plan.prompt_len, plan.decode_steps)
-            rows.append(dict(config=name, batch=batch, step_ms=step * 1e3, tok_s=batch / step))
-            print(rows[-1], flush=True)
-        del llm  # the next engine sizes its memory from what this one frees
-        gc.collect()
+        if path is None:
+            continue
+        rows += attempt(errors, f"decode {name}", decode_rows, plan, name, path, extra) or []
+        gc.collect()  # the next engine sizes its memory from what this one frees
         if plan.device == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -254,12 +294,12 @@ def _verdict(ok: bool) -> str:
 
 
 def markdown(card: str, bandwidth: float, w4: list[dict], fp8: list[dict],
-             decode: Optional[list[dict]]) -> str:
+             decode: Optional[list[dict]], errors: list[str]) -> str:
     lines = [f"## Quantized paths, {card}, {datetime.date.today().isoformat()}", "",
              f"Measured copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write).", "",
              f"W4A16 (GPTQ g{GROUP}) GEMM vs bf16 `torch.matmul`; bytes = packed weight + scales "
              f"+ zeros + activations + output; each call reads its weight from HBM (copies cycled "
-             "past L2). Target: >= {W4A16_BANDWIDTH_TARGET:.0%} of the "
+             f"past L2). Target: >= {W4A16_BANDWIDTH_TARGET:.0%} of the "
              "copy bandwidth at M=1 on the large shapes.", "",
              "| K x N | M | W4A16 us | bf16 us | GB/s | % of bandwidth | vs bf16 | target |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -295,18 +335,21 @@ def markdown(card: str, bandwidth: float, w4: list[dict], fp8: list[dict],
                          if ratio is not None else
                          f"| {r['config']} | {r['batch']} | {r['step_ms']:.2f} | "
                          f"{r['tok_s']:.0f} | | |")
+    if errors:
+        lines += ["", "Failed (rows left out):"] + [f"- {e.splitlines()[0]}" for e in errors]
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(args: argparse.Namespace, card: str, bandwidth: float, w4: list[dict],
-                  fp8: list[dict], decode: Optional[list[dict]], final: bool) -> None:
+                  fp8: list[dict], decode: Optional[list[dict]], errors: list[str],
+                  final: bool) -> None:
     """The JSON (rewritten after each table, so a run stopped by its time limit keeps what it
     measured) and, once at the end, the markdown table."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(card=card, bandwidth=bandwidth, smoke=args.smoke, w4a16_gemm=w4,
-                           fp8_gemm=fp8, decode=decode, complete=final), f, indent=2)
-    table = markdown(card, bandwidth, w4, fp8, decode)
+                           fp8_gemm=fp8, decode=decode, errors=errors, complete=final), f, indent=2)
+    table = markdown(card, bandwidth, w4, fp8, decode, errors)
     print(table, flush=True)
     if final and args.markdown:
         with open(args.markdown, "a") as f:
@@ -327,10 +370,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     card = torch.cuda.get_device_name() if plan.device == "cuda" else "CPU (smoke)"
     bandwidth = measure_copy_bandwidth(plan.device, plan.copy_bytes)
-    w4, fp8 = gemm_tables(plan, bandwidth)
+    errors: list[str] = []
+    w4, fp8 = gemm_tables(plan, bandwidth, errors)
     decode = None
     if not args.skip_decode:
-        write_outputs(args, card, bandwidth, w4, fp8, None, final=False)
+        write_outputs(args, card, bandwidth, w4, fp8, None, errors, final=False)
         with tempfile.TemporaryDirectory(prefix="gpu-quant-bench-") as tmp:
             workdir = pathlib.Path(tmp)
             if args.smoke:  # hidden and intermediate sizes the g128 groups divide
@@ -338,8 +382,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                                     intermediate_size=256, torch_dtype="bfloat16")
             else:
                 base = model_dir("gpu-1b")
-            decode = decode_table(plan, base, workdir)
-    write_outputs(args, card, bandwidth, w4, fp8, decode, final=True)
+            decode = decode_table(plan, base, workdir, errors)
+    write_outputs(args, card, bandwidth, w4, fp8, decode, errors, final=True)
+    if errors:
+        sys.exit(f"{len(errors)} measurement(s) failed; the tables hold the others")
 
 
 if __name__ == "__main__":
