@@ -28,37 +28,54 @@ DECODE_PROMPT_LEN = 512
 DECODE_STEPS = 64
 
 
-def measure_copy_bandwidth() -> float:
-    """Bytes read plus written per second by a large device-to-device copy."""
-    src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+def synchronize(device: torch.device | str = "cuda") -> None:
+    """Waits for the device's queued work (a no-op on the CPU, whose ops run in order)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_copy_bandwidth(device: str = "cuda", nbytes: int = 2 * 1024**3) -> float:
+    """Bytes read plus written per second by a large device-to-device copy (on the CPU, a
+    memory-to-memory copy: the ``--smoke`` runs of the benchmarks)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
     for _ in range(3):
         dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    synchronize(device)
     times = []
     for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        if src.is_cuda:
+            start, end = (torch.cuda.Event(enable_timing=True),
+                          torch.cuda.Event(enable_timing=True))
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - begin)
     times.sort()
     bandwidth = 2 * src.numel() * src.element_size() / times[len(times) // 2]
     del src, dst
-    torch.cuda.empty_cache()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return bandwidth
 
 
-def decode_step_time(llm: LLM, batch: int) -> tuple[float, dict[str, list[int]]]:
+def decode_step_time(
+    llm: LLM, batch: int, prompt_len: int = DECODE_PROMPT_LEN, steps: int = DECODE_STEPS
+) -> tuple[float, dict[str, list[int]]]:
     """Seconds per step once ``batch`` requests are all decoding (steps timed back to back, as
     they run: with async scheduling a step overlaps the host work of the next), and the
     first tokens each request generated."""
     engine = llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=2 * DECODE_STEPS + 16, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 16, ignore_eos=True)
     ids = [f"d{batch}-{i}" for i in range(batch)]
+    span = min(30000, llm.engine.model_config.vocab_size - 10)
     for i, rid in enumerate(ids):
-        prompt = [(7 * i + j) % 30000 + 10 for j in range(DECODE_PROMPT_LEN)]
+        prompt = [(7 * i + j) % span + 10 for j in range(prompt_len)]
         engine.add_request(rid, {"prompt_token_ids": prompt}, params)
     while any(r.num_output_tokens == 0 for r in engine.scheduler.requests.values()):
         engine.step()
@@ -66,19 +83,21 @@ def decode_step_time(llm: LLM, batch: int) -> tuple[float, dict[str, list[int]]]
         engine.step()
     times = []
     for _ in range(4):
-        torch.cuda.synchronize()
+        synchronize(llm.engine.config.device)
         start = time.perf_counter()
-        for _ in range(DECODE_STEPS // 4):
+        for _ in range(steps // 4):
             engine.step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / (DECODE_STEPS // 4))
-    tokens = {rid: list(engine.scheduler.requests[rid].output_token_ids[:DECODE_STEPS])
+        synchronize(llm.engine.config.device)
+        times.append((time.perf_counter() - start) / (steps // 4))
+    tokens = {rid: list(engine.scheduler.requests[rid].output_token_ids[:steps])
               for rid in ids}
     engine.abort_request(list(engine.output_processor.states))
     while engine.has_unfinished_requests():
         engine.step()
     times.sort()
     return times[len(times) // 2], tokens
+
+
 def weight_bytes(llm: LLM) -> int:
     model = llm.engine.runner.model
     total = 0

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of pagedserve, in one call, within 8 minutes on one H100/H200,
+# Every GPU check and benchmark of pagedserve, in one call, within 9 minutes on one H100/H200,
 # using only what that machine has (its python3 with torch, triton, transformers; no network).
 #
 #   scripts/gpu_check.sh            # writes logs and JSON under $OUT (default: a temp dir)
@@ -12,6 +12,8 @@
 #   4. batch-1 decode: graph replay time against the whole step
 #   5. benchmark table for a 1B-class Llama (decode tok/s with/without graphs, roofline,
 #      offline throughput vs HF generate); printed last and appended to docs/benchmarks.md
+#   6. quantized paths: W4A16 and FP8 GEMMs vs bf16 (% of bandwidth), decode tok/s of the same
+#      model in bf16, W4A16, FP8, FP8 + FP8 KV; appended to docs/benchmarks.md
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -57,9 +59,15 @@ run attention_bench 50 "$PY" benchmarks/attention_bench.py --json "$OUT/attentio
 run graph_probe 40 "$PY" benchmarks/graph_replay_probe.py
 run gpu_bench 170 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
     --markdown docs/benchmarks.md
+# Short: GEMMs first (50 graph replays each), then 32 decode steps per row; its JSON is
+# rewritten after each table, so a stop at the limit keeps the GEMM figures.
+run gpu_quant_bench 120 "$PY" benchmarks/gpu_quant_bench.py --json "$OUT/gpu_quant_bench.json" \
+    --markdown docs/benchmarks.md
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 
 echo "=== summary"
 printf '%s\n' "${status[@]}"
 echo "=== benchmark table"
 sed -n '/^## /,$p' "$OUT/gpu_bench.log" 2>/dev/null | tail -n 20
+echo "=== quantized paths"
+sed -n '/^## Quantized/,$p' "$OUT/gpu_quant_bench.log" 2>/dev/null | tail -n 50
