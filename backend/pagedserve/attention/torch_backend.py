@@ -47,19 +47,6 @@ class _Plan:
     gather: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (block ids, attend mask)
 
 
-@dataclass(frozen=True)
-class _Scales:
-    """How one layer's attention reads its cache: the softmax scale (k's scale folded in) and
-    the factor of the output (v's scale; 1.0 unless the cache is fp8)."""
-
-    softmax: float
-    v: float
-    k: float = 1.0  # k's scale alone (the C++ kernel folds it itself)
-
-    def apply_v(self, attn: torch.Tensor) -> torch.Tensor:
-        return attn if self.v == 1.0 else attn * self.v
-
-
 class TorchAttentionBackend(AttentionBackend):
     """Paged attention for the CPU. Decodes are batched: in fp32 on the CPU through our C++
     decode kernel (one pass over each context, ``pagedserve_kernels.cpu_decode``; an fp32 or
@@ -150,15 +137,16 @@ class TorchAttentionBackend(AttentionBackend):
         reference.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping,
                                     all_valid=plan.slots_valid, k_scale=k_scale, v_scale=v_scale)
         fp8 = reference.is_fp8(kv_cache.dtype)
+        if not fp8:  # a model-dtype cache holds x itself: its scales (if loaded) are unused
+            k_scale = v_scale = 1.0
         # An fp8 cache is read in the query's dtype (exact), its scales folded into the
         # softmax scale (k) and the output (v): SDPA accumulates in fp32.
-        scales = (_Scales(self.scale * k_scale, v_scale, k_scale) if fp8
-                  else _Scales(self.scale, 1.0))
+        softmax_scale = self.scale * k_scale
         out = torch.empty_like(query)
         if plan.num_decodes:
             rows = plan.decode_rows
             q = query[: plan.num_decodes] if rows is None else query[rows]  # [b, heads, dim]
-            attn = self._decode(q, kv_cache, plan, scales)
+            attn = self._decode(q, kv_cache, plan, k_scale, v_scale)
             if rows is None:
                 out[: plan.num_decodes] = attn
             else:
@@ -179,20 +167,21 @@ class TorchAttentionBackend(AttentionBackend):
                 k, v = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
             attn = F.scaled_dot_product_attention(
                 q, k[None], v[None], attn_mask=pf.mask, is_causal=pf.mask is None,
-                scale=scales.softmax,
+                scale=softmax_scale,
             )
-            out[pf.start:pf.end] = scales.apply_v(attn[0].transpose(0, 1))
+            out[pf.start:pf.end] = _times(attn[0].transpose(0, 1), v_scale)
         return out
 
     def _decode(
-        self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, scales: _Scales
+        self, q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan, k_scale: float,
+        v_scale: float,
     ) -> torch.Tensor:
         kernel = self._kernel_for(kv_cache, q.dtype)
         if kernel is not None:
             attn = torch.empty_like(q)
             # The kernel folds an fp8 cache's scales itself (and ignores them otherwise).
             kernel(q.contiguous(), kv_cache, plan.decode_seq_lens, plan.decode_tables,
-                   self.scale, attn, scales.k, scales.v)
+                   self.scale, attn, k_scale, v_scale)
             return attn
         if plan.gather is None:
             width = plan.decode_tables.shape[1] * self.block_size
@@ -203,13 +192,18 @@ class TorchAttentionBackend(AttentionBackend):
         b = q.shape[0]
         k = self._gather(kv_cache[0], blocks, b).to(q.dtype)
         v = self._gather(kv_cache[1], blocks, b).to(q.dtype)
-        return scales.apply_v(F.scaled_dot_product_attention(
-            q[:, :, None, :], k, v, attn_mask=mask, scale=scales.softmax,
+        return _times(F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask, scale=self.scale * k_scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
-        )[:, :, 0, :])
+        )[:, :, 0, :], v_scale)
 
     @staticmethod
     def _gather(cache: torch.Tensor, blocks: torch.Tensor, batch: int) -> torch.Tensor:
         """[batch, kv_heads, blocks * block_size, dim] view of the given blocks' contents."""
         gathered = cache.index_select(0, blocks)  # [batch * nblk, bs, kv_heads, dim]
         return gathered.view(batch, -1, *cache.shape[2:]).transpose(1, 2)
+
+
+def _times(attn: torch.Tensor, v_scale: float) -> torch.Tensor:
+    """The attention output times v's scale (an fp8 cache's; 1.0 costs nothing)."""
+    return attn if v_scale == 1.0 else attn * v_scale
