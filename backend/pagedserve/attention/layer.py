@@ -29,10 +29,6 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return _FP8_CACHE_DTYPES.get(name, model_dtype)
 
 
-def is_fp8_cache(dtype: torch.dtype) -> bool:
-    return dtype in _FP8_CACHE_DTYPES.values()
-
-
 def fp8_cache_name(dtype: torch.dtype) -> str:
     """The kv_cache_dtype name of an fp8 cache dtype."""
     return next(name for name, d in _FP8_CACHE_DTYPES.items() if d == dtype)

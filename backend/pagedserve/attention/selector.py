@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 
 from pagedserve.attention.base import AttentionBackend
-from pagedserve.attention.layer import fp8_cache_name, is_fp8_cache
+from pagedserve.attention.layer import fp8_cache_name
 from pagedserve.config import ATTENTION_BACKENDS
+from pagedserve_kernels.reference import is_fp8
 
 
 def _missing_module(module: str) -> Optional[str]:
@@ -93,7 +94,7 @@ def get_attention_backend(
     """
     device = torch.device(device)
     resolved = resolve_backend_name(name, device)
-    if kv_cache_dtype is not None and is_fp8_cache(kv_cache_dtype):
+    if kv_cache_dtype is not None and is_fp8(kv_cache_dtype):
         reason = _fp8_unsupported(resolved, device, kv_cache_dtype)
         if reason:
             raise ValueError(f"kv_cache_dtype {fp8_cache_name(kv_cache_dtype)!r} with "

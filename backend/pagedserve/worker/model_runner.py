@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
-from pagedserve.attention.layer import is_fp8_cache, kv_cache_torch_dtype
+from pagedserve.attention.layer import kv_cache_torch_dtype
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import (
@@ -39,6 +39,7 @@ from pagedserve.worker.prompt_logprobs import (
 )
 from pagedserve.worker.sampler import Sampler, SamplerOutput
 from pagedserve.worker.step_buffers import StepBuffers
+from pagedserve_kernels.reference import is_fp8
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class ModelRunner:
             block_size=config.block_size,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-        if model_config.kv_cache_scheme is not None and not is_fp8_cache(self.kv_cache_dtype):
+        if model_config.kv_cache_scheme is not None and not is_fp8(self.kv_cache_dtype):
             logger.info("the checkpoint carries fp8 KV-cache scales (kv_cache_scheme); they are "
                         "used with kv_cache_dtype fp8, not with %s", config.kv_cache_dtype)
         self.model = load_model(
