@@ -61,6 +61,17 @@ def test_matches_the_reference_on_random_batches(seed):
         assert (drafts[i, counts[i]:] == PLACEHOLDER_TOKEN_ID).all()
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_matches_the_reference_on_long_binary_histories(seed):
+    # Vocabulary 2 over a few hundred tokens: long n-grams recur, so max_n up to 12 is exercised.
+    rng = np.random.default_rng(1000 + seed)
+    histories = [rng.integers(0, 2, size=int(rng.integers(200, 400))).tolist() for _ in range(4)]
+    min_n, max_n, k = int(rng.integers(1, 6)), 12, 8
+    drafts, counts = propose(*padded(histories, 1), k, min_n, max_n)
+    for i, x in enumerate(histories):
+        assert drafts[i, :counts[i]].tolist() == reference_propose(x, k, min_n, max_n), i
+
+
 def test_random_comparison_is_not_vacuous():
     rng = np.random.default_rng(0)
     histories = [rng.integers(0, 3, size=40).tolist() for _ in range(16)]
