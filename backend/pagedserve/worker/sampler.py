@@ -75,11 +75,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         raw = logits
-        logits = self._restrict_and_bias(logits, meta)
-        logits = self._apply_penalties(logits, meta)
-        if meta.banned_rows is not None:
-            logits = logits.clone() if logits is raw else logits
-            logits[meta.banned_rows, meta.banned_tokens] = float("-inf")
+        logits = self.process_logits(logits, meta)
         out = SamplerOutput(sampled=torch.empty(0))
         if meta.all_greedy:
             out.sampled = argmax(logits)
@@ -94,6 +90,17 @@ class Sampler:
                 raw, out.sampled, meta.max_num_logprobs
             )
         return out
+
+    @classmethod
+    def process_logits(cls, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Steps 1-4 (allowed ids, bias, penalties, bans); ``logits`` is never modified."""
+        raw = logits
+        logits = cls._restrict_and_bias(logits, meta)
+        logits = cls._apply_penalties(logits, meta)
+        if meta.banned_rows is not None:
+            logits = logits.clone() if logits is raw else logits
+            logits[meta.banned_rows, meta.banned_tokens] = float("-inf")
+        return logits
 
     @staticmethod
     def _restrict_and_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -125,7 +132,9 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _sample_random(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def random_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """Step 7 up to the draw: the distribution a random row samples from, after temperature
+        (greedy rows divide by 1), min-p, top-k and top-p."""
         temperature = torch.where(meta.temperature < _EPS, 1.0, meta.temperature)
         logits = logits / temperature[:, None]
         if meta.min_p is not None:
@@ -134,12 +143,15 @@ class Sampler:
             logits = logits.masked_fill(probs < threshold, float("-inf"))
         if meta.top_k is not None or meta.top_p is not None:
             logits = apply_top_k_top_p(logits, meta.top_k, meta.top_p)
-        probs = logits.softmax(dim=-1)
+        return logits.softmax(dim=-1)
+
+    @classmethod
+    def _sample_random(cls, logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        probs = cls.random_probs(logits, meta)
         noise = torch.empty_like(probs).exponential_()
         for row, generator in meta.generators.items():
             noise[row].exponential_(generator=generator)
         return argmax(probs.div_(noise))
-
 
 
 def gather_logprobs(
