@@ -273,3 +273,38 @@ def test_seeded_rows_do_not_depend_on_the_batch():
         assert emitted_lists(full)[3] == emitted_lists(alone3)[0]
         results.append(tuple(emitted_lists(full)[1]))
     assert len(set(results)) > 1  # the unseeded row did vary, so the check is not vacuous
+
+
+def test_greedy_rows_in_a_mixed_batch_match_an_all_greedy_batch():
+    torch.manual_seed(4)
+    vocab, k_max, batch = 20, 3, 10
+    logits = torch.randn(batch, k_max + 1, vocab) * 2
+    num_draft = torch.randint(0, k_max + 1, (batch,))
+    drafts = logits[:, :k_max].argmax(-1)  # all agree with greedy: the whole run is accepted
+    drafts[::3, 1] = (drafts[::3, 1] + 1) % vocab
+    temperature = [0.0 if i % 2 == 0 else 1.0 for i in range(batch)]
+    mixed = RejectionSampler()(drafts, num_draft, logits, metadata(temperature))
+    greedy = RejectionSampler()(drafts, num_draft, logits, metadata([0.0] * batch))
+    assert torch.equal(mixed.token_ids[::2], greedy.token_ids[::2])
+    assert int(greedy.num_accepted.sum()) > 0
+
+
+def test_banned_and_disallowed_tokens_are_never_emitted():
+    """Bans and allowed_token_ids hold at every position: a draft of such a token is always
+    rejected and never recovered or bonus-sampled."""
+    torch.manual_seed(6)
+    vocab, k_max, batch = 6, 3, 4000
+    logits = torch.zeros(batch, k_max + 1, vocab)
+    drafts = torch.randint(0, vocab, (batch, k_max))
+    num_draft = torch.full((batch,), k_max)
+    rows = torch.arange(batch)
+    disallowed = torch.zeros(batch // 2, vocab, dtype=torch.bool)
+    disallowed[:, 4] = True
+    meta = metadata([1.0] * batch, banned_rows=rows, banned_tokens=torch.full((batch,), 5),
+                    allowed_rows=rows[: batch // 2], disallowed=disallowed)
+    out = RejectionSampler()(drafts, num_draft, logits, meta, None)
+    emitted = out.token_ids[out.token_ids >= 0]
+    assert not (emitted == 5).any()
+    assert not (out.token_ids[: batch // 2] == 4).any()
+    assert (out.token_ids[batch // 2 :] == 4).any()  # row-specific: the other half may emit 4
+    assert int(out.num_accepted.sum()) > batch // 10  # drafts of allowed tokens were accepted

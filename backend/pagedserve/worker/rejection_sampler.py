@@ -129,32 +129,33 @@ def _verify_random(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Leviathan acceptance over all positions at once, then one draw per row from the
     recovered distribution at the first rejection, or from p at the bonus position."""
-    batch, width, vocab = probs.shape
+    batch, width, _ = probs.shape
     k_max = width - 1
     target_at_draft = probs[:, :k_max].gather(2, drafts[..., None])[..., 0]
     if draft_probs is None:
-        draft_dist = torch.nn.functional.one_hot(drafts, vocab).to(probs.dtype)
+        draft_at_draft = torch.ones_like(target_at_draft)  # a point mass on the draft token
     else:
-        draft_dist = draft_probs[:, :k_max].to(probs.dtype)
-    draft_at_draft = draft_dist.gather(2, drafts[..., None])[..., 0]
+        draft_probs = draft_probs[:, :k_max].to(probs.dtype)
+        draft_at_draft = draft_probs.gather(2, drafts[..., None])[..., 0]
     accept = (uniforms < acceptance_threshold(target_at_draft, draft_at_draft)) & is_draft
     num_accepted = _leading_true(accept)
 
     # Only the distribution at each row's stop position is needed: the residual there if a
     # draft was rejected, the target itself at the bonus position.
     rows = torch.arange(batch, device=probs.device)
-    stop_target = probs[rows, num_accepted]
-    rejected = num_accepted < num_draft
-    stop_draft = draft_dist[rows, num_accepted.clamp(max=max(k_max - 1, 0))] if k_max else None
-    if stop_draft is None:
-        dist = stop_target
-    else:
-        residual = (stop_target - stop_draft).clamp(min=0.0)
+    dist = probs[rows, num_accepted]
+    if k_max:
+        rejected = num_accepted < num_draft
+        stop = num_accepted.clamp(max=k_max - 1)
+        if draft_probs is None:
+            residual = dist.scatter(1, drafts[rows, stop][:, None], 0.0)
+        else:
+            residual = (dist - draft_probs[rows, stop]).clamp(min=0.0)
         # A residual of all zeros (p == q up to rounding) is only reachable by rounding; p is
         # then the right distribution to fall back on.
         empty = residual.sum(dim=-1, keepdim=True) <= 0
-        residual = torch.where(empty, stop_target, residual)
-        dist = torch.where(rejected[:, None], residual, stop_target)
+        residual = torch.where(empty, dist, residual)
+        dist = torch.where(rejected[:, None], residual, dist)
     # argmax(dist / Exp(1)) is an exact draw from normalize(dist), as in the Sampler.
     return num_accepted, argmax(dist / noise)
 
