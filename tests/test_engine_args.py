@@ -51,7 +51,7 @@ def test_a_vllm_backend_model_json_loads(tmp_path, model):
 
 @pytest.mark.parametrize("key, value", [
     ("enable_lora", True), ("calculate_kv_scales", True),
-    ("pipeline_parallel_size", 2), ("speculative_config", {"model": "x"}),
+    ("pipeline_parallel_size", 2), ("speculative_model", "x"),
     ("tokenizer_mode", "slow"), ("cpu_offload_gb", 4), ("served_model_name", "m"),
 ])
 def test_unsupported_vllm_keys_are_named(key, value):

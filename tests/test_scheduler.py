@@ -32,12 +32,18 @@ def make_request(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 1,
 class FakeRunner:
     """Plays the model runner: keeps its own count of each request's known and computed
     tokens (as the real one does) and samples ``token``, or ``token_fn(req_id, position)``,
-    for every request whose scheduled tokens reach the end of what it knows."""
+    for every request whose scheduled tokens reach the end of what it knows.
 
-    def __init__(self, token: int = 7, token_fn=None) -> None:
+    With ``draft_fn(req_id, position, k)`` it also plays speculation: scheduled drafts are
+    verified greedily against ``token_fn`` (accepted while equal, then the target's token),
+    and each sampled request gets ``draft_fn``'s drafts for its next step."""
+
+    def __init__(self, token: int = 7, token_fn=None, draft_fn=None) -> None:
         self.token_fn = token_fn or (lambda rid, pos: token)
+        self.draft_fn = draft_fn
         self.known: dict[str, int] = {}  # req -> computed tokens, as the runner would track
         self.num_tokens: dict[str, int] = {}
+        self.num_drafted = self.num_accepted = 0
 
     def run(self, sched: Scheduler, out: SchedulerOutput) -> ModelRunnerOutput:
         for rid in out.finished_req_ids:
@@ -46,18 +52,37 @@ class FakeRunner:
         for new in out.scheduled_new_reqs:
             self.known[new.req_id] = new.num_computed_tokens
             self.num_tokens[new.req_id] = len(new.token_ids)
-        req_ids, tokens = [], []
+        req_ids, tokens, drafts_out = [], [], []
         for rid, num in out.num_scheduled_tokens.items():
             request = sched.requests[rid]
             self.known[rid] += num
             # The scheduler counts scheduled tokens as computed at once.
             assert self.known[rid] == request.num_computed_tokens
-            assert self.known[rid] <= self.num_tokens[rid]
-            if self.known[rid] == self.num_tokens[rid]:
+            drafts = out.scheduled_spec_decode_tokens.get(rid, [])
+            assert self.known[rid] <= self.num_tokens[rid] + len(drafts)
+            if self.known[rid] >= self.num_tokens[rid]:
+                position = self.num_tokens[rid]
+                emitted = []
+                for draft in drafts:
+                    emitted.append(self.token_fn(rid, position))
+                    position += 1
+                    if emitted[-1] != draft:
+                        break
+                else:
+                    emitted.append(self.token_fn(rid, position))
+                self.num_drafted += len(drafts)
+                self.num_accepted += len(emitted) - 1
+                self.known[rid] -= len(drafts) - (len(emitted) - 1)
+                self.num_tokens[rid] += len(emitted)
                 req_ids.append(rid)
-                tokens.append(self.token_fn(rid, self.num_tokens[rid]))
-                self.num_tokens[rid] += 1
-        return ModelRunnerOutput(req_ids, tokens)
+                tokens.append(emitted)
+                if self.draft_fn is not None:
+                    drafts_out.append(
+                        self.draft_fn(rid, self.num_tokens[rid], out.num_lookahead_tokens)
+                    )
+        return ModelRunnerOutput(
+            req_ids, tokens, spec_token_ids=drafts_out if self.draft_fn is not None else None
+        )
 
 
 def step(sched: Scheduler, runner: FakeRunner):

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from pagedserve.config_vllm import check_unsupported
+from pagedserve.spec_decode.config import SpeculativeConfig
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
 _DEVICES = ("auto", "cpu", "cuda")
@@ -28,6 +32,7 @@ _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "float": (float, int),
     "bool": (bool,),
     "Optional[bool]": (bool, type(None)),
+    "Optional[dict]": (dict, type(None)),
 }
 
 _INT32_MAX = 2**31 - 1  # token positions, block ids and counts are int32 arrays
@@ -89,6 +94,9 @@ class EngineArgs:
     # bytes of bf16/fp16 per block, with per-layer k/v scales from the checkpoint (default 1.0).
     kv_cache_dtype: str = "auto"
     tensor_parallel_size: int = 1  # accepted for vllm_backend model.json files; must be 1
+    # Speculative decoding (vLLM's mapping: method, num_speculative_tokens, prompt_lookup_min,
+    # prompt_lookup_max, model, ...; see spec_decode/config.py). Async scheduling is off with it.
+    speculative_config: Optional[dict] = None
 
     def __post_init__(self) -> None:
         self._validate()
@@ -141,6 +149,8 @@ class EngineArgs:
                 and self.enable_log_requests == self.disable_log_requests):
             raise bad("enable_log_requests",
                       f"contradicts disable_log_requests={self.disable_log_requests}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)
         for name in ("model", "tokenizer", "revision", "tokenizer_revision", "download_dir"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
@@ -175,6 +185,13 @@ class EngineArgs:
                     candidate = Path(base_dir) / values[key]
                     if candidate.exists():
                         values[key] = str(candidate)
+            # A draft model (speculative_config's model) is found as model.json's own.
+            spec = values.get("speculative_config")
+            draft = spec.get("model") if isinstance(spec, dict) else None
+            if isinstance(draft, str) and draft and not Path(draft).is_absolute():
+                candidate = Path(base_dir) / draft
+                if candidate.exists():
+                    values["speculative_config"] = {**spec, "model": str(candidate)}
         return cls(**values)
 
     @classmethod
@@ -224,6 +241,7 @@ class EngineConfig:
     async_scheduling: bool
     # "fp8_e4m3" | "fp8_e5m2", or the model's dtype (as ``dtype``) for auto.
     kv_cache_dtype: str
+    speculative: Optional[SpeculativeConfig] = None
 
     @property
     def max_blocks_per_req(self) -> int:
@@ -272,6 +290,20 @@ def resolve_engine_config(
             f"engine argument 'max_num_batched_tokens' ({max_num_batched_tokens}) must be at "
             f"least max_model_len ({max_model_len}) when chunked prefill is disabled"
         )
+    speculative = (None if args.speculative_config is None
+                   else SpeculativeConfig.from_dict(args.speculative_config))
+    async_scheduling = (
+        # Off on the CPU, where nothing runs asynchronously and it would only compute one
+        # extra token per finishing request.
+        device == "cuda" if args.async_scheduling is None else args.async_scheduling
+    )
+    if speculative is not None and async_scheduling:
+        # A verification step emits a number of tokens only its end knows, and the next
+        # step's drafts are proposed from them: the next step cannot be prepared before.
+        if args.async_scheduling:
+            logger.warning("async_scheduling is turned off: speculative decoding needs each "
+                           "step's tokens before it schedules the next")
+        async_scheduling = False
     return EngineConfig(
         args=args,
         device=device,
@@ -282,9 +314,6 @@ def resolve_engine_config(
         max_num_batched_tokens=max_num_batched_tokens,
         kv_cache_dtype=(dtype if args.kv_cache_dtype == "auto"
                         else _KV_CACHE_CANONICAL.get(args.kv_cache_dtype, args.kv_cache_dtype)),
-        # Off on the CPU, where nothing runs asynchronously and it would only compute one
-        # extra token per finishing request.
-        async_scheduling=(
-            device == "cuda" if args.async_scheduling is None else args.async_scheduling
-        ),
+        async_scheduling=async_scheduling,
+        speculative=speculative,
     )

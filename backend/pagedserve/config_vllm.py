@@ -148,7 +148,6 @@ UNSUPPORTED_ENGINE_ARGS: dict[str, tuple[Any, ...]] = {
     "guided_decoding_disable_fallback": _OFF,
     "guided_decoding_disable_any_whitespace": _OFF,
     "guided_decoding_disable_additional_properties": _OFF,
-    "speculative_config": (None,),
     "speculative_model": (None,),
     "num_speculative_tokens": (None,),
     # Observability (pagedserve's metrics are Triton's; see the README).

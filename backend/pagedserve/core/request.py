@@ -48,7 +48,7 @@ class Request:
         "min_tokens", "num_computed_tokens", "num_cached_tokens", "status", "stop_reason",
         "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
         "num_output_placeholders", "scheduled_time", "num_prompt_logprobs",
-        "num_scored_prompt_tokens",
+        "num_scored_prompt_tokens", "spec_token_ids", "num_drafts_in_flight",
     )
 
     def __init__(
@@ -96,6 +96,10 @@ class Request:
             if sampling_params.prompt_logprobs is not None and index == 0 else -1
         )
         self.num_scored_prompt_tokens = 0
+        # Speculative decoding: drafts proposed for the next step (not yet part of the
+        # sequence), and how many of them the step in flight is verifying.
+        self.spec_token_ids: list[int] = []
+        self.num_drafts_in_flight = 0
 
     @property
     def num_tokens(self) -> int:
@@ -117,6 +121,29 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drops the output tokens past the first ``num_output_tokens`` (a stop string was
+        completed inside a run of accepted drafts, which the output must end with)."""
+        drop = self.num_output_tokens - num_output_tokens
+        if drop > 0:
+            del self.output_token_ids[-drop:]
+            del self.all_token_ids[-drop:]
+            self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+
+    def max_num_drafts(self) -> int:
+        """The most drafts the next step may verify: its tokens may not run past max_tokens
+        (hence max_model_len), and a min_tokens bound may not fall inside the run, where the
+        stop tokens' ban would apply to some positions and not others."""
+        if self.sampling_params.bad_words_token_ids and any(
+            len(word) > 1 for word in self.sampling_params.bad_words_token_ids
+        ):
+            return 0  # which words a draft completes depends on the drafts before it
+        num_out = self.num_output_tokens + self.num_output_placeholders
+        limit = self.max_tokens - num_out - 1
+        if num_out < self.min_tokens:
+            limit = min(limit, self.min_tokens - num_out - 1)
+        return max(limit, 0)
 
     @property
     def num_tokens_with_placeholders(self) -> int:

@@ -16,6 +16,7 @@ from pagedserve.core.scheduler_output import (
     PromptLogprobsChunk,
     SchedulerOutput,
 )
+from pagedserve.spec_decode.controller import SpecDecodingStats, SpeculationController
 
 
 @dataclass
@@ -24,7 +25,8 @@ class EngineCoreOutput:
 
     request: Request
     new_token_ids: list[int]
-    new_logprobs: Optional[tuple[list[int], list[float], int]] = None  # ids, logprobs, rank
+    # Per new token: (ids, logprobs, rank), as in LogprobsLists.
+    new_logprobs: Optional[list[tuple[list[int], list[float], int]]] = None
     finished: bool = False
     # Prompt logprobs computed this step; they come before the step's token, if any.
     prompt_logprobs: Optional[PromptLogprobsChunk] = None
@@ -38,6 +40,7 @@ class SchedulerStats:
     num_waiting: int
     num_preemptions_total: int
     kv: KVCacheStats
+    spec_decoding: Optional[SpecDecodingStats] = None
 
 
 class Scheduler:
@@ -48,6 +51,11 @@ class Scheduler:
     ``max_num_seqs`` cap and the free blocks allow. A request simply needs
     ``num_tokens - num_computed_tokens`` more tokens computed; phases do not exist. When blocks
     run out the newest running request is preempted (its blocks freed, recomputed later).
+
+    With speculative decoding a running request's drafts are scheduled after its next token
+    (``num_tokens_with_spec``); the drafts the target rejects roll ``num_computed_tokens``
+    back (their KV slots are simply overwritten later), and drafts never enter the prefix
+    cache, which holds only the request's known tokens.
 
     Scheduled tokens count as computed as soon as they are scheduled, and a token the step
     will sample is a placeholder until its value arrives. So the next step can be scheduled
@@ -61,6 +69,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
+        speculation: Optional[SpeculationController] = None,
     ) -> None:
         self.kv = kv_manager
         self.max_num_seqs = max_num_seqs
@@ -72,6 +81,9 @@ class Scheduler:
         # Requests the runner still holds a row for but must drop before the next step.
         self._finished_ids: set[str] = set()
         self.num_preemptions_total = 0
+        # Speculative decoding: how many tokens to draft, and the acceptance counts.
+        self.speculation = speculation
+        self.spec_stats = SpecDecodingStats()
 
     # ---- admission and removal ----------------------------------------------------------
 
@@ -113,6 +125,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         kv = self.kv
         num_preempted = 0
+        spec_tokens: dict[str, list[int]] = {}
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -120,8 +133,11 @@ class Scheduler:
             if request.num_output_placeholders and request.length_reached_with_placeholders:
                 i += 1  # finishes on its in-flight token
                 continue
-            num_new = min(request.num_tokens_with_placeholders - request.num_computed_tokens,
-                          budget)
+            num_known = request.num_tokens_with_placeholders - request.num_computed_tokens
+            drafts = request.spec_token_ids
+            if drafts:
+                drafts = drafts[:max(min(request.max_num_drafts(), budget - num_known), 0)]
+            num_new = min(num_known + len(drafts), budget)
             scheduled = True
             while (added := kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()
@@ -136,6 +152,10 @@ class Scheduler:
             budget -= num_new
             if added:
                 new_block_ids[request.request_id] = added
+            if drafts:
+                spec_tokens[request.request_id] = drafts
+            request.num_drafts_in_flight = len(drafts)
+            request.spec_token_ids = []
             self._advance(request, num_new)
             i += 1
 
@@ -175,12 +195,17 @@ class Scheduler:
             total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
             finished_req_ids=finished,
             num_preempted=num_preempted,
+            scheduled_spec_decode_tokens=spec_tokens,
+            num_lookahead_tokens=(
+                0 if self.speculation is None
+                else self.speculation.num_drafts(len(self.running))
+            ),
         )
 
     @staticmethod
     def _advance(request: Request, num_new: int) -> None:
         request.num_computed_tokens += num_new
-        if request.num_computed_tokens == request.num_tokens_with_placeholders:
+        if request.num_computed_tokens >= request.num_tokens_with_placeholders:
             request.num_output_placeholders += 1  # this step samples its next token
 
     def _new_request_data(self, request: Request) -> NewRequestData:
@@ -209,34 +234,58 @@ class Scheduler:
         self._free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
 
     def update_from_output(self, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Appends a step's sampled tokens and finishes what should stop. With async
-        scheduling this runs after the next step was scheduled: a request may meanwhile have
-        been preempted (its token still counts) or finished (its token is dropped)."""
+        """Appends a step's tokens and finishes what should stop. With async scheduling this
+        runs after the next step was scheduled: a request may meanwhile have been preempted
+        (its token still counts) or finished (its token is dropped).
+
+        A request's tokens are appended one at a time, as without speculation: a stop inside
+        a run of accepted drafts ends the output there. Its rejected drafts roll
+        ``num_computed_tokens`` back; the next step's drafts are kept for its scheduling."""
         requests = self.requests
         outputs: list[EngineCoreOutput] = []
         logprobs: Optional[LogprobsLists] = runner_output.logprobs
         prompt_chunks = runner_output.prompt_logprobs
-        for i, (rid, token) in enumerate(
+        drafts = runner_output.spec_token_ids
+        spec_stats = self.spec_stats
+        first_logprob = 0  # index of the request's first token in ``logprobs``
+        for i, (rid, tokens) in enumerate(
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
         ):
+            start, first_logprob = first_logprob, first_logprob + len(tokens)
             request = requests.get(rid)
             if request is None:
                 continue  # finished or aborted while the step ran
             request.num_output_placeholders -= 1
+            num_drafts, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
+            if num_drafts:
+                # Drafts past the accepted ones were computed for nothing: their KV slots
+                # are overwritten by the tokens that come next.
+                request.num_computed_tokens -= num_drafts - (len(tokens) - 1)
+                spec_stats.observe(num_drafts, len(tokens) - 1)
             preempted = request.status == RequestStatus.PREEMPTED
-            request.append_output_token(token)
-            stopped = request.check_stop(token)
-            new_logprobs = (
-                (logprobs.token_ids[i], logprobs.logprobs[i], logprobs.ranks[i])
-                if logprobs is not None else None
-            )
+            stopped = False
+            num_kept = 0
+            for token in tokens:
+                request.append_output_token(token)
+                num_kept += 1
+                if request.check_stop(token):
+                    stopped = True
+                    break
+            new_logprobs = None
+            if logprobs is not None:
+                new_logprobs = [
+                    (logprobs.token_ids[j], logprobs.logprobs[j], logprobs.ranks[j])
+                    for j in range(start, start + num_kept)
+                ]
             outputs.append(EngineCoreOutput(
-                request, [token], new_logprobs, stopped,
+                request, tokens if num_kept == len(tokens) else tokens[:num_kept],
+                new_logprobs, stopped,
                 None if prompt_chunks is None else prompt_chunks.get(rid),
             ))
             if stopped:
@@ -246,12 +295,16 @@ class Scheduler:
                 else:
                     self.running.remove(request)
                     self._free(request)
+            elif drafts is not None and not preempted:
+                request.spec_token_ids = drafts[i]
         if prompt_chunks:  # partial prefill chunks: prompt logprobs without a token
             sampled = set(runner_output.req_ids)
             for rid, chunk in prompt_chunks.items():
                 request = requests.get(rid)
                 if request is not None and rid not in sampled:
                     outputs.append(EngineCoreOutput(request, [], prompt_logprobs=chunk))
+        if self.speculation is not None and spec_stats.changed:
+            self.speculation.observe_acceptance(spec_stats)
         return outputs
 
     def stats(self) -> SchedulerStats:
@@ -260,4 +313,5 @@ class Scheduler:
             num_waiting=len(self.waiting),
             num_preemptions_total=self.num_preemptions_total,
             kv=self.kv.stats(self.running),
+            spec_decoding=None if self.speculation is None else self.spec_stats.snapshot(),
         )

@@ -37,6 +37,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)
     num_preempted: int = 0
+    # Speculative decoding: the draft tokens scheduled after each request's next token (they
+    # are among its num_scheduled_tokens), and how many the runner should draft per request
+    # for the next step once this one's tokens are known (0: none).
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    num_lookahead_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -45,8 +50,7 @@ class SchedulerOutput:
 
 @dataclass
 class LogprobsLists:
-    """Per sampled request: the sampled token's logprob first, then the top-k (ids, logprobs),
-    and the sampled token's rank."""
+    """Per sampled token: its logprob first, then the top-k (ids, logprobs), and its rank."""
 
     token_ids: list[list[int]]
     logprobs: list[list[float]]
@@ -64,14 +68,19 @@ class PromptLogprobsChunk:
 
 @dataclass
 class ModelRunnerOutput:
-    """Tokens sampled this step, for the requests whose scheduled tokens reached the end of
-    what is known (prefill done or decode); partial prefill chunks sample nothing. Requests
-    that asked for prompt logprobs get those of the prompt positions this step computed."""
+    """Tokens this step emitted, for the requests whose scheduled tokens reached the end of
+    what is known (prefill done or decode); partial prefill chunks sample nothing. A request
+    emits one token, or with speculation its accepted drafts and one more. Requests that asked
+    for prompt logprobs get those of the prompt positions this step computed.
+
+    ``logprobs`` has one entry per emitted token, request after request. ``spec_token_ids``
+    holds, per request, the drafts proposed for its next step (after the emitted tokens)."""
 
     req_ids: list[str]
-    sampled_token_ids: list[int]
+    sampled_token_ids: list[list[int]]
     logprobs: Optional[LogprobsLists] = None
     prompt_logprobs: Optional[dict[str, PromptLogprobsChunk]] = None
+    spec_token_ids: Optional[list[list[int]]] = None
 
 
 EMPTY_RUNNER_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

@@ -30,6 +30,11 @@ from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.spec_decode.controller import (
+    SpecDecodingStats,
+    SpeculationController,
+    StepCostModel,
+)
 from pagedserve.tokenizer.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import LaunchedStep, ModelRunner
 
@@ -53,6 +58,8 @@ class EngineStats:
     generation_tokens_total: int
     iteration_tokens: HistogramSnapshot  # tokens computed per step
     inter_token_latency: HistogramSnapshot  # seconds, per token after a completion's first
+    # Speculative decoding's counts (vLLM's spec_decode metrics); None without it.
+    spec_decoding: Optional[SpecDecodingStats] = None
 
 
 def _reclaim_frozen_objects() -> None:
@@ -116,11 +123,13 @@ class LLMEngine:
         self.kv_manager = KVCacheManager(
             num_blocks, self.config.block_size, args.enable_prefix_caching
         )
+        self.speculation = self._speculation_controller()
         self.scheduler = Scheduler(
             self.kv_manager,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_chunked_prefill=args.enable_chunked_prefill,
+            speculation=self.speculation,
         )
         self.request_logger = RequestLogger() if args.log_requests else None
         self.counters = EngineCounters()
@@ -149,6 +158,18 @@ class LLMEngine:
         self.dead_error: Optional[EngineDeadError] = None
         arm_fault_injection(self.runner)
         _freeze_startup_objects()
+
+    def _speculation_controller(self) -> Optional[SpeculationController]:
+        spec = self.config.speculative
+        if spec is None:
+            return None
+        cost = StepCostModel()
+        if spec.adaptive:
+            for num_tokens, seconds in self.runner.time_forwards():
+                cost.observe(num_tokens, seconds, weight=1.0)
+        return SpeculationController(
+            spec.num_speculative_tokens, spec.adaptive, spec.disable_by_batch_size, cost
+        )
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -241,7 +262,11 @@ class LLMEngine:
                     scheduler_output.total_num_scheduled_tokens
                 )
             if not self.config.async_scheduling:
+                start = time.perf_counter()
                 runner_output = self.runner.execute_model(scheduler_output)
+                if self.speculation is not None:
+                    self._observe_speculation(scheduler_output.total_num_scheduled_tokens,
+                                              time.perf_counter() - start)
                 if self.runner.failures:
                     self._fail_runner_requests()
                 return self._update(runner_output)
@@ -253,6 +278,18 @@ class LLMEngine:
         except BaseException as e:
             self.dead_error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
             raise
+
+    def _observe_speculation(self, num_tokens: int, seconds: float) -> None:
+        """Tells the speculation controller what the step cost, the proposer's share apart
+        (the step cost model is of verification steps; proposing is priced on its own)."""
+        proposals = self.runner.spec_timing.take_proposals()
+        propose_seconds = 0.0
+        for p in proposals:
+            self.speculation.observe_proposal(p.num_requests, p.num_with_drafts, p.num_drafts,
+                                              p.seconds)
+            propose_seconds += p.seconds
+        if num_tokens:
+            self.speculation.observe_step(num_tokens, seconds - propose_seconds)
 
     def _update(self, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(runner_output)
@@ -306,4 +343,5 @@ class LLMEngine:
             generation_tokens_total=counters.generation_tokens,
             iteration_tokens=counters.iteration_tokens.snapshot(),
             inter_token_latency=counters.inter_token_latency.snapshot(),
+            spec_decoding=stats.spec_decoding,
         )

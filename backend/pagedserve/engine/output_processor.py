@@ -141,29 +141,24 @@ class OutputProcessor:
                     if not out.new_token_ids:
                         continue  # a prompt chunk: nothing to show until its first token
                 completion = state.completions[request.index]
+                if completion.detokenizer is not None:
+                    if self._update_text(completion, out) and not out.finished:
+                        stopped_ids.append(request.request_id)
+                num_new = len(out.new_token_ids)
                 if completion.logprobs is not None and out.new_logprobs is not None:
-                    completion.logprobs.append(self._logprob_entry(*out.new_logprobs))
-                    completion.cumulative_logprob += out.new_logprobs[1][0]
+                    for entry in out.new_logprobs[:num_new]:
+                        completion.logprobs.append(self._logprob_entry(*entry))
+                        completion.cumulative_logprob += entry[1][0]
                 metrics = state.metrics
                 if metrics.first_token_time is None:
                     metrics.first_token_time = now
                     counters.prompt_tokens += metrics.num_prompt_tokens
                 metrics.last_token_time = now
-                num_new = len(out.new_token_ids)
                 metrics.num_generation_tokens += num_new
                 generated += num_new
                 if completion.last_token_time is not None:
                     gaps.append(now - completion.last_token_time)
                 completion.last_token_time = now
-                if completion.detokenizer is not None:
-                    tokens = out.new_token_ids
-                    if out.finished and self._drops_last_token(request):
-                        tokens = tokens[:-1]
-                    if completion.detokenizer.update(tokens, final=out.finished) is not None:
-                        completion.finish_reason = "stop"
-                        completion.stop_reason = completion.detokenizer.matched_stop
-                        if not out.finished:
-                            stopped_ids.append(request.request_id)
                 if out.finished and completion.finish_reason is None:
                     completion.finish_reason = request.status.finish_reason
                     completion.stop_reason = request.stop_reason
@@ -188,6 +183,34 @@ class OutputProcessor:
             if output is not None:
                 outputs.append(output)
         return outputs, stopped_ids, failed
+
+    def _update_text(self, completion: _Completion, out: EngineCoreOutput) -> bool:
+        """Decodes a step's new tokens; returns whether a stop string ended the completion.
+
+        Several tokens at once (accepted drafts) with stop strings are decoded one by one,
+        so that a stop string completed inside the run ends the output at that token, as it
+        would have without speculation: the tokens after it leave the request and ``out``."""
+        request, detokenizer = out.request, completion.detokenizer
+        tokens = out.new_token_ids
+        if out.finished and self._drops_last_token(request):
+            tokens = tokens[:-1]
+        if len(tokens) <= 1 or not detokenizer.has_stop_strings:
+            matched = detokenizer.update(tokens, final=out.finished) is not None
+        else:
+            matched = False
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1
+                if detokenizer.update([token], final=out.finished and last) is not None:
+                    matched = True
+                    drop = len(out.new_token_ids) - 1 - i
+                    if drop:
+                        request.truncate_output(request.num_output_tokens - drop)
+                        out.new_token_ids = out.new_token_ids[:i + 1]
+                    break
+        if matched:
+            completion.finish_reason = "stop"
+            completion.stop_reason = detokenizer.matched_stop
+        return matched
 
     def _fail(self, state: _RequestState, error: Exception) -> tuple[list[str], RequestError]:
         self.states.pop(state.request_id, None)

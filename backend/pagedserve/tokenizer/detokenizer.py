@@ -152,6 +152,10 @@ class IncrementalDetokenizer:
         self._prompt_held = 0  # U+FFFDs ending the prompt's text, not yet known to be final
         self._init_window(list(prompt_token_ids or ()))
 
+    @property
+    def has_stop_strings(self) -> bool:
+        return bool(self._stop)
+
     # ----------------------------------------------------------------------------- state
 
     def _is_anchor(self, token_id: int) -> bool:

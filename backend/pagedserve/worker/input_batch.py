@@ -173,13 +173,52 @@ class InputBatch:
         self.pending_idx[rows] = np.arange(len(rows))
         return positions
 
+    def write_drafts(self, spec: dict[str, list[int]]) -> None:
+        """Puts each request's scheduled drafts after its known tokens, where the step reads
+        its inputs; they stay uncounted (``num_tokens``) until accepted."""
+        row_of = self.row_of
+        found = [(row_of[r], d) for r, d in spec.items() if r in row_of]
+        if not found:
+            return
+        counts = np.fromiter((len(d) for _, d in found), np.int64, len(found))
+        rows = np.repeat(np.fromiter((r for r, _ in found), np.int64, len(found)), counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        flat = np.fromiter((t for _, d in found for t in d), np.int64, int(counts.sum()))
+        self.token_ids[rows, self.num_tokens[rows] + within] = flat
+
     def fill_sampled(
-        self, rows: np.ndarray, positions: np.ndarray, serials: np.ndarray, tokens: np.ndarray
-    ) -> None:
-        """Writes sampled tokens into the rows that still hold the request they were sampled
-        for (``serials``: the rows' serial numbers then; a row reused since has a new one)."""
+        self,
+        rows: np.ndarray,
+        positions: np.ndarray,
+        serials: np.ndarray,
+        tokens: np.ndarray,
+        num_drafts: Optional[np.ndarray] = None,
+    ) -> np.ndarray:
+        """Writes a step's tokens (``[n, W]``: per row its emitted tokens, then -1) into the
+        rows that still hold the request they were sampled for (``serials``: the rows' serial
+        numbers then; a row reused since has a new one), and returns each row's count.
+
+        ``reserve_sampled`` counted one token per row; a row that verified drafts
+        (``num_drafts``) gains its other accepted tokens here, and its rejected drafts leave
+        ``num_computed``."""
         same = self.serial[rows] == serials
-        self.token_ids[rows[same], positions[same]] = tokens[same]
+        if tokens.shape[1] == 1:
+            self.token_ids[rows[same], positions[same]] = tokens[same, 0]
+            counts = np.ones(len(rows), dtype=np.int64)
+        else:
+            counts = (tokens >= 0).sum(axis=1)
+            mine, c = rows[same], counts[same]
+            owner = np.repeat(np.arange(len(mine)), c)
+            within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+            self.token_ids[mine[owner], positions[same][owner] + within] = (
+                tokens[same][owner, within]
+            )
+            self.num_tokens[mine] += (c - 1).astype(np.int32)
+        if num_drafts is not None:
+            self.num_computed[rows[same]] -= (num_drafts[same] - (counts[same] - 1)).astype(
+                np.int32
+            )
+        return counts
 
     def prompt_logprobs_plan(
         self, rows: np.ndarray, num_sched: np.ndarray

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +23,7 @@ from pagedserve.core.scheduler_output import (
 from pagedserve.errors import RequestError, RequestParamsError
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
+from pagedserve.spec_decode.proposer import NgramBatchProposer, Proposer
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
 from pagedserve.worker.host_memory import keep_large_buffers_mapped
 from pagedserve.worker.input_batch import InputBatch
@@ -37,8 +39,11 @@ from pagedserve.worker.prompt_logprobs import (
     PromptLogprobsTensors,
     compute_prompt_logprobs,
 )
+from pagedserve.worker.rejection_sampler import RejectionSampler
 from pagedserve.worker.sampler import Sampler, SamplerOutput
+from pagedserve.worker.spec_timing import SpecTiming
 from pagedserve.worker.step_buffers import StepBuffers
+from pagedserve.worker.verification import DraftLayout, first_positions, layout_drafts, verify
 from pagedserve_kernels.reference import is_fp8
 
 logger = logging.getLogger(__name__)
@@ -54,14 +59,18 @@ class LaunchedStep:
 
     req_ids: list[str]
     rows: np.ndarray  # batch rows that sampled, in output order
-    positions: np.ndarray  # where each sampled token goes in its row
+    positions: np.ndarray  # where each row's first new token goes in its row
     serials: np.ndarray  # the rows' serial numbers (see InputBatch.serial)
-    sampled: torch.Tensor  # [n] int64, on the device
+    # [n, W] int64 on the device: each row's emitted tokens, PLACEHOLDER_TOKEN_ID after them
+    # (W = 1 without speculation, where a row emits exactly one).
+    sampled: torch.Tensor
     sampled_host: torch.Tensor  # its copy to the host, in flight until ``done``
     logprobs_host: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     num_logprobs: np.ndarray  # per sampled row, -1 for none
     done: Optional[torch.cuda.Event]  # None on the CPU, where all of it has already run
     prompt_logprobs: Optional[PromptLogprobsTensors] = None  # host copies, in flight too
+    num_drafts: Optional[np.ndarray] = None  # per row, the drafts it verified (speculation)
+    num_lookahead: int = 0  # drafts to propose per row once the tokens are known
     output: Optional[ModelRunnerOutput] = None  # set by collect
 
 
@@ -72,7 +81,7 @@ class ForwardInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [n] rows whose hidden state is sampled
+    logits_indices: torch.Tensor  # rows whose hidden state is sampled (1 + k per request)
     graph_size: Optional[int] = None  # the CUDA graph that runs this step, if any
 
 
@@ -115,11 +124,19 @@ class ModelRunner:
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
         )
         self.sampler = Sampler()
+        self.speculative = config.speculative
+        self.rejection_sampler = RejectionSampler() if self.speculative is not None else None
+        self.proposer: Optional[Proposer] = None
+        if self.speculative is not None and self.speculative.method == "ngram":
+            self.proposer = NgramBatchProposer(self.speculative.ngram)
+        self.spec_timing = SpecTiming()
         uses_graphs = graphs_unusable(self.device, config.args.enforce_eager, self.attn) is None
         max_graph = capture_sizes(config.max_num_seqs)[-1] if uses_graphs else 0
         self.buffers = StepBuffers(
             max(config.max_num_batched_tokens, max_graph),
             max(config.max_num_seqs, max_graph),
+            # With drafts a request samples at up to 1 + k positions.
+            config.max_num_batched_tokens if self.speculative is not None else 0,
             config.max_blocks_per_req,
             self.device,
         )
@@ -230,6 +247,39 @@ class ModelRunner:
             for _ in range(mc.num_layers)
         ]
 
+    @torch.inference_mode()
+    def time_forwards(self, repeats: int = 3) -> list[tuple[int, float]]:
+        """Seconds of a forward and its logits over n one-token requests, for n = 1, 2, 4, ...
+        up to the largest verification step: the seed of the speculation controller's step
+        cost model (which then follows the measured steps). The best of ``repeats`` runs."""
+        k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
+        largest = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * (1 + k))
+        sizes = [1 << i for i in range(largest.bit_length()) if 1 << i <= largest]
+        timings = []
+        for n in sizes:
+            meta = AttentionMetadata(
+                num_actual_tokens=n, num_reqs=n,
+                query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=self.device),
+                seq_lens=torch.ones(n, dtype=torch.int32, device=self.device),
+                block_table=torch.zeros(n, 1, dtype=torch.int32, device=self.device),
+                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
+                max_query_len=1, max_seq_len=1,
+                query_start_loc_cpu=torch.arange(n + 1, dtype=torch.int32),
+                seq_lens_cpu=torch.ones(n, dtype=torch.int32),
+            )
+            ids = torch.zeros(n, dtype=torch.long, device=self.device)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.attn.prepare(meta)
+                hidden = self.model(ids, ids, self.kv_caches, meta)
+                self.model.compute_logits(hidden)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            timings.append((n, best))
+        return timings
+
     # ---- one step ------------------------------------------------------------------------
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -261,28 +311,38 @@ class ModelRunner:
         if pending_from is not None and batch.needs_output_tokens:
             self.collect(pending_from)  # penalties and bad words read the previous tokens
             pending_from = None
-        inputs, sample_mask = self._prepare_inputs(rows, num_sched, pending_from)
+        spec = sched.scheduled_spec_decode_tokens
+        if spec:
+            batch.write_drafts(spec)
+        inputs, sample_mask, layout = self._prepare_inputs(rows, num_sched, pending_from, spec)
         prompt_plan = (
             batch.prompt_logprobs_plan(rows, num_sched) if batch.prompt_logprob_rows else None
         )
+        start = time.perf_counter()
         logits, prompt_logprobs = self._forward_logits(inputs, prompt_plan)
+        self.spec_timing.forward += time.perf_counter() - start
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
+        start = time.perf_counter()
         out = None
-        if len(sample_rows):
+        if len(sample_rows) and layout is not None:
+            out, sample_rows, layout = self._verify(logits, sample_rows, layout)
+        elif len(sample_rows):
             try:
                 out = self.sampler(logits, batch.sampling_metadata(sample_rows, self.device))
             except Exception as e:
                 out, sample_rows = self._sample_isolating(logits, sample_rows, e)
+        self.spec_timing.sample += time.perf_counter() - start
         if out is None:  # only partial prefill chunks this step (or only failed rows)
             out = SamplerOutput(sampled=torch.empty(0, dtype=torch.int64, device=self.device))
+        sampled = out.sampled if out.sampled.dim() == 2 else out.sampled[:, None]
         launched = LaunchedStep(
             req_ids=[batch.req_id_of[r] for r in sample_rows.tolist()],
             rows=sample_rows,
             positions=batch.reserve_sampled(sample_rows),
             serials=batch.serial[sample_rows],
-            sampled=out.sampled,
-            sampled_host=self._to_host(out.sampled),
+            sampled=sampled,
+            sampled_host=self._to_host(sampled),
             logprobs_host=None if out.logprobs is None else (
                 self._to_host(out.logprob_token_ids), self._to_host(out.logprobs),
                 self._to_host(out.sampled_rank),
@@ -292,10 +352,33 @@ class ModelRunner:
                 prompt_logprobs.plan, self._to_host(prompt_logprobs.token_ids),
                 self._to_host(prompt_logprobs.logprobs), self._to_host(prompt_logprobs.ranks),
             ),
+            num_drafts=None if layout is None else layout.num_drafts,
+            num_lookahead=sched.num_lookahead_tokens if self.proposer is not None else 0,
             done=self._record_event(),  # last: after the copies above
         )
         self._older, self._latest = self._latest, launched
         return launched
+
+    def _verify(
+        self, logits: torch.Tensor, rows: np.ndarray, layout: DraftLayout
+    ) -> tuple[Optional[SamplerOutput], np.ndarray, DraftLayout]:
+        """Verifies the rows' drafts. If that fails, the rows are sampled as without drafts
+        at their first positions (all drafts rejected: still exact), isolating the failure;
+        the layout returned is that of the rows that sampled."""
+        meta = self.batch.sampling_metadata(rows, self.device)
+        try:
+            return verify(self.rejection_sampler, logits, layout, meta), rows, layout
+        except Exception as e:
+            logger.warning("verifying drafts failed (%s: %s); sampling without them",
+                           type(e).__name__, e)
+            first = first_positions(logits, layout)
+            try:
+                out = self.sampler(first, meta)
+            except Exception as e:
+                out, kept = self._sample_isolating(first, rows, e)
+                layout = layout.select(np.isin(rows, kept))
+                rows = kept
+            return out, rows, layout
 
     def _sample_isolating(
         self, logits: torch.Tensor, rows: np.ndarray, failure: Exception
@@ -336,17 +419,36 @@ class ModelRunner:
         if launched.done is not None:
             launched.done.synchronize()
         sampled = launched.sampled_host.numpy()
-        self.batch.fill_sampled(launched.rows, launched.positions, launched.serials, sampled)
+        counts = self.batch.fill_sampled(
+            launched.rows, launched.positions, launched.serials, sampled, launched.num_drafts
+        )
         logprobs = None
         if launched.logprobs_host is not None:
-            logprobs = self._logprobs_lists(launched.num_logprobs, *launched.logprobs_host)
+            wanted = launched.num_logprobs
+            if sampled.shape[1] > 1:  # one entry per emitted token
+                wanted = np.repeat(wanted, counts)
+            logprobs = self._logprobs_lists(wanted, *launched.logprobs_host)
+        rows_tokens = sampled.tolist()
+        if sampled.shape[1] > 1:
+            rows_tokens = [tokens[:n] for tokens, n in zip(rows_tokens, counts.tolist())]
         launched.output = ModelRunnerOutput(
-            launched.req_ids, sampled.tolist(), logprobs,
+            launched.req_ids, rows_tokens, logprobs,
             None if launched.prompt_logprobs is None else launched.prompt_logprobs.to_chunks(),
+            self._propose(launched) if launched.num_lookahead else None,
         )
         if launched is self._older:
             self._older = None
         return launched.output
+
+    def _propose(self, launched: LaunchedStep) -> list[list[int]]:
+        """Drafts for the next step of each row that sampled (its tokens are all known now)."""
+        start = time.perf_counter()
+        rows = launched.rows
+        drafts, counts = self.proposer.propose(self.batch, rows, launched.num_lookahead)
+        seconds = time.perf_counter() - start
+        self.spec_timing.observe_proposal(len(rows), int((counts > 0).sum()),
+                                          int(counts.sum()), seconds)
+        return [d[:n] for d, n in zip(drafts.tolist(), counts.tolist())]
 
     def _update_batch(self, sched: SchedulerOutput) -> None:
         batch = self.batch
@@ -362,11 +464,17 @@ class ModelRunner:
             batch.append_blocks(batch.row_of[rid], block_ids)
 
     def _prepare_inputs(
-        self, rows: np.ndarray, num_sched: np.ndarray, pending_from: Optional[LaunchedStep]
-    ) -> tuple[ForwardInputs, np.ndarray]:
-        """Writes the flattened batch into the step buffers; returns it and which rows sample.
+        self,
+        rows: np.ndarray,
+        num_sched: np.ndarray,
+        pending_from: Optional[LaunchedStep],
+        spec: Optional[dict[str, list[int]]] = None,
+    ) -> tuple[ForwardInputs, np.ndarray, Optional[DraftLayout]]:
+        """Writes the flattened batch into the step buffers; returns it, which rows sample,
+        and (with drafts) where the sampling rows' drafts are.
 
-        Rows whose last token ``pending_from`` has not delivered yet get it on the device."""
+        Rows whose last token ``pending_from`` has not delivered yet get it on the device.
+        A row with k drafts samples at its last 1 + k positions."""
         batch, bs, buf = self.batch, self.block_size, self.buffers
         buf.wait_for_upload()  # the last step's copies must have left the host buffers
         num_reqs = len(rows)
@@ -403,8 +511,17 @@ class ModelRunner:
             host(buf.seq_lens)[num_reqs:padded] = 1
         # A row samples when this step reaches the end of its known tokens.
         sample_mask = seq_lens >= batch.num_tokens[rows]
-        num_logits = int(sample_mask.sum())
-        host(buf.logits_indices)[:num_logits] = cu[sample_mask] - 1
+        layout = None
+        if spec:
+            layout = layout_drafts([batch.req_id_of[r] for r in rows[sample_mask]], spec)
+            per_row = layout.num_drafts + 1
+            num_logits = int(per_row.sum())
+            # Row i's positions cu_i - (1 + k_i) .. cu_i - 1, at flat logits from first_i.
+            shift = np.repeat(cu[sample_mask] - per_row - layout.first_logit, per_row)
+            host(buf.logits_indices)[:num_logits] = shift + np.arange(num_logits)
+        else:
+            num_logits = int(sample_mask.sum())
+            host(buf.logits_indices)[:num_logits] = cu[sample_mask] - 1
         max_seq_len = int(seq_lens.max())
         width = -(-max_seq_len // bs)
         buf.block_table_host(num_reqs, width)[:] = batch.block_table[rows, :width]
@@ -424,11 +541,11 @@ class ModelRunner:
         buf.upload(padded, graph_size or num_reqs, num_logits, num_reqs, width,
                    0 if in_order else num_pending)
         if in_order:
-            buf.input_ids[1][:num_reqs].copy_(pending_from.sampled[:num_reqs])
+            buf.input_ids[1][:num_reqs].copy_(pending_from.sampled[:num_reqs, 0])
         elif num_pending:
             buf.input_ids[1].index_copy_(
                 0, buf.pending_dst[1][:num_pending],
-                pending_from.sampled.index_select(0, buf.pending_src[1][:num_pending]),
+                pending_from.sampled[:, 0].index_select(0, buf.pending_src[1][:num_pending]),
             )
 
         meta = AttentionMetadata(
@@ -450,7 +567,7 @@ class ModelRunner:
             logits_indices=buf.logits_indices[1][:num_logits],
             graph_size=graph_size,
         )
-        return inputs, sample_mask
+        return inputs, sample_mask, layout
 
     def _forward_logits(
         self, inputs: ForwardInputs, prompt_plan: Optional[PromptLogprobsPlan]

@@ -14,7 +14,14 @@ class StepBuffers:
     are the same memory. CUDA graphs are captured on slices of the device side, so a replay
     needs no copies of its own."""
 
-    def __init__(self, max_tokens: int, max_reqs: int, max_blocks: int, device: torch.device):
+    def __init__(
+        self,
+        max_tokens: int,
+        max_reqs: int,
+        max_logits: int,
+        max_blocks: int,
+        device: torch.device,
+    ) -> None:
         self.device = device
         self.max_blocks = max_blocks
         self._pinned = device.type == "cuda"
@@ -22,7 +29,7 @@ class StepBuffers:
         self.input_ids = self._pair(max_tokens, torch.int64)
         self.positions = self._pair(max_tokens, torch.int64)
         self.slot_mapping = self._pair(max_tokens, torch.int64)
-        self.logits_indices = self._pair(max_reqs, torch.int64)
+        self.logits_indices = self._pair(max(max_reqs, max_logits), torch.int64)
         self.query_start_loc = self._pair(max_reqs + 1, torch.int32)
         self.seq_lens = self._pair(max_reqs, torch.int32)
         # Decode inputs still on the device: flat token index, and index into the sampled ids.

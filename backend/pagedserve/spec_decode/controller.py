@@ -1,0 +1,235 @@
+"""Adaptive speculation: how many tokens to draft per request, step by step (no torch here).
+
+A step that verifies k drafts per request computes up to B(1 + k) tokens where plain decoding
+computes B, and emits 1 + (accepted drafts) tokens per request where plain decoding emits 1.
+Whether that pays depends on two measured things:
+
+- the acceptance: per draft position j, how often draft j is accepted once drafts 0..j-1 were
+  (so E(k) = 1 + a0 + a0 a1 + ... tokens per drafted request), and how many requests get drafts
+  at all (an n-gram proposer finds none without a match);
+- the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
+  (small batches), growing with n once it is bound by compute (large batches). It is seeded by
+  timing forwards at start-up and then follows the measured steps.
+
+Each step the controller picks the k (0..num_speculative_tokens) with the most tokens per second
+and drafts nothing when no k beats plain decoding, so a large batch runs as if speculation were
+off. While k is 0 nothing is learnt about acceptance; every ``_PROBE_INTERVAL`` steps at k = 0
+it drafts once more so a change (a new workload, a smaller batch) is noticed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+# Weight of a new observation in the running averages.
+_EMA = 0.1
+# Prior acceptance per position before anything is measured: speculate, then learn.
+_PRIOR_ACCEPTANCE = 0.7
+_PRIOR_DRAFTED_FRACTION = 1.0
+# Speculate only when the best k is estimated at least this much faster than k = 0.
+_MIN_GAIN = 1.02
+_PROBE_INTERVAL = 64
+
+
+@dataclass
+class SpecDecodingStats:
+    """Cumulative counts of what verification did (vLLM's spec_decode counters): steps where
+    a request had drafts (``num_drafts``), draft tokens, accepted tokens, and accepted tokens
+    per draft position."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    # Requests (with drafts) by number of drafts accepted / drafted: position j's counts are
+    # sums over these, so a step costs one increment per request.
+    accepted_hist: list[int] = field(default_factory=list)
+    drafted_hist: list[int] = field(default_factory=list)
+    # ... and by the last position their verification reached (the first rejected draft, or
+    # the last draft): position j was reached when drafts 0..j-1 were all accepted.
+    reached_hist: list[int] = field(default_factory=list)
+    changed: bool = False  # observations since the controller last read them
+
+    def observe(self, num_drafts: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        for hist, value in ((self.accepted_hist, num_accepted), (self.drafted_hist, num_drafts),
+                            (self.reached_hist, min(num_accepted, num_drafts - 1) + 1)):
+            if value >= len(hist):
+                hist.extend([0] * (value + 1 - len(hist)))
+            hist[value] += 1
+        self.changed = True
+
+    @property
+    def num_accepted_tokens_per_pos(self) -> list[int]:
+        """Accepted drafts at each position j (requests that accepted more than j)."""
+        return _tail_sums(self.accepted_hist)
+
+    @property
+    def num_draft_tokens_per_pos(self) -> list[int]:
+        """Drafts at each position j (requests that drafted more than j)."""
+        return _tail_sums(self.drafted_hist)
+
+    @property
+    def num_reached_per_pos(self) -> list[int]:
+        """Requests whose verification reached position j (drafts 0..j-1 accepted)."""
+        return _tail_sums(self.reached_hist)
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens per verification step of a drafted request: 1 + accepted drafts (vLLM's)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    def snapshot(self) -> SpecDecodingStats:
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens,
+                                 self.num_accepted_tokens, list(self.accepted_hist),
+                                 list(self.drafted_hist), list(self.reached_hist))
+
+
+def _tail_sums(hist: list[int]) -> list[int]:
+    out, running = [], 0
+    for count in reversed(hist[1:]):
+        running += count
+        out.append(running)
+    return out[::-1]
+
+
+class StepCostModel:
+    """Owns t(n), the seconds of a step that computes n tokens, by power-of-two bucket: each
+    bucket a running average, seeded by start-up timings. Between known buckets t is linear in
+    n; below the smallest it is flat, above the largest proportional to n (compute-bound)."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}  # bucket exponent -> running average
+
+    @staticmethod
+    def _bucket(num_tokens: int) -> int:
+        return max(0, round(math.log2(max(num_tokens, 1))))
+
+    def observe(self, num_tokens: int, seconds: float, weight: float = _EMA) -> None:
+        b = self._bucket(num_tokens)
+        # Normalised to the bucket's size so that neighbours in one bucket agree.
+        value = seconds * (2**b) / max(num_tokens, 1) if num_tokens > 2**b else seconds
+        old = self._seconds.get(b)
+        self._seconds[b] = value if old is None else old + weight * (value - old)
+
+    @property
+    def known(self) -> bool:
+        return bool(self._seconds)
+
+    def seconds(self, num_tokens: float) -> float:
+        points = sorted(self._seconds.items())
+        if not points:
+            return 1.0
+        n = max(num_tokens, 1.0)
+        sizes = [2.0**b for b, _ in points]
+        times = [t for _, t in points]
+        if n <= sizes[0]:
+            return times[0]
+        if n >= sizes[-1]:
+            return times[-1] * n / sizes[-1]
+        for (n0, t0), (n1, t1) in zip(zip(sizes, times), zip(sizes[1:], times[1:])):
+            if n <= n1:
+                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+        return times[-1]  # unreachable
+
+
+class SpeculationController:
+    """Owns the choice of k per step from the measured acceptance, the proposer's cost and the
+    step cost model (see the module docstring). ``adaptive=False`` always drafts
+    ``max_num_drafts``; ``disable_by_batch_size`` (vLLM's) drafts nothing above that many
+    running requests either way."""
+
+    def __init__(
+        self,
+        max_num_drafts: int,
+        adaptive: bool = True,
+        disable_by_batch_size: Optional[int] = None,
+        cost: Optional[StepCostModel] = None,
+    ) -> None:
+        self.max_num_drafts = max_num_drafts
+        self.adaptive = adaptive
+        self.disable_by_batch_size = disable_by_batch_size
+        self.cost = cost if cost is not None else StepCostModel()
+        self.acceptance = [_PRIOR_ACCEPTANCE] * max_num_drafts  # conditional, per position
+        self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
+        self.propose_seconds_per_draft = 0.0  # the proposer's time per drafted position
+        self._seen_accepted: list[int] = []
+        self._seen_reached: list[int] = []
+        self._steps_without = 0
+        self.last_choice = max_num_drafts
+
+    # ---- what was measured ---------------------------------------------------------------
+
+    def observe_acceptance(self, stats: SpecDecodingStats) -> None:
+        """Folds the counts since the last call into the per-position acceptance rates."""
+        stats.changed = False
+        accepted = stats.num_accepted_tokens_per_pos
+        reached = stats.num_reached_per_pos
+        for j in range(min(len(reached), self.max_num_drafts)):
+            new_reached = reached[j] - _at(self._seen_reached, j)
+            if new_reached > 0:
+                rate = (_at(accepted, j) - _at(self._seen_accepted, j)) / new_reached
+                weight = 1.0 - (1.0 - _EMA) ** new_reached  # many samples move it further
+                self.acceptance[j] += weight * (rate - self.acceptance[j])
+        self._seen_accepted, self._seen_reached = accepted, reached
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        self.cost.observe(num_tokens, seconds)
+
+    def observe_proposal(self, num_requests: int, num_with_drafts: int, num_drafts: int,
+                         seconds: float) -> None:
+        """One proposer call: how many of the requests got drafts, and what it cost."""
+        if num_requests:
+            self.drafted_fraction += _EMA * (num_with_drafts / num_requests
+                                             - self.drafted_fraction)
+        if num_drafts:
+            per_draft = seconds / num_drafts
+            self.propose_seconds_per_draft += _EMA * (per_draft - self.propose_seconds_per_draft)
+
+    # ---- the choice ----------------------------------------------------------------------
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a drafted request emits per step with k drafts: 1 + a0 + a0 a1 + ..."""
+        total, reach = 1.0, 1.0
+        for a in self.acceptance[:k]:
+            reach *= a
+            total += reach
+        return total
+
+    def speedup(self, num_running: int, k: int) -> float:
+        """Estimated tokens per second with k drafts over tokens per second without."""
+        if k == 0:
+            return 1.0
+        b = float(max(num_running, 1))
+        f = self.drafted_fraction
+        base = self.cost.seconds(b)
+        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_seconds_per_draft * k
+        return (1.0 + f * (self.expected_tokens(k) - 1.0)) * base / step
+
+    def num_drafts(self, num_running: int) -> int:
+        """How many tokens to draft per request for the next step of ``num_running``."""
+        if self.disable_by_batch_size is not None and num_running > self.disable_by_batch_size:
+            return 0
+        if not self.adaptive or not self.cost.known:
+            return self.max_num_drafts
+        best_k, best = 0, _MIN_GAIN
+        for k in range(1, self.max_num_drafts + 1):
+            gain = self.speedup(num_running, k)
+            if gain > best:
+                best_k, best = k, gain
+        if best_k == 0:
+            self._steps_without += 1
+            if self._steps_without >= _PROBE_INTERVAL:
+                self._steps_without = 0
+                best_k = 1  # one cheap look at whether drafts are accepted now
+        else:
+            self._steps_without = 0
+        self.last_choice = best_k
+        return best_k
+
+
+def _at(values: list[int], j: int) -> int:
+    return values[j] if 0 <= j < len(values) else 0
