@@ -141,9 +141,9 @@ class OutputProcessor:
                     if not out.new_token_ids:
                         continue  # a prompt chunk: nothing to show until its first token
                 completion = state.completions[request.index]
-                if completion.detokenizer is not None:
-                    if self._update_text(completion, out) and not out.finished:
-                        stopped_ids.append(request.request_id)
+                if (completion.detokenizer is not None and self._update_text(completion, out)
+                        and not out.finished):
+                    stopped_ids.append(request.request_id)
                 num_new = len(out.new_token_ids)
                 if completion.logprobs is not None and out.new_logprobs is not None:
                     for entry in out.new_logprobs[:num_new]:
