@@ -105,6 +105,24 @@ def test_profile_run_samples_the_largest_batch_at_its_worst(tiny_model_dir):
     assert meta.max_num_logprobs == 20
 
 
+def test_profile_run_verifies_the_most_drafts_a_step_holds(tiny_model_dir):
+    path = tiny_model_dir("llama", "bpe")
+    args = EngineArgs(model=str(path), device="cpu", max_num_seqs=8,
+                      max_num_batched_tokens=32,
+                      speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    model_config = ModelConfig.from_pretrained(args.model)
+    config = resolve_engine_config(args, model_config.max_position_embeddings, "float32")
+    runner = ModelRunner(config, model_config)
+    seen = []
+    verifier = runner.rejection_sampler
+    runner.rejection_sampler = lambda drafts, num, logits, meta: seen.append(
+        (drafts.shape, logits.shape, meta)) or verifier(drafts, num, logits, meta)
+    runner._profile_run()
+    (drafts_shape, logits_shape, meta), = seen
+    assert drafts_shape == (8, 3) and logits_shape == (32, model_config.vocab_size)
+    assert meta.output_counts is not None and meta.max_num_logprobs == 20
+
+
 def test_onednn_rows_are_few_and_close():
     sizes = {onednn_rows(m) for m in range(1, 2049)}
     assert len(sizes) == 51

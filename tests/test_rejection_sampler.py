@@ -233,11 +233,13 @@ def test_speculation_preserves_the_sequence_distribution(table_and_exact, pass_d
 def test_the_bound_catches_a_broken_acceptance_rule(table_and_exact, monkeypatch,
                                                     pass_draft_probs):
     """Accepting with p(x) instead of min(1, p(x)/q(x)) skews the output; the same bound must
-    reject it (for point-mass drafts, q(x) = 1 makes the two rules agree, so the broken rule
-    there accepts with p(x)**2)."""
+    reject it. Point-mass drafts are accepted when they equal the target's own sample; the
+    broken rule there accepts a draft that equals the sample or its neighbour id."""
     table, exact = table_and_exact
-    broken = (lambda p, q: p) if pass_draft_probs else (lambda p, q: p * p)
-    monkeypatch.setattr(rs, "acceptance_threshold", broken)
+    if pass_draft_probs:
+        monkeypatch.setattr(rs, "acceptance_threshold", lambda p, q: p)
+    else:
+        monkeypatch.setattr(rs, "draft_matches", lambda d, s: (d == s) | (d == s + 1))
     codes = sample_with_speculation(table, DRAFT_Q, pass_draft_probs, seed=7)
     stat, dof = chi_square(codes, exact)
     assert stat > 3 * chi_square_critical(dof), (stat, dof)

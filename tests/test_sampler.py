@@ -157,6 +157,7 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
             meta = batch.sampling_metadata(order, torch.device("cpu"))
             out = Sampler()(LOGITS.repeat(len(order), 1), meta)
             tokens.append(out.sampled[position].item())
+            batch.reserve_sampled(order)  # the next draw is for the next position
         return tokens
 
     torch.manual_seed(0)
@@ -165,6 +166,30 @@ def test_seeded_rows_ignore_the_rest_of_the_batch():
     crowded = draw(5, 3)
     assert alone == crowded
     assert len(set(alone)) > 1  # it really samples
+
+
+def test_a_seeded_draw_depends_only_on_the_seed_and_the_position():
+    """So a request draws the same after a preemption (its row rebuilt), whatever was drawn
+    before, e.g. drafts verified or a failed sampling call retried."""
+    def draw(batch: InputBatch, row: int) -> int:
+        meta = batch.sampling_metadata(np.array([row]), torch.device("cpu"))
+        return Sampler()(LOGITS[None], meta).sampled.item()
+
+    batch = InputBatch(8, 16, 2, V)
+    row = _batch_row(batch, "seeded", 77)
+    first = [draw(batch, row)]
+    for _ in range(5):
+        batch.reserve_sampled(np.array([row]))
+        first.append(draw(batch, row))
+    # A new row for the same request at its fourth position, after unrelated draws.
+    other = InputBatch(8, 16, 2, V)
+    row = _batch_row(other, "seeded", 77)
+    torch.empty(100).exponential_(generator=other.generators[row])
+    other.reserve_sampled(np.array([row]))
+    other.reserve_sampled(np.array([row]))
+    other.reserve_sampled(np.array([row]))
+    assert draw(other, row) == first[3]
+    assert len(set(first)) > 1
 
 
 def test_sampling_metadata_skips_unused_steps():

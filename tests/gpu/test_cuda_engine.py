@@ -94,3 +94,28 @@ def test_fp8_kv_cache_graphs_equal_eager(tiny_model_dir, kv_cache_dtype):
         del llm
         torch.cuda.empty_cache()
     assert blocks[kv_cache_dtype] == 2 * blocks["auto"]
+
+
+def test_speculative_decoding_graphs_equal_eager(tiny_model_dir):
+    """Decodes that verify k drafts each replay graphs captured for 1 + k tokens per request,
+    with the tokens of eager steps (and of plain decoding)."""
+    model = tiny_model_dir("llama")
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3, "adaptive": False}
+    prompts = [[4 + (i % 6) for i in range(48)], [9 + (i % 4) for i in range(30)],
+               [20 + (i % 5) for i in range(64)]]
+    plain = generate(model, prompts, dtype="float32", enforce_eager=True)
+    eager = generate(model, prompts, dtype="float32", enforce_eager=True,
+                     speculative_config=spec)
+    llm = LLM(str(model), dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
+              speculative_config=spec)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.query_lens == (1, 4)
+    replays = []
+    original = graphs.replay
+    graphs.replay = lambda size, q=1: replays.append((size, q)) or original(size, q)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == eager == plain
+    assert any(q == 4 for _, q in replays), replays
+    assert llm.engine.get_stats().spec_decoding.num_accepted_tokens > 0

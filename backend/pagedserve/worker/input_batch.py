@@ -12,7 +12,7 @@ import torch
 from pagedserve.core.scheduler_output import NewRequestData
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.worker.prompt_logprobs import PromptLogprobsPlan
-from pagedserve.worker.sampler import SamplingMetadata
+from pagedserve.worker.sampler import SamplingMetadata, seed_generator
 
 _GREEDY_EPS = 1e-5
 
@@ -51,6 +51,7 @@ class InputBatch:
         self.num_logprobs = np.full(max_num_reqs, -1, dtype=np.int32)
         self.min_tokens = np.zeros(max_num_reqs, dtype=np.int32)
         self.generators: dict[int, torch.Generator] = {}
+        self.seeds: dict[int, int] = {}  # row -> the request's seed
         self.banned_until_min: dict[int, list[int]] = {}  # row -> EOS/stop ids for min_tokens
         self._penalized_rows: set[int] = set()
         # The rarer per-request parameters, kept only for the rows that have them.
@@ -121,27 +122,22 @@ class InputBatch:
             if longer:
                 self._history_rows.add(row)
         if req.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(req.seed)
-            # Fast-forward past the tokens already drawn, so a resumed request continues the
-            # same stream.
-            self._fast_forward(generator, len(req.token_ids) - req.num_prompt_tokens)
-            self.generators[row] = generator
+            self.generators[row] = torch.Generator(device=device)
+            self.seeds[row] = req.seed
 
-    def _fast_forward(self, generator: torch.Generator, num_drawn: int) -> None:
-        # Each draw consumes one vocab-sized block of noise.
-        for _ in range(num_drawn):
-            torch.empty(self.vocab_size, device=generator.device).exponential_(
-                generator=generator
-            )
+    def _seed_generators(self, rows: np.ndarray) -> list[tuple[int, int]]:
+        """Seeds each seeded row's generator for the token it samples next (see
+        ``seed_generator``), so however many draws came before (drafts verified, failed tries)
+        do not matter. Returns (index in ``rows``, row) of the seeded rows."""
+        found = _rows_among(rows, self.generators)
+        for _, row in found:
+            seed_generator(self.generators[row], self.seeds[row], int(self.num_tokens[row]))
+        return found
 
     def rewind_generators(self, rows: np.ndarray) -> None:
         """Puts the seeded generators of ``rows`` back to their state before the current
-        step's draw (one per token sampled so far), e.g. after a sampling call that failed."""
-        for _, row in _rows_among(rows, self.generators):
-            generator = self.generators[row]
-            generator.manual_seed(generator.initial_seed())
-            self._fast_forward(generator, int(self.num_tokens[row] - self.num_prompt_tokens[row]))
+        step's draw, e.g. after a sampling call that failed."""
+        self._seed_generators(rows)
 
     def remove(self, req_id: str) -> None:
         row = self.row_of.pop(req_id, None)
@@ -150,6 +146,7 @@ class InputBatch:
         self.req_id_of[row] = None
         self.pending_idx[row] = -1
         self.generators.pop(row, None)
+        self.seeds.pop(row, None)
         self.banned_until_min.pop(row, None)
         self._penalized_rows.discard(row)
         self.disallowed.pop(row, None)
@@ -280,9 +277,8 @@ class InputBatch:
             m = self.min_p[rows]
             if m.any():
                 min_p = _to_device(m, device)
-        generators = {}
-        for i, row in _rows_among(rows, self.generators):
-            generators[i] = self.generators[row]
+        seeded = self._seed_generators(rows)
+        generators = {i: self.generators[row] for i, row in seeded}
         meta = SamplingMetadata(
             temperature=None if all_greedy else _to_device(temperature, device),
             all_greedy=all_greedy,
@@ -299,6 +295,7 @@ class InputBatch:
             banned_rows=None,
             banned_tokens=None,
             max_num_logprobs=int(self.num_logprobs[rows].max()) if len(rows) else -1,
+            generator_seeds={i: (self.seeds[row], int(self.num_tokens[row])) for i, row in seeded},
         )
         if self._penalized_rows:
             self._add_penalties(meta, rows, device)

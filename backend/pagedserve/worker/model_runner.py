@@ -132,8 +132,10 @@ class ModelRunner:
         self.spec_timing = SpecTiming()
         uses_graphs = graphs_unusable(self.device, config.args.enforce_eager, self.attn) is None
         max_graph = capture_sizes(config.max_num_seqs)[-1] if uses_graphs else 0
+        graph_tokens = max_graph * (
+            1 if self.speculative is None else 1 + self.speculative.num_speculative_tokens)
         self.buffers = StepBuffers(
-            max(config.max_num_batched_tokens, max_graph),
+            max(config.max_num_batched_tokens, graph_tokens),
             max(config.max_num_seqs, max_graph),
             # With drafts a request samples at up to 1 + k positions.
             config.max_num_batched_tokens if self.speculative is not None else 0,
@@ -199,7 +201,8 @@ class ModelRunner:
         """The largest step the engine can run, to measure its peak memory: a forward over
         max_num_batched_tokens dummy tokens, then logits for the most rows a step samples,
         a slice of prompt logprobs, and the sampler at its worst on those rows (see
-        ``worst_case_sampling``)."""
+        ``worst_case_sampling``); with speculation, also the verification of the most drafts
+        a step holds."""
         tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
         cache = [torch.empty(2, 1, self.block_size, self.model_config.num_kv_heads,
                              self.model_config.head_dim, dtype=self.kv_cache_dtype,
@@ -226,6 +229,13 @@ class ModelRunner:
             hidden = self.model(ids, torch.arange(tokens, device=self.device), cache, meta)
             index = torch.arange(rows, device=self.device) % tokens
             logits = self.model.compute_logits(hidden[index])
+            verification = None
+            if self.rejection_sampler is not None:
+                # A verification step samples at 1 + k positions per request.
+                k = self.speculative.num_speculative_tokens
+                reqs = max(1, min(rows, tokens // (1 + k)))
+                index = torch.arange(reqs * (1 + k), device=self.device) % tokens
+                verification = (reqs, k, self.model.compute_logits(hidden[index]))
             # As in a step: prompt logprobs (one slice at the widest top-k) while the hidden
             # states live; only the logits outlive the forward.
             compute_prompt_logprobs(
@@ -237,6 +247,15 @@ class ModelRunner:
             self.sampler(
                 logits, worst_case_sampling(rows, self.vocab_size, self.device, max_logprobs)
             )
+            if verification is not None:
+                reqs, k, spec_logits = verification
+                del logits
+                layout = DraftLayout(np.full(reqs, k, dtype=np.int64),
+                                     np.zeros((reqs, k), dtype=np.int64),
+                                     np.arange(reqs, dtype=np.int64) * (1 + k))
+                verify(self.rejection_sampler, spec_logits, layout,
+                       worst_case_sampling(reqs, self.vocab_size, self.device, max_logprobs))
+                logits = spec_logits
         del cache, logits
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
@@ -482,11 +501,12 @@ class ModelRunner:
         cu = np.cumsum(num_sched)
         total = int(cu[-1])
         max_query_len = int(num_sched.max())
-        # A pure-decode step that a CUDA graph serves is padded to the graph's size.
-        graph_size = self.graphs.size_for(num_reqs) if (
-            self.graphs is not None and max_query_len == 1
+        # A step whose requests all compute the same number of tokens (decodes, or decodes
+        # verifying k drafts each) and that a CUDA graph serves is padded to the graph's size.
+        graph_size = self.graphs.size_for(num_reqs, max_query_len) if (
+            self.graphs is not None and int(num_sched.min()) == max_query_len
         ) else None
-        padded = graph_size or total
+        padded = graph_size * max_query_len if graph_size else total
 
         req_of_token = np.repeat(np.arange(num_reqs), num_sched)
         positions = computed[req_of_token] + (np.arange(total) - (cu - num_sched)[req_of_token])
@@ -503,12 +523,14 @@ class ModelRunner:
         qsl[1 : num_reqs + 1] = cu
         seq_lens = computed + num_sched
         host(buf.seq_lens)[:num_reqs] = seq_lens
-        if graph_size:  # padding rows: write nothing, attend to one harmless slot
+        if graph_size:  # padding rows: write nothing, attend to their own harmless slots
             slots[total:padded] = -1
             host(buf.input_ids)[total:padded] = 0
             host(buf.positions)[total:padded] = 0
-            qsl[num_reqs + 1 : padded + 1] = np.arange(total + 1, padded + 1)
-            host(buf.seq_lens)[num_reqs:padded] = 1
+            qsl[num_reqs + 1 : graph_size + 1] = (
+                total + max_query_len * np.arange(1, graph_size - num_reqs + 1)
+            )
+            host(buf.seq_lens)[num_reqs:graph_size] = max_query_len
         # A row samples when this step reaches the end of its known tokens.
         sample_mask = seq_lens >= batch.num_tokens[rows]
         layout = None
@@ -575,7 +597,7 @@ class ModelRunner:
         """Runs the forward; returns the logits of the rows that sample and, with a plan,
         the prompt logprobs it asks for (from the hidden states, before they are freed)."""
         if inputs.graph_size:
-            hidden = self.graphs.replay(inputs.graph_size)
+            hidden = self.graphs.replay(inputs.graph_size, inputs.metadata.max_query_len)
         else:
             self.attn.prepare(inputs.metadata)
             hidden = self.model(
@@ -612,8 +634,12 @@ class ModelRunner:
             if self.device.type == "cuda":
                 logger.info("decode steps run eagerly: %s", reason)
             return
+        # With speculation, also decodes that verify k drafts each (a uniform batch: the
+        # drafts of a draft model, or n-gram lookups that all matched).
+        query_lens = (1,) if self.speculative is None else (
+            1, 1 + self.speculative.num_speculative_tokens)
         self.graphs = CudaGraphRunner(
             self.model, self.attn, self.buffers, self.kv_caches,
-            self.config.max_num_seqs, self.config.max_model_len,
+            self.config.max_num_seqs, self.config.max_model_len, query_lens,
         )
         self.graphs.capture()

@@ -1,12 +1,19 @@
 """Verifies speculative draft tokens against the target's logits, losslessly.
 
-Greedy rows accept drafts while they equal the target's argmax. Random rows follow Leviathan et
-al. (2023): draft token x is accepted with probability min(1, p(x) / q(x)); the first rejection
-emits a token drawn from normalize(max(0, p - q)); when every draft is accepted, a bonus token is
-drawn from p at the position after the last draft. p is the target distribution after exactly the
-Sampler's processing (its ``process_logits`` and ``random_probs``); q is the draft's distribution,
-or a point mass on the draft token when the proposer has none (n-gram lookup). Either way the
-emitted tokens are distributed as plain sampling from p would be.
+Greedy rows accept drafts while they equal the target's argmax. Random rows whose drafts are
+point masses (n-gram lookup, a greedy draft model: no ``draft_probs``) sample the target at every
+position exactly as plain decoding would, with the same noise, and accept drafts while they
+equal those samples. Accepting x then happens with probability p(x) and a rejection emits a draw
+from p without x, which is Leviathan et al.'s rule for q = a point mass on x; and because the
+noise is plain decoding's (a seeded row's is keyed by its seed and the position), a seeded
+request emits exactly the tokens it would without speculation.
+
+With the draft's distribution q (``draft_probs``), random rows follow Leviathan et al. (2023):
+draft token x is accepted with probability min(1, p(x) / q(x)); the first rejection emits a token
+drawn from normalize(max(0, p - q)); when every draft is accepted, a bonus token is drawn from p
+at the position after the last draft. p is the target distribution after exactly the Sampler's
+processing (its ``process_logits`` and ``random_probs``). Either way the emitted tokens are
+distributed as plain sampling from p would be.
 
 Everything is batch tensor ops over ``[B, 1 + k, V]``; no loop over tokens or positions. The
 only per-row Python work is for rows with a seeded generator, which draw their own noise (as in
@@ -20,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from .sampler import _EPS, Sampler, SamplingMetadata, argmax
+from .sampler import _EPS, Sampler, SamplingMetadata, argmax, seed_generator
 
 PLACEHOLDER_TOKEN_ID = -1  # pads the output rows after each request's emitted tokens
 
@@ -92,10 +99,17 @@ class RejectionSampler:
             chosen = target_argmax.gather(1, num_accepted[:, None])[:, 0]
         else:
             probs = Sampler.random_probs(logits, flat_meta).view(batch, width, vocab)
-            uniforms, noise = _draw_noise(meta, num_draft, batch, k_max, probs)
-            num_accepted, chosen = _verify_random(
-                probs, drafts, is_draft, num_draft, draft_probs, uniforms, noise
-            )
+            if draft_probs is None:
+                sampled = argmax(
+                    probs.div_(_position_noise(meta, probs)).view(batch * width, vocab)
+                ).view(batch, width)
+                num_accepted = _leading_true(draft_matches(drafts, sampled[:, :k_max]) & is_draft)
+                chosen = sampled.gather(1, num_accepted[:, None])[:, 0]
+            else:
+                uniforms, noise = _draw_noise(meta, num_draft, batch, k_max, probs)
+                num_accepted, chosen = _verify_random(
+                    probs, drafts, is_draft, num_draft, draft_probs, uniforms, noise
+                )
             if not meta.all_random:
                 greedy = meta.temperature < _EPS
                 matches = (drafts == target_argmax[:, :k_max]) & is_draft
@@ -111,6 +125,25 @@ class RejectionSampler:
         token_ids[:, :k_max] = torch.where(accepted, drafts, token_ids[:, :k_max])
         token_ids.scatter_(1, num_accepted[:, None], chosen[:, None])
         return RejectionSamplerOutput(token_ids=token_ids, num_accepted=num_accepted)
+
+
+def draft_matches(drafts: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """Which point-mass drafts equal the token the target sampled at their position."""
+    return drafts == sampled
+
+
+def _position_noise(meta: SamplingMetadata, probs: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise ``[B, width, V]``: plain decoding's at each position. A seeded row draws
+    position j's from its generator seeded for its (j+1)-th next token, as the Sampler would
+    when it got there."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in meta.generators.items():
+        seeds = meta.generator_seeds.get(row)  # None: draw on from the generator's state
+        for j in range(probs.shape[1]):
+            if seeds is not None:
+                seed_generator(generator, seeds[0], seeds[1] + j)
+            noise[row, j].exponential_(generator=generator)
+    return noise
 
 
 def _leading_true(mask: torch.Tensor) -> torch.Tensor:
@@ -213,6 +246,7 @@ def _per_position_metadata(
         top_p=per_position(meta.top_p),
         min_p=per_position(meta.min_p),
         generators={},
+        generator_seeds={},
         output_counts=output_counts,
         seen_mask=seen_mask,
         repetition_penalty=per_position(meta.repetition_penalty),

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
 _EPS = 1e-5
+# A seeded draw's generator seed: seed * stride + position (mod 2**64, what torch takes).
+_SEED_STRIDE = 0x9E3779B97F4A7C15
+_SEED_MODULUS = 2**64
+
+
+def seed_generator(generator: torch.Generator, seed: int, position: int) -> None:
+    """Seeds a seeded request's generator for the token at ``position``: a draw depends on
+    nothing but the request's seed and the position, so a request draws the same after a
+    preemption, in any batch, and with or without speculation."""
+    generator.manual_seed((seed * _SEED_STRIDE + position) % _SEED_MODULUS)
 
 
 @dataclass
@@ -43,6 +53,10 @@ class SamplingMetadata:
     bias_rows: Optional[torch.Tensor] = None
     bias_tokens: Optional[torch.Tensor] = None
     bias_values: Optional[torch.Tensor] = None  # fp32
+    # Seeded rows: row -> (the request's seed, the position of the token sampled next); the
+    # generator is seeded for that position (``seed_generator``). Verification seeds it for
+    # each later position it samples at.
+    generator_seeds: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,223 @@
+"""Speculative decoding in the scheduler (no model): drafts scheduled with the decode token,
+rejected ones rolled back, limits, and the adaptive choice of k."""
+
+from __future__ import annotations
+
+import pytest
+from test_scheduler import BS, FakeRunner, make_request, make_scheduler, run_to_end
+
+from pagedserve.core.request import RequestStatus
+from pagedserve.core.scheduler import Scheduler
+from pagedserve.spec_decode.config import SpeculativeConfig
+from pagedserve.spec_decode.controller import (
+    SpecDecodingStats,
+    SpeculationController,
+    StepCostModel,
+)
+
+
+def _token(rid: str, position: int) -> int:
+    return 1 + (sum(map(ord, rid)) * 7 + position * 13) % 40  # never EOS (0)
+
+
+def _drafts(rid: str, position: int, k: int) -> list[int]:
+    # Right except at every third position, so runs are partly accepted.
+    return [_token(rid, position + i) if (position + i) % 3 else 41 for i in range(k)]
+
+
+def _speculating(num_blocks=64, budget=32, k=4, **kwargs) -> Scheduler:
+    sched = make_scheduler(num_blocks=num_blocks, budget=budget, **kwargs)
+    sched.speculation = SpeculationController(k, adaptive=False)
+    return sched
+
+
+def _add(sched: Scheduler, num: int = 5) -> None:
+    for i in range(num):
+        sched.add_request(make_request(f"r{i}", 5 + 3 * i, max_tokens=9 + i, first=10 * i))
+
+
+@pytest.mark.parametrize("num_blocks, budget", [(64, 32), (9, 32), (64, 7)],
+                         ids=["plain", "preemption", "tight-budget"])
+def test_drafts_change_no_token(num_blocks, budget):
+    plain = make_scheduler(num_blocks=num_blocks, budget=budget)
+    _add(plain)
+    expected = {r.request_id: r.output_token_ids
+                for r in run_to_end(plain, FakeRunner(token_fn=_token))}
+    sched = _speculating(num_blocks, budget)
+    _add(sched)
+    runner = FakeRunner(token_fn=_token, draft_fn=_drafts)
+    got = {r.request_id: r.output_token_ids for r in run_to_end(sched, runner)}
+    assert got == expected
+    assert runner.num_drafted > 0 and 0 < runner.num_accepted < runner.num_drafted
+    stats = sched.spec_stats
+    assert (stats.num_draft_tokens, stats.num_accepted_tokens) == (
+        runner.num_drafted, runner.num_accepted)
+    assert sched.kv.pool.num_free_blocks == num_blocks
+    if num_blocks == 9:
+        assert sched.num_preemptions_total > 0
+
+
+def test_rejected_drafts_roll_back_and_never_enter_the_prefix_cache():
+    sched = _speculating()
+    sched.add_request(make_request("a", BS + 2, max_tokens=20))
+    runner = FakeRunner(token_fn=_token, draft_fn=lambda rid, pos, k: [41] * k)  # all wrong
+    sched.update_from_output(runner.run(sched, sched.schedule()))  # prefill
+    request = sched.requests["a"]
+    assert request.spec_token_ids == [41] * 4
+    out = sched.schedule()
+    assert out.scheduled_spec_decode_tokens == {"a": [41] * 4}
+    assert out.num_scheduled_tokens == {"a": 5}
+    assert request.num_computed_tokens == request.num_tokens + 4
+    sched.update_from_output(runner.run(sched, out))
+    assert request.num_tokens == BS + 4 and request.num_computed_tokens == BS + 3
+    # Only blocks of known tokens were hashed (the drafts reached into a second block).
+    assert sched.kv.num_cached_blocks["a"] == 1
+    assert 41 not in request.all_token_ids
+
+
+def test_drafts_are_clipped_at_max_tokens_and_min_tokens():
+    sched = _speculating(k=6)
+    sched.add_request(make_request("a", 4, max_tokens=3))
+    runner = FakeRunner(token_fn=_token, draft_fn=lambda rid, pos, k: [
+        _token(rid, pos + i) for i in range(k)])
+    sched.update_from_output(runner.run(sched, sched.schedule()))
+    out = sched.schedule()
+    # One token out; two to go: the token the step samples plus at most one draft.
+    assert len(out.scheduled_spec_decode_tokens["a"]) == 1
+    (core,) = sched.update_from_output(runner.run(sched, out))
+    assert core.finished and len(core.request.output_token_ids) == 3
+    assert core.request.status == RequestStatus.FINISHED_LENGTH
+
+    request = make_request("b", 4, max_tokens=50)
+    request.min_tokens = 5
+    request.output_token_ids = [1, 2]
+    assert request.max_num_drafts() == 2  # tokens 3, 4 and 5 all fall under min_tokens
+    request.output_token_ids = [1] * 5
+    assert request.max_num_drafts() == 50 - 5 - 1
+
+
+def test_a_stop_token_inside_an_accepted_run_ends_the_output_there():
+    stop = _token("a", 7)
+    sched = _speculating(k=4)
+    request = make_request("a", 4, max_tokens=20)
+    request.stop_token_ids = frozenset({stop})
+    sched.add_request(request)
+    runner = FakeRunner(token_fn=_token, draft_fn=lambda rid, pos, k: [
+        _token(rid, pos + i) for i in range(k)])
+    (finished,) = run_to_end(sched, runner)
+    assert finished.output_token_ids[-1] == stop
+    assert len(finished.output_token_ids) == 4  # positions 4..7
+    assert sched.kv.pool.num_free_blocks == 64
+
+
+def test_a_preempted_request_loses_its_drafts():
+    sched = _speculating(num_blocks=5)
+    for rid in ("a", "b"):
+        sched.add_request(make_request(rid, 2 * BS - 2, max_tokens=40))
+    runner = FakeRunner(token_fn=_token, draft_fn=lambda rid, pos, k: [41] * k)
+    for _ in range(6):
+        out = sched.schedule()
+        if out.num_preempted:
+            break
+        sched.update_from_output(runner.run(sched, out))
+    assert sched.num_preemptions_total > 0
+    for request in sched.waiting:
+        assert request.spec_token_ids == []
+
+
+# ---- the controller -------------------------------------------------------------------------
+
+def _cost(flat_until: int) -> StepCostModel:
+    """t(n) = 1 ms up to ``flat_until`` tokens, then proportional."""
+    cost = StepCostModel()
+    for i in range(12):
+        n = 1 << i
+        cost.observe(n, 1e-3 * max(1.0, n / flat_until), weight=1.0)
+    return cost
+
+
+def _observe(controller: SpeculationController, k: int, accepted: int, times: int) -> None:
+    stats = SpecDecodingStats()
+    for _ in range(times):
+        stats.observe(k, accepted)
+    controller.observe_acceptance(stats)
+
+
+def test_controller_speculates_at_small_batch_and_stops_at_large_batch():
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 3, 200)
+    assert controller.num_drafts(1) == 4
+    assert controller.num_drafts(256) == 0
+    assert 0 < controller.num_drafts(8) <= 4
+
+
+def test_controller_turns_speculation_off_when_nothing_is_accepted():
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 0, 200)
+    assert controller.acceptance[0] < 0.05
+    assert controller.num_drafts(1) == 0
+    # ...but looks again now and then, in case the workload changed.
+    choices = [controller.num_drafts(1) for _ in range(200)]
+    assert 0 < sum(1 for c in choices if c) <= 200 // 32
+
+
+def test_controller_prices_the_proposer():
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 2, 200)
+    cheap = controller.num_drafts(1)
+    for _ in range(100):
+        controller.observe_proposal(1, 1, 4, seconds=4 * 2e-3)  # 2 ms a draft: > a step
+    assert cheap > 0 and controller.num_drafts(1) == 0
+
+
+def test_controller_limits():
+    fixed = SpeculationController(3, adaptive=False, cost=_cost(16))
+    _observe(fixed, 3, 0, 100)
+    assert fixed.num_drafts(1000) == 3
+    capped = SpeculationController(3, adaptive=False, disable_by_batch_size=8)
+    assert capped.num_drafts(8) == 3 and capped.num_drafts(9) == 0
+
+
+def test_acceptance_per_position_is_conditional():
+    stats = SpecDecodingStats()
+    for drafts, accepted in [(4, 4), (4, 0), (4, 2), (2, 2)]:
+        stats.observe(drafts, accepted)
+    assert stats.num_accepted_tokens_per_pos == [3, 3, 1, 1]
+    assert stats.num_reached_per_pos == [4, 3, 2, 1]
+    assert stats.num_draft_tokens_per_pos == [4, 4, 3, 3]
+    assert stats.mean_acceptance_length == pytest.approx(1 + 8 / 4)
+
+
+# ---- configuration --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values, named", [
+    ({"method": "medusa", "num_speculative_tokens": 2}, "'method'"),
+    ({"method": "bogus", "num_speculative_tokens": 2}, "'method'"),
+    ({"num_speculative_tokens": 2}, "'method'"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "'num_speculative_tokens'"),
+    ({"method": "ngram", "num_speculative_tokens": 17}, "'num_speculative_tokens'"),
+    ({"method": "ngram", "num_speculative_tokens": True}, "'num_speculative_tokens'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0},
+     "'prompt_lookup_min'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4,
+      "prompt_lookup_max": 2}, "'prompt_lookup_max'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "model": "x"}, "'model'"),
+    ({"method": "draft_model", "num_speculative_tokens": 2}, "'model'"),
+    ({"method": "draft_model", "num_speculative_tokens": 2, "model": "d",
+      "prompt_lookup_max": 3}, "'prompt_lookup_max'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "colour": 1}, "'colour'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}, "'adaptive'"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 0},
+     "'disable_by_batch_size'"),
+    ("ngram", "'speculative_config'"),
+])
+def test_bad_speculative_config_names_the_key(values, named):
+    with pytest.raises(ValueError, match=named):
+        SpeculativeConfig.from_dict(values)
+
+
+def test_speculative_config_defaults_follow_vllm():
+    config = SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 3})
+    assert (config.ngram.prompt_lookup_min, config.ngram.prompt_lookup_max) == (5, 5)
+    draft = SpeculativeConfig.from_dict({"model": "/d", "num_speculative_tokens": 3})
+    assert draft.method == "draft_model" and draft.uses_draft_model
