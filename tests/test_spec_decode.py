@@ -12,6 +12,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.worker import rejection_sampler
@@ -234,16 +235,16 @@ def test_random_traffic_with_aborts_and_preemption_leaks_nothing():
 
 # ---- random sampling preserves the distribution ---------------------------------------------
 
-SEQ_LEN = 3
-NUM_SAMPLES = 800
+SEQ_LEN = 4
+NUM_SAMPLES = 600
 # A chi-square statistic per degree of freedom above this rejects "same distribution". For
-# 20-30 degrees of freedom the 0.001 tail lies near 2.0-2.3 per degree; the broken sampler
-# below scores far above it.
+# the 30-60 degrees of freedom here the 0.001 tail lies near 1.7-2.0 per degree; correct
+# sampling scored about 0.6, the broken verifier below about 29.
 MAX_CHI2_PER_DOF = 2.6
 
 
 def _sequence_counts(llm: LLM, prompt_ids: list[int], seed_base: int) -> dict[tuple, int]:
-    params = [SamplingParams(temperature=1.0, top_k=3, max_tokens=SEQ_LEN, ignore_eos=True,
+    params = [SamplingParams(temperature=1.5, top_k=3, max_tokens=SEQ_LEN, ignore_eos=True,
                              seed=seed_base + i) for i in range(NUM_SAMPLES)]
     outputs = llm.generate([{"prompt_token_ids": prompt_ids}] * NUM_SAMPLES, params,
                            use_tqdm=False)
@@ -274,20 +275,20 @@ def _chi2_per_dof(a: dict[tuple, int], b: dict[tuple, int]) -> float:
 
 
 @pytest.fixture(scope="module")
-def sampling_setup(tiny_model_dir):
-    model = str(tiny_model_dir("llama"))
-    # A prompt that repeats a short pattern: the 1-gram lookup always finds a draft.
-    prompt_ids = [11, 12, 13, 14] * 6
+def sampling_setup(base):
+    # Code that the model continues with tokens it has just seen: the 1-gram lookup finds
+    # drafts for most samples, and top-k 3 keeps the sequences few enough to count.
+    prompt_ids = base.get_tokenizer()(
+        "    def free(self, block):\n        self.free.append(block)\n\n    def free("
+    ).input_ids
     spec_config = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1,
                    "prompt_lookup_max": 2, "adaptive": False}
-    plain = LLM(model, dtype="float32", max_num_seqs=256)
-    spec = LLM(model, dtype="float32", max_num_seqs=256, speculative_config=spec_config)
-    return plain, spec, prompt_ids
+    spec = make_llm(spec_config, max_num_seqs=256)
+    return base, spec, prompt_ids, _sequence_counts(base, prompt_ids, 0)
 
 
 def test_random_sampling_preserves_the_sequence_distribution(sampling_setup):
-    plain, spec, prompt_ids = sampling_setup
-    reference = _sequence_counts(plain, prompt_ids, 0)
+    plain, spec, prompt_ids, reference = sampling_setup
     assert len(reference) > 5, "too few distinct sequences for the test to say anything"
     drafted_before = spec_counts(spec)[0]
     speculated = _sequence_counts(spec, prompt_ids, 100_000)
@@ -299,10 +300,9 @@ def test_random_sampling_preserves_the_sequence_distribution(sampling_setup):
 
 
 def test_the_distribution_test_fails_a_broken_rejection_sampler(sampling_setup, monkeypatch):
-    """...and a sampler that accepts every draft (no p/q test) is caught."""
-    plain, spec, prompt_ids = sampling_setup
-    reference = _sequence_counts(plain, prompt_ids, 0)
-    monkeypatch.setattr(rejection_sampler, "acceptance_threshold",
-                        lambda target, draft: (target > 0).to(target.dtype))
+    """...and a verifier that accepts every draft is caught."""
+    _, spec, prompt_ids, reference = sampling_setup
+    monkeypatch.setattr(rejection_sampler, "draft_matches",
+                        lambda drafts, sampled: torch.ones_like(drafts, dtype=torch.bool))
     broken = _sequence_counts(spec, prompt_ids, 300_000)
-    assert _chi2_per_dof(reference, broken) > MAX_CHI2_PER_DOF
+    assert _chi2_per_dof(reference, broken) > 2 * MAX_CHI2_PER_DOF
