@@ -196,10 +196,13 @@ class TritonPythonModel:
             return None
         labels = {"model": args["model_name"], "version": args["model_version"]}
         try:
-            cache_info = cache_config_info(
-                self.engine.engine.config, self.engine.get_stats().num_kv_blocks
+            config = self.engine.engine.config
+            cache_info = cache_config_info(config, self.engine.get_stats().num_kv_blocks)
+            speculative = config.speculative
+            metrics = TritonMetrics(
+                pb_utils, labels, self._max_model_len, cache_info,
+                None if speculative is None else speculative.num_speculative_tokens,
             )
-            metrics = TritonMetrics(pb_utils, labels, self._max_model_len, cache_info)
         except pb_utils.TritonModelException as e:
             if "metrics not supported" in str(e):  # the server runs with --allow-metrics=false
                 self.logger.log_info("pagedserve: metrics are disabled on this server")

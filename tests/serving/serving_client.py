@@ -159,12 +159,13 @@ def metrics(url: str, model: str = "llm") -> dict[str, float]:
 
 
 def wait_for_metrics(
-    url: str, check: Callable[[dict[str, float]], bool], timeout: float = 20.0
+    url: str, check: Callable[[dict[str, float]], bool], timeout: float = 20.0,
+    model: str = "llm",
 ) -> dict[str, float]:
     """Polls the metrics endpoint until ``check`` holds (they are updated asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
-        values = metrics(url)
+        values = metrics(url, model)
         if check(values) or time.monotonic() > deadline:
             return values
         time.sleep(0.2)

@@ -14,16 +14,24 @@ from tritonclient.utils import InferenceServerException
 pytestmark = pytest.mark.triton_server
 
 
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
+
+
 @pytest.mark.parametrize(
     "engine_args, named",
     [
         ({"model": "default_model", "max_num_seqz": 8}, "max_num_seqz"),
         ({"model": "default_model", "block_size": 7}, "block_size"),
+        ({"model": "default_model", "speculative_config": {**NGRAM, "method": "lookahead"}},
+         "speculative_config 'method' must be one of ngram, draft_model, eagle3"),
+        ({"model": "default_model",
+          "speculative_config": {**NGRAM, "num_speculative_tokens": 0}},
+         "speculative_config 'num_speculative_tokens' must be an integer in [1, "),
     ],
-    ids=["unknown-key", "bad-value"],
+    ids=["unknown-key", "bad-value", "spec-method", "spec-num-tokens"],
 )
-def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, named):
-    name = f"llm_bad_{named}"
+def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, named, request):
+    name = f"llm_bad_{request.node.callspec.id.replace('-', '_')}"
     target = triton_server.repository / name
     shutil.copytree(triton_server.repository / "llm", target)
     (target / "1" / "model.json").write_text(json.dumps(engine_args))

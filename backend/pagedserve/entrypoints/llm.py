@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.engine.metrics_reader import Metric, metrics_from_stats
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -23,6 +24,17 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    def get_metrics(self) -> list[Metric]:
+        """The engine's counters, gauges and histograms now, as vLLM's ``LLM.get_metrics()``
+        returns them (Counter, Gauge, Histogram, Vector from ``pagedserve.engine.metrics_reader``);
+        with ``speculative_config``, vLLM's spec_decode counters too."""
+        config = self.engine.config
+        speculative = config.speculative
+        return metrics_from_stats(
+            self.engine.get_stats(), config.args.model,
+            None if speculative is None else speculative.num_speculative_tokens,
+        )
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached prefix block that no request holds (vLLM's name)."""

@@ -9,6 +9,10 @@ none is made per token:
   ``EngineStats``); the thread writes their change once per interval, with the gauges;
 * a request that ends enqueues one small record, observed once in each per-request histogram.
 
+With speculative decoding, vLLM's spec_decode counters (drafts, draft tokens, accepted tokens,
+and accepted tokens per draft position) are written the same way, from the scheduler's
+cumulative counts; a model that does not speculate has none of their series, as in vLLM.
+
 A Triton histogram takes one observation per call, so the per-token and per-step histograms
 (inter-token latency, time per output token, tokens per step) are written as the series a
 Prometheus histogram consists of (``_bucket{le}``, ``_sum``, ``_count``), each a counter.
@@ -136,12 +140,60 @@ class CounterHistogram:
         self._written, self._written_sum = now, snapshot.sum
 
 
+class SpecDecodeCounters:
+    """Owns vLLM's speculative-decoding counters for one model: drafts, draft tokens, accepted
+    tokens, and accepted tokens per draft position (one series per position 0..k-1), written
+    as increments from the scheduler's cumulative ``SpecDecodingStats``.
+
+    The names are those vLLM's ``/metrics`` shows (prometheus_client adds ``_total`` to
+    counters; Triton prints names as given), the descriptions vLLM's."""
+
+    def __init__(
+        self, pb_utils: Any, families: list, labels: dict[str, str], num_speculative_tokens: int,
+    ) -> None:
+        family = pb_utils.MetricFamily
+
+        def counter(name: str, description: str) -> Any:
+            fam = family(name=name, description=description, kind=family.COUNTER)
+            families.append(fam)  # a family lives only while referenced
+            return fam
+
+        self._totals = [
+            counter(name, description).Metric(labels=labels) for name, description in (
+                ("vllm:spec_decode_num_drafts_total", "Number of spec decoding drafts."),
+                ("vllm:spec_decode_num_draft_tokens_total", "Number of draft tokens."),
+                ("vllm:spec_decode_num_accepted_tokens_total", "Number of accepted tokens."),
+            )
+        ]
+        per_pos = counter("vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                          "Accepted tokens per draft position.")
+        self._per_pos = [per_pos.Metric(labels={**labels, "position": str(position)})
+                         for position in range(num_speculative_tokens)]
+        self._written = [0] * (len(self._totals) + len(self._per_pos))
+
+    def write(self, stats: Any) -> None:
+        """Brings the series up to ``stats`` (a SpecDecodingStats). Counts behind what was
+        written come from a new engine (after a failure): it counts from zero."""
+        per_pos = list(stats.num_accepted_tokens_per_pos)[:len(self._per_pos)]
+        now = [stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens,
+               *per_pos, *[0] * (len(self._per_pos) - len(per_pos))]
+        if now[0] < self._written[0]:
+            self._written = [0] * len(self._written)
+        for metric, value, before in zip(self._totals + self._per_pos, now, self._written):
+            if value > before:
+                metric.increment(value - before)
+        self._written = now
+
+
 class TritonMetrics:
-    """Owns the metric families and the one metric of each for this model's {model, version}."""
+    """Owns the metric families and the one metric of each for this model's {model, version}.
+    ``num_speculative_tokens`` (the model's k) adds the spec_decode counters; None: the model
+    does not speculate."""
 
     def __init__(
         self, pb_utils: Any, labels: dict[str, str], max_model_len: int,
         cache_info: Optional[dict[str, str]] = None,
+        num_speculative_tokens: Optional[int] = None,
     ) -> None:
         family = pb_utils.MetricFamily
 
@@ -230,6 +282,9 @@ class TritonMetrics:
         if cache_info:
             make("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
                  gauge, extra=cache_info).set(1)
+        self.spec_decode = (
+            None if num_speculative_tokens is None
+            else SpecDecodeCounters(pb_utils, self._families, labels, num_speculative_tokens))
         self._last_totals = (0, 0, 0, 0, 0)
         self._last_gauges: tuple = ()
 
@@ -279,6 +334,8 @@ class TritonMetrics:
         self.itl.write(stats.inter_token_latency)
         self.tpot.write(stats.inter_token_latency)  # vLLM's older name for the same series
         self.iteration_tokens.write(stats.iteration_tokens)
+        if self.spec_decode is not None and stats.spec_decoding is not None:
+            self.spec_decode.write(stats.spec_decoding)
 
 
 class MetricsReporter:
