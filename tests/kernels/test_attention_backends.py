@@ -172,3 +172,27 @@ def test_the_runner_replays_only_graph_safe_backends():
     assert "'torch' attention backend" in graphs_unusable(cuda, False, torch_backend)
     assert "enforce_eager" in graphs_unusable(cuda, True, triton_backend)
     assert "CUDA device" in graphs_unusable(torch.device("cpu"), False, triton_backend)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp-kernel", "gather"])
+def test_torch_backend_runs_short_continuations_as_decodes(use_kernel, monkeypatch):
+    """A request's few query rows after a cached context (a decode verifying drafts) run as
+    one decode per row, with the results of causal SDPA over the gathered context."""
+    from pagedserve.attention import torch_backend
+
+    q_lens, ctx_lens = [1, 5, 17, 18, 3, 4], [40, 31, 100, 20, 0, 9]
+    b, key, value, meta = _step(q_lens, ctx_lens, (8, 2), 32, 16, torch.float32, 0)
+    outs = []
+    for max_rows in (torch_backend._MAX_DECODE_ROWS, 1):
+        monkeypatch.setattr(torch_backend, "_MAX_DECODE_ROWS", max_rows)
+        backend = TorchAttentionBackend(8, 2, 32, 32 ** -0.5, 16)
+        if not use_kernel:
+            monkeypatch.setattr(backend, "_kernel_for", lambda cache, dtype: None)
+        m = AttentionMetadata(**{**meta.__dict__, "plan": None})
+        backend.prepare(m)
+        if max_rows > 1:  # the rows of 1, 5, 17 and 4 queries; 18 is too many, 3 is a prompt
+            assert m.plan.num_decodes == 1 + 5 + 17 + 4
+            assert [p.end - p.start for p in m.plan.prefills] == [18, 3]
+        outs.append(backend.forward(b.query, key, value, b.kv_cache.clone(), m))
+    n = b.num_actual_tokens
+    assert_close(outs[0][:n], outs[1][:n], torch.float32, what="decode rows")

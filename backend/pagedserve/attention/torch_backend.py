@@ -11,6 +11,10 @@ import torch.nn.functional as F
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
 from pagedserve_kernels import cpu_decode, reference
 
+# Query rows of one request that run as decodes when they continue a cached context (a decode
+# verifying up to 16 drafts has 17); longer chunks go through SDPA.
+_MAX_DECODE_ROWS = 17
+
 
 def kv_cache_writer() -> Callable[..., None]:
     """Our Triton reshape_and_cache where Triton is installed (one launch on CUDA), else its
@@ -93,20 +97,42 @@ class TorchAttentionBackend(AttentionBackend):
         n = metadata.num_reqs
         q_lens = qsl[1 : n + 1] - qsl[:n]
         seq_lens = seq_lens[:n]
-        is_decode = q_lens == 1
+        # A few query rows that continue a cached context (a decode; a decode verifying
+        # drafts) are decodes each: row j of a request attends to its first
+        # seq_len - q_len + j + 1 positions, which the cache holds once this layer's keys are
+        # written. That reads each context once per row through the decode kernel, instead of
+        # gathering it into a masked SDPA call.
+        is_decode = (q_lens == 1) | (
+            (q_lens <= _MAX_DECODE_ROWS) & (q_lens > 0) & (seq_lens > q_lens))
         table = metadata.block_table
         device = table.device
         dec_idx = torch.nonzero(is_decode).flatten()
         rows = lens = tables = None
+        num_decodes = 0
         if len(dec_idx):
-            lens = seq_lens[dec_idx].to(device=device, dtype=torch.int32)
-            max_blocks = (int(lens.max()) + bs - 1) // bs
-            if len(dec_idx) == n:  # rows past n are CUDA-graph padding, not decodes
-                tables = table[:, :max_blocks]
+            counts = q_lens[dec_idx].long()
+            num_decodes = int(counts.sum())
+            if num_decodes == len(dec_idx):  # one row each: plain decodes
+                lens = seq_lens[dec_idx]
+                rows = qsl[dec_idx].long()
+                owner = dec_idx
             else:
-                # A decode's single query row starts its request's slice.
-                rows = qsl[dec_idx].long().to(device)
-                tables = table[dec_idx.to(device), :max_blocks]
+                owner = dec_idx.repeat_interleave(counts)
+                within = torch.arange(num_decodes) - (counts.cumsum(0) - counts).repeat_interleave(
+                    counts)
+                lens = (seq_lens[owner] - q_lens[owner]) + within + 1
+                rows = qsl[owner].long() + within
+            lens = lens.to(device=device, dtype=torch.int32)
+            max_blocks = (int(lens.max()) + bs - 1) // bs
+            if len(dec_idx) == n and num_decodes == len(dec_idx):
+                # Rows past n are CUDA-graph padding, not decodes.
+                tables, rows = table[:, :max_blocks], None
+            else:
+                if num_decodes == metadata.num_actual_tokens:  # every row, in order
+                    rows = None
+                else:
+                    rows = rows.to(device)
+                tables = table[owner.to(device), :max_blocks]
             tables = tables.to(torch.int32)
         prefills = []
         for i in torch.nonzero(~is_decode & (q_lens > 0)).flatten().tolist():
@@ -119,7 +145,7 @@ class TorchAttentionBackend(AttentionBackend):
                 _Prefill(start, end, seq_len, table[i, : (seq_len + bs - 1) // bs].long(), mask)
             )
         slots = metadata.slot_mapping[: metadata.num_actual_tokens]
-        metadata.plan = _Plan(rows, len(dec_idx), lens, tables, prefills,
+        metadata.plan = _Plan(rows, num_decodes, lens, tables, prefills,
                               slots_valid=bool((slots >= 0).all()))
 
     def forward(
