@@ -2,7 +2,8 @@
 with and without speculation at batch 1, 4 and 32, side by side, as a Markdown table.
 
     python benchmarks/spec_decode.py [--repeat N] [--max-tokens T] [--batches 1 4 32]
-        [--methods ngram draft_model] [--ngram-k K] [--draft-k K] [--profile] [--smoke]
+        [--methods ngram draft_model] [--ngram-k K] [--draft-k K] [--profile [BATCH ...]]
+        [--threads N] [--smoke]
 
 Two workloads, both fixed by the repository and the running Python:
 
@@ -25,8 +26,8 @@ being the median of the paired ratios. The time split is the share of a speculat
 time in the runner's proposer, forward (the verification forward) and sampling/verification
 (``engine.runner.spec_timing``); the rest is the engine's own work (scheduling, input
 preparation, output processing). Mean acceptance length is vLLM's: 1 + accepted / drafts.
-``--profile`` adds, at batch 1, where a step's time goes phase by phase and cProfile's top
-functions, for the base engine and the first speculative one.
+``--profile [BATCH ...]`` adds, at those batch sizes (1 if none), where a step's time goes
+phase by phase and cProfile's top functions, for the base engine and the fixed-k one.
 """
 
 from __future__ import annotations
@@ -287,8 +288,9 @@ def measure(workload: Workload, base: Engine, engines: list[Engine], method: str
     return rows
 
 
-def profile_step(base: Engine, engine: Engine, prompts: list[list[int]]) -> None:
-    """At batch 1: milliseconds per engine step by phase, then cProfile's top functions."""
+def profile_step(base: Engine, engine: Engine, prompts: list[list[int]], batch: int) -> None:
+    """At one batch size: milliseconds per engine step by phase, then cProfile's top
+    functions."""
     for eng in (base, engine):
         llm = eng.llm
         timer = PhaseTimer()
@@ -305,11 +307,11 @@ def profile_step(base: Engine, engine: Engine, prompts: list[list[int]]) -> None
         timer.wrap(core.output_processor, "process", "output processing")
         profiler = cProfile.Profile()
         profiler.enable()
-        figures = eng.run(prompts, 1)
+        figures = eng.run(prompts, batch)
         profiler.disable()
         steps = timer.counts["step"]
         tokens = sum(map(len, figures.token_ids))
-        print(f"\n{eng.label} at batch 1: {steps} steps for {tokens} tokens "
+        print(f"\n{eng.label} at batch {batch}: {steps} steps for {tokens} tokens "
               f"({tokens / steps:.2f} per step), {1e3 * figures.seconds / steps:.2f} ms per step "
               f"(with the profiler on)")
         for phase, total in timer.totals.items():
@@ -339,7 +341,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="lines of the code repeated after the instruction")
     parser.add_argument("--prompt-tokens", type=int, default=128,
                         help="tokens of a held-out file in a draft-model prompt")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", nargs="*", type=int, default=None, metavar="BATCH",
+                        help="profile a step at these batch sizes (1 if none is given)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 on a shared machine")
     parser.add_argument("--smoke", action="store_true",
                         help="batches 1 and 2, 8 tokens, one run: checks that it all works")
     args = parser.parse_args(argv)
@@ -347,13 +352,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.batches, args.repeat, args.max_tokens, args.min_requests = [1, 2], 1, 8, 2
         args.code_tokens, args.prompt_tokens = 60, 32
 
+    import torch
+
     from pagedserve.tokenizer.tokenizer import load_tokenizer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(str(TARGET))
     count = max(max(args.batches), args.min_requests)
     max_num_seqs = max(args.batches)
     print(f"target {TARGET.name}, draft {DRAFT.name}; float32 on the CPU; greedy, "
-          f"{args.max_tokens} tokens per request (ignore_eos); median of {args.repeat}",
+          f"{args.max_tokens} tokens per request (ignore_eos); median of {args.repeat}; "
+          f"{torch.get_num_threads()} torch thread(s)",
           flush=True)
     base = Engine("base", None, max_num_seqs, args.max_tokens)
     rows: list[Row] = []
@@ -386,8 +396,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             notes.append(f"{method}: the base's greedy answers repeat the code: "
                          f"{statistics.mean(shares):.2f} of their tokens on average "
                          f"(per request {', '.join(f'{s:.2f}' for s in shares)})")
-        if args.profile:
-            profile_step(base, engines[0], workload.prompts[:args.min_requests])
+        for batch in (args.profile or [1]) if args.profile is not None else []:
+            profile_step(base, engines[0], workload.prompts[:max(batch, args.min_requests)],
+                         batch)
     print()
     print_table(rows)
     print()
