@@ -346,11 +346,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 on a shared machine")
     parser.add_argument("--smoke", action="store_true",
-                        help="batches 1 and 2, 8 tokens, one run: checks that it all works")
+                        help="batches 1 and 2, 8 tokens, one run, one thread: checks it all works")
     args = parser.parse_args(argv)
     if args.smoke:
         args.batches, args.repeat, args.max_tokens, args.min_requests = [1, 2], 1, 8, 2
         args.code_tokens, args.prompt_tokens = 60, 32
+        args.threads = args.threads or 1  # steady on a shared machine
 
     import torch
 
