@@ -392,11 +392,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                               args.min_requests, args.repeat)
         rows.extend(method_rows)
         if workload.expected:
-            outputs = method_rows[0].base[0].token_ids  # the first batch's base run
+            outputs = method_rows[-1].base[0].token_ids  # the base run with the most requests
             shares = [repeat_fraction(o, e) for o, e in zip(outputs, workload.expected)]
+            per_request = ", ".join(f"{s:.2f}" for s in shares[:8])
             notes.append(f"{method}: the base's greedy answers repeat the code: "
-                         f"{statistics.mean(shares):.2f} of their tokens on average "
-                         f"(per request {', '.join(f'{s:.2f}' for s in shares)})")
+                         f"{statistics.mean(shares):.2f} of their tokens on average over "
+                         f"{len(shares)} requests (min {min(shares):.2f}, max {max(shares):.2f}; "
+                         f"the first ones {per_request})")
         for batch in (args.profile or [1]) if args.profile is not None else []:
             profile_step(base, engines[0], workload.prompts[:max(batch, args.min_requests)],
                          batch)
