@@ -109,10 +109,11 @@ class NullModel(torch.nn.Module):
 
 
 class PhaseTimer:
-    """Wraps named methods and sums the wall time spent inside each, per step."""
+    """Wraps named methods and sums the wall time spent inside each, and counts the calls."""
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
     def wrap(self, owner: Any, method: str, phase: str) -> None:
         inner = getattr(owner, method)
@@ -123,6 +124,7 @@ class PhaseTimer:
                 return inner(*args, **kwargs)
             finally:
                 self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - start
+                self.counts[phase] = self.counts.get(phase, 0) + 1
 
         setattr(owner, method, timed)
 
