@@ -7,12 +7,14 @@ with and without speculation at batch 1, 4 and 32, side by side, as a Markdown t
 
 Two workloads, both fixed by the repository and the running Python:
 
-- **code editing** (method ``ngram``): each prompt is an excerpt of one of this repository's
-  Python files (from its first ``def``/``class`` line, whole lines), then
-  ``# The same code, with one change:`` and the excerpt's first lines again, so that the answer
-  largely repeats the code. How much it really does is measured on the base engine's greedy
-  output and reported ("repeats": the share of generated tokens that lie in blocks matching the
-  rest of the excerpt, by difflib over token ids).
+- **code editing** (method ``ngram``): each prompt holds a piece of code and starts it over: an
+  excerpt E of one of this repository's Python files (from its first ``def``/``class`` line,
+  whole lines), the code C the target writes after E (its greedy continuation, max_tokens
+  long), a blank line, and E again. The answer rewrites C, as an edit does for the lines it
+  leaves alone. (The trained 6M-parameter target hardly follows an instruction such as "the
+  same code, with one change": it repeated 0.2 of the code after one.) How much the answer
+  repeats C is measured on the base engine's greedy output and reported ("repeats": the share
+  of generated tokens that lie in blocks matching C, by difflib over token ids).
 - **held-out code** (method ``draft_model``, the trained ``draft_model``): each prompt is the
   beginning of a file of the trained models' held-out split (``stdlib_corpus``).
 
@@ -42,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,7 +53,7 @@ from offline_throughput import PhaseTimer  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET = REPO_ROOT / "model_repository" / "llm" / "1" / "default_model"
 DRAFT = REPO_ROOT / "model_repository" / "llm" / "1" / "draft_model"
-EDIT_MARKER = "\n# The same code, with one change:\n"
+EDIT_MARKER = "\n\n"  # between the code and its start again
 # The issue's targets: speedup at batch 1 per method; no method below this at batch 32.
 TARGET_SPEEDUP = {"ngram": 2.0, "draft_model": 1.3}
 LARGE_BATCH_FLOOR = 0.95
@@ -73,32 +75,41 @@ def _code_start(lines: list[str]) -> int:
     return 0
 
 
-def code_editing_workload(tokenizer: Any, count: int, code_tokens: int,
-                          repeated_lines: int) -> Workload:
-    """``count`` prompts from this repository's backend sources, in path order, one per file
-    whose code past its first def/class holds at least ``code_tokens`` tokens."""
-    prompts, expected = [], []
+def code_excerpts(tokenizer: Any, count: int, code_tokens: int) -> list[list[int]]:
+    """``count`` excerpts (token ids, BOS first) of this repository's backend sources, in path
+    order: whole lines from a file's first def/class, up to ``code_tokens`` tokens."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    excerpts = []
     for path in sorted((REPO_ROOT / "backend" / "pagedserve").rglob("*.py")):
         lines = path.read_text().splitlines(keepends=True)
-        lines = lines[_code_start(lines):]
-        excerpt, used = [], 0
-        for line in lines:
-            n = len(tokenizer(line, add_special_tokens=False).input_ids)
-            if used + n > code_tokens:
+        ids: list[int] = []
+        for line in lines[_code_start(lines):]:
+            line_ids = tokenizer(line, add_special_tokens=False).input_ids
+            if len(ids) + len(line_ids) > code_tokens:
                 break
-            excerpt.append(line)
-            used += n
-        if used < 0.8 * code_tokens or len(excerpt) <= repeated_lines:
+            ids.extend(line_ids)
+        if len(ids) < 0.8 * code_tokens:
             continue
-        code = "".join(excerpt)
-        prompt = code + EDIT_MARKER + "".join(excerpt[:repeated_lines])
-        prompts.append(tokenizer(prompt).input_ids)
-        rest = "".join(excerpt[repeated_lines:])
-        expected.append(tokenizer(rest, add_special_tokens=False).input_ids)
-        if len(prompts) == count:
-            return Workload("code editing", prompts, expected)
-    raise SystemExit(f"the repository has {len(prompts)} files for code-editing prompts, fewer "
+        excerpts.append(bos + ids)
+        if len(excerpts) == count:
+            return excerpts
+    raise SystemExit(f"the repository has {len(excerpts)} files for code-editing prompts, fewer "
                      f"than the {count} needed")
+
+
+def code_editing_workload(
+    tokenizer: Any, count: int, code_tokens: int,
+    complete: Callable[[list[list[int]]], list[list[int]]],
+) -> Workload:
+    """Prompts that hold a piece of code and start it over: an excerpt E of a repository file,
+    the code C that the target writes after it (``complete``: its greedy continuation), a blank
+    line, then E again. The answer rewrites C, as an edit does for the lines it leaves alone;
+    ``expected`` is C."""
+    excerpts = code_excerpts(tokenizer, count, code_tokens)
+    completions = complete(excerpts)
+    marker = tokenizer(EDIT_MARKER, add_special_tokens=False).input_ids
+    prompts = [e + c + marker + e[1:] for e, c in zip(excerpts, completions)]
+    return Workload("code editing", prompts, completions)
 
 
 def heldout_code_workload(tokenizer: Any, count: int, prompt_tokens: int) -> Workload:
@@ -337,8 +348,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--draft-k", type=int, default=3)
     parser.add_argument("--code-tokens", type=int, default=150,
                         help="tokens of code in a code-editing prompt")
-    parser.add_argument("--repeated-lines", type=int, default=4,
-                        help="lines of the code repeated after the instruction")
     parser.add_argument("--prompt-tokens", type=int, default=128,
                         help="tokens of a held-out file in a draft-model prompt")
     parser.add_argument("--profile", nargs="*", type=int, default=None, metavar="BATCH",
@@ -371,8 +380,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     notes: list[str] = []
     for method in args.methods:
         if method == "ngram":
-            workload = code_editing_workload(tokenizer, count, args.code_tokens,
-                                             args.repeated_lines)
+            workload = code_editing_workload(
+                tokenizer, count, args.code_tokens,
+                lambda prompts: base.run(prompts, len(prompts)).token_ids)
             k = args.ngram_k
         else:
             workload = heldout_code_workload(tokenizer, count, args.prompt_tokens)

@@ -57,16 +57,19 @@ def test_smoke_prints_the_table_with_accepted_drafts_and_matching_outputs():
 
 
 def test_code_editing_prompts_hold_the_code_the_answer_repeats(bench, tokenizer):
-    workload = bench.code_editing_workload(tokenizer, 3, 80, 2)
-    again = bench.code_editing_workload(tokenizer, 3, 80, 2)
+    def complete(prompts):  # stands in for the target: any fixed continuation per prompt
+        return [[7 + len(p) % 5] * 6 for p in prompts]
+
+    workload = bench.code_editing_workload(tokenizer, 3, 80, complete)
+    again = bench.code_editing_workload(tokenizer, 3, 80, complete)
     assert workload.prompts == again.prompts and len(workload.prompts) == 3
-    for prompt, expected in zip(workload.prompts, workload.expected):
-        text = tokenizer.decode(prompt, skip_special_tokens=True)
-        code, marker, repeated = text.partition(bench.EDIT_MARKER.strip("\n"))
-        assert marker and code.strip().startswith(("def ", "class ", "async def "))
-        assert code.strip().startswith(repeated.strip())  # the answer's first lines, again
-        assert tokenizer.decode(expected) in code
-        assert bench.repeat_fraction(expected, expected) == 1.0
+    marker = tokenizer(bench.EDIT_MARKER, add_special_tokens=False).input_ids
+    for prompt, excerpt, code in zip(workload.prompts, bench.code_excerpts(tokenizer, 3, 80),
+                                     workload.expected):
+        assert prompt == excerpt + code + marker + excerpt[1:]
+        text = tokenizer.decode(excerpt, skip_special_tokens=True)
+        assert text.startswith(("def ", "class ", "async def ")) and 64 <= len(excerpt) <= 81
+        assert bench.repeat_fraction(code, code) == 1.0
 
 
 def test_heldout_prompts_are_fixed_beginnings_of_heldout_files(bench, tokenizer):

@@ -132,7 +132,7 @@ def _cost(flat_until: int) -> StepCostModel:
     cost = StepCostModel()
     for i in range(12):
         n = 1 << i
-        cost.observe(n, 1e-3 * max(1.0, n / flat_until), weight=1.0)
+        cost.seed(n, 1e-3 * max(1.0, n / flat_until))
     return cost
 
 
@@ -168,6 +168,17 @@ def test_controller_prices_the_proposer():
     for _ in range(100):
         controller.observe_proposal(1, 1, 4, seconds=4 * 2e-3)  # 2 ms a draft: > a step
     assert cheap > 0 and controller.num_drafts(1) == 0
+
+
+def test_step_cost_follows_measured_steps_and_calibrates_the_rest():
+    cost = _cost(flat_until=16)
+    assert cost.seconds(4) == pytest.approx(1e-3)
+    assert cost.seconds(64) == pytest.approx(4e-3)
+    for _ in range(200):  # real decode steps of 4 tokens take twice the start-up figure
+        cost.observe(4, 2e-3)
+    assert cost.seconds(4) == pytest.approx(2e-3, rel=1e-3)
+    # Sizes never measured scale with it, so their ratio to measured ones stays right.
+    assert cost.seconds(64) == pytest.approx(8e-3, rel=0.01)
 
 
 def test_controller_limits():

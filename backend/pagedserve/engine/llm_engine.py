@@ -18,7 +18,7 @@ from pagedserve.config import EngineArgs, resolve_engine_config
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.scheduler import Scheduler
-from pagedserve.core.scheduler_output import ModelRunnerOutput
+from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.engine.fault_injection import arm_fault_injection
 from pagedserve.engine.input_processor import InputProcessor, PromptType
 from pagedserve.engine.loggers import RequestLogger, StatLogger, make_visible
@@ -166,7 +166,7 @@ class LLMEngine:
         cost = StepCostModel()
         if spec.adaptive:
             for num_tokens, seconds in self.runner.time_forwards():
-                cost.observe(num_tokens, seconds, weight=1.0)
+                cost.seed(num_tokens, seconds)
         return SpeculationController(
             spec.num_speculative_tokens, spec.adaptive, spec.disable_by_batch_size, cost
         )
@@ -265,8 +265,7 @@ class LLMEngine:
                 start = time.perf_counter()
                 runner_output = self.runner.execute_model(scheduler_output)
                 if self.speculation is not None:
-                    self._observe_speculation(scheduler_output.total_num_scheduled_tokens,
-                                              time.perf_counter() - start)
+                    self._observe_speculation(scheduler_output, time.perf_counter() - start)
                 if self.runner.failures:
                     self._fail_runner_requests()
                 return self._update(runner_output)
@@ -279,17 +278,21 @@ class LLMEngine:
             self.dead_error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
             raise
 
-    def _observe_speculation(self, num_tokens: int, seconds: float) -> None:
+    def _observe_speculation(self, sched: SchedulerOutput, seconds: float) -> None:
         """Tells the speculation controller what the step cost, the proposer's share apart
-        (the step cost model is of verification steps; proposing is priced on its own)."""
+        (proposing is priced on its own). Only decode steps (with or without drafts) feed the
+        step cost model: a prompt chunk's tokens cost another price."""
         proposals = self.runner.spec_timing.take_proposals()
         propose_seconds = 0.0
         for p in proposals:
             self.speculation.observe_proposal(p.num_requests, p.num_with_drafts, p.num_drafts,
                                               p.seconds)
             propose_seconds += p.seconds
-        if num_tokens:
-            self.speculation.observe_step(num_tokens, seconds - propose_seconds)
+        if sched.num_scheduled_tokens and not sched.scheduled_new_reqs and max(
+            sched.num_scheduled_tokens.values()
+        ) <= 1 + self.config.speculative.num_speculative_tokens:
+            self.speculation.observe_step(sched.total_num_scheduled_tokens,
+                                          seconds - propose_seconds)
 
     def _update(self, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(runner_output)

@@ -97,30 +97,47 @@ def _tail_sums(hist: list[int]) -> list[int]:
 
 
 class StepCostModel:
-    """Owns t(n), the seconds of a step that computes n tokens, by power-of-two bucket: each
-    bucket a running average, seeded by start-up timings. Between known buckets t is linear in
-    n; below the smallest it is flat, above the largest proportional to n (compute-bound)."""
+    """Owns t(n), the seconds of a decode step that computes n tokens, by power-of-two bucket.
+
+    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) replace a
+    bucket's value as they come, and scale the buckets not measured yet by how measured steps
+    compare with their start-up figure (real steps also attend to long contexts, sample and
+    prepare inputs). Between known buckets t is linear in n; below the smallest it is flat,
+    above the largest proportional to n (compute-bound)."""
 
     def __init__(self) -> None:
-        self._seconds: dict[int, float] = {}  # bucket exponent -> running average
+        self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
+        self._observed: dict[int, float] = {}  # bucket exponent -> running average
+        self._calibration = 1.0  # measured / start-up, where both are known
 
     @staticmethod
-    def _bucket(num_tokens: int) -> int:
-        return max(0, round(math.log2(max(num_tokens, 1))))
+    def _bucket(num_tokens: int) -> tuple[int, float]:
+        """The bucket of ``num_tokens`` and the factor that scales a step to the bucket's
+        size (so that neighbours in one bucket agree)."""
+        b = max(0, round(math.log2(max(num_tokens, 1))))
+        return b, (2**b) / max(num_tokens, 1) if num_tokens > 2**b else 1.0
 
-    def observe(self, num_tokens: int, seconds: float, weight: float = _EMA) -> None:
-        b = self._bucket(num_tokens)
-        # Normalised to the bucket's size so that neighbours in one bucket agree.
-        value = seconds * (2**b) / max(num_tokens, 1) if num_tokens > 2**b else seconds
-        old = self._seconds.get(b)
-        self._seconds[b] = value if old is None else old + weight * (value - old)
+    def seed(self, num_tokens: int, seconds: float) -> None:
+        b, scale = self._bucket(num_tokens)
+        self._seeded[b] = seconds * scale
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        b, scale = self._bucket(num_tokens)
+        value = seconds * scale
+        old = self._observed.get(b)
+        self._observed[b] = value if old is None else old + _EMA * (value - old)
+        seeded = self._seeded.get(b)
+        if seeded:
+            self._calibration += _EMA * (value / seeded - self._calibration)
 
     @property
     def known(self) -> bool:
-        return bool(self._seconds)
+        return bool(self._seeded or self._observed)
 
     def seconds(self, num_tokens: float) -> float:
-        points = sorted(self._seconds.items())
+        table = {b: t * self._calibration for b, t in self._seeded.items()}
+        table.update(self._observed)
+        points = sorted(table.items())
         if not points:
             return 1.0
         n = max(num_tokens, 1.0)
