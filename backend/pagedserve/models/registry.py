@@ -16,7 +16,6 @@ _ARCHITECTURES: dict[str, type[nn.Module]] = {
 }
 
 
-
 def supported_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
