@@ -8,8 +8,8 @@ interface and nothing about requests or scheduling.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
-from typing import Optional
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -37,7 +37,9 @@ def linear_method(
 
 
 class LlamaAttention(nn.Module):
-    """Owns one layer's q/k/v/o projections, rotary embedding and optional q/k norms."""
+    """Owns one layer's q/k/v/o projections, rotary embedding and optional q/k norms.
+    ``input_size`` is the width q/k/v read (default hidden_size; an EAGLE-3 head's layer reads
+    twice that); o_proj always writes hidden_size."""
 
     def __init__(
         self,
@@ -46,6 +48,7 @@ class LlamaAttention(nn.Module):
         quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
         prefix: str,
+        input_size: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
@@ -54,7 +57,7 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = LinearBase(
-            config.hidden_size,
+            input_size or config.hidden_size,
             [self.q_size, self.kv_size, self.kv_size],
             bias=config.qkv_bias,
             shard_names=["q", "k", "v"],
@@ -157,8 +160,15 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+def default_eagle3_aux_layers(num_layers: int) -> tuple[int, ...]:
+    """vLLM's choice of the target layers an EAGLE-3 head reads when its config names none:
+    an early, a middle and a late one."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers and final norm."""
+    """Embedding, decoder layers and final norm; optionally also the residual stream entering
+    chosen layers (``aux_hidden_state_layers``, for an EAGLE-3 head)."""
 
     def __init__(
         self,
@@ -174,6 +184,8 @@ class LlamaModel(nn.Module):
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # Empty: forward returns the final hidden states only.
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
 
     def forward(
         self,
@@ -181,13 +193,37 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if self.aux_hidden_state_layers:
+            return self._forward_with_aux(input_ids, positions, kv_caches, metadata)
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def _forward_with_aux(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward, plus the residual stream entering each aux layer (layer i's input: HF's
+        ``hidden_states[i]``), concatenated in the order asked: ``[tokens, n_aux * hidden]``.
+        A loop of its own, so that the plain forward tests no layer index."""
+        wanted = set(self.aux_hidden_state_layers)
+        captured: dict[int, torch.Tensor] = {}
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            if i in wanted:
+                captured[i] = hidden if residual is None else hidden + residual
+            hidden, residual = layer(positions, hidden, residual, kv_cache, metadata)
+        hidden, _ = self.norm(hidden, residual)
+        aux = torch.cat([captured[i] for i in self.aux_hidden_state_layers], dim=-1)
+        return hidden, aux
 
 
 # Checkpoint module names that we store merged: (checkpoint name, our name, shard id).
@@ -253,8 +289,26 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
-    ) -> torch.Tensor:
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The final hidden states ``[tokens, hidden]``; after set_aux_hidden_state_layers,
+        ``(hidden, aux)`` with aux ``[tokens, n_aux * hidden]`` (an EAGLE-3 head's fc input)."""
         return self.model(input_ids, positions, kv_caches, metadata)
+
+    def set_aux_hidden_state_layers(self, layers: Sequence[int]) -> None:
+        """Makes forward also return the residual stream entering ``layers`` (vLLM's
+        SupportsEagle3 hook); an empty sequence turns it off."""
+        layers = tuple(int(i) for i in layers)
+        bad = [i for i in layers if not 0 <= i < self.config.num_layers]
+        if bad:
+            raise ValueError(
+                f"eagle_aux_hidden_state_layer_ids {list(layers)}: layer(s) {bad} out of range "
+                f"for a target with {self.config.num_layers} layers (ids are 0 .. "
+                f"{self.config.num_layers - 1})"
+            )
+        self.model.aux_hidden_state_layers = layers
+
+    def get_eagle3_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        return default_eagle3_aux_layers(self.config.num_layers)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
@@ -275,11 +329,7 @@ class LlamaForCausalLM(nn.Module):
                     self._load_one(params, target, original, tensor, None)
                     loaded.add(target)
                 continue
-            shard_id = None
-            for ckpt, ours, shard in _STACKED:
-                if f".{ckpt}." in name:
-                    name, shard_id = name.replace(f".{ckpt}.", f".{ours}."), shard
-                    break
+            name, shard_id = stacked_name(name)
             self._load_one(params, name, original, tensor, shard_id)
             loaded.add(name)
         if self.tied_head:
@@ -305,16 +355,31 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(
                 f"checkpoint tensor {original!r} has no place in {type(self).__name__}{head}"
             )
-        loader = getattr(param, "weight_loader", None)
-        if loader is None:
-            if param.shape != tensor.shape:
-                raise ValueError(
-                    f"checkpoint tensor {original!r} has shape {tuple(tensor.shape)}, "
-                    f"expected {tuple(param.shape)}"
-                )
-            param.data.copy_(tensor)
-            return
-        try:
-            loader(param, tensor, shard_id)
-        except ValueError as e:
-            raise ValueError(f"checkpoint tensor {original!r}: {e}") from None
+        copy_into_param(param, original, tensor, shard_id)
+
+
+def stacked_name(name: str) -> tuple[str, object]:
+    """A checkpoint module name as we store it: (our name, its shard id; None if unmerged)."""
+    for ckpt, ours, shard in _STACKED:
+        if f".{ckpt}." in name:
+            return name.replace(f".{ckpt}.", f".{ours}."), shard
+    return name, None
+
+
+def copy_into_param(param: nn.Parameter, original: str, tensor: torch.Tensor,
+                    shard_id: object) -> None:
+    """Copies checkpoint tensor ``original`` into ``param`` through its weight_loader, if it
+    has one, else whole (same shape)."""
+    loader = getattr(param, "weight_loader", None)
+    if loader is None:
+        if param.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {original!r} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(param.shape)}"
+            )
+        param.data.copy_(tensor)
+        return
+    try:
+        loader(param, tensor, shard_id)
+    except ValueError as e:
+        raise ValueError(f"checkpoint tensor {original!r}: {e}") from None

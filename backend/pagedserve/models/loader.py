@@ -16,8 +16,9 @@ from pagedserve.attention.layer import Attention
 from pagedserve.layers.embedding import LMHead
 from pagedserve.layers.linear import LinearBase
 from pagedserve.layers.quantization import QuantizationConfig
+from pagedserve.models.eagle3 import Eagle3Config, Eagle3LlamaForCausalLM
 from pagedserve.models.model_config import ModelConfig
-from pagedserve.models.registry import model_class
+from pagedserve.models.registry import eagle3_head_class, model_class
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -50,10 +51,11 @@ def load_model(
     device: torch.device,
     attn: AttentionBackend,
     quant_config: Optional[QuantizationConfig] = None,
+    cls: Optional[type[nn.Module]] = None,
 ) -> nn.Module:
-    """Instantiates the architecture's class on ``device`` and loads every parameter
-    (``quant_config`` chooses each linear layer's method; None: all unquantized)."""
-    cls = model_class(config.architecture)
+    """Instantiates the architecture's class (or ``cls``) on ``device`` and loads every
+    parameter (``quant_config`` chooses each linear layer's method; None: all unquantized)."""
+    cls = cls or model_class(config.architecture)
     with torch.device(device):
         model = cls(config, attn, quant_config, dtype)
     loaded = model.load_weights(iterate_weights(config.path))
@@ -68,3 +70,21 @@ def load_model(
         elif isinstance(module, (LMHead, Attention)):
             module.process_weights_after_loading()
     return model.eval()
+
+
+def load_eagle3_head(
+    head: Eagle3Config,
+    target: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    attn: AttentionBackend,
+) -> Eagle3LlamaForCausalLM:
+    """Loads an EAGLE-3 head on ``device`` (``attn`` built for the head's heads and head_dim)
+    and gives it ``target``'s token embedding when its checkpoint has none. The target must
+    still be told to return the head's aux layers (set_aux_hidden_state_layers)."""
+    cls = eagle3_head_class(head.model_config.architecture)
+    model = load_model(head.model_config, dtype, device, attn, cls=cls)
+    assert isinstance(model, Eagle3LlamaForCausalLM)
+    if model.embed_tokens is None:
+        model.share_embedding(target.model.embed_tokens)
+    return model
