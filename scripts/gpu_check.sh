@@ -15,6 +15,8 @@
 #      offline throughput vs HF generate); printed last and appended to docs/benchmarks.md
 #   6. quantized paths: W4A16 and FP8 GEMMs vs bf16 (% of bandwidth), decode tok/s of the same
 #      model in bf16, W4A16, FP8, FP8 + FP8 KV; appended to docs/benchmarks.md
+#   7. speculative decoding on CUDA (CUDA graphs for 1 + k-token decodes): the CPU table's
+#      benchmark, n-gram and draft model, batch 1/4/32, one run each
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -57,18 +59,21 @@ run kernel_tests 100 "$PY" -m pytest tests/kernels -q -p no:cacheprovider "${xdi
 run engine_tests 110 "$PY" -m pytest tests/gpu tests/test_hf_parity.py -q -p no:cacheprovider \
     "${xdist[@]}" --maxfail=10
 run attention_bench 40 "$PY" benchmarks/attention_bench.py --json "$OUT/attention_bench.json"
-run graph_probe 30 "$PY" benchmarks/graph_replay_probe.py
-run gpu_bench 160 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
+run graph_probe 25 "$PY" benchmarks/graph_replay_probe.py
+run gpu_bench 145 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
     --markdown docs/benchmarks.md
 # Short: GEMMs first (50 graph replays each), then 32 decode steps per row; its JSON is
 # rewritten after each table, so a stop at the limit keeps the GEMM figures.
-run gpu_quant_bench 110 "$PY" benchmarks/gpu_quant_bench.py --json "$OUT/gpu_quant_bench.json" \
+run gpu_quant_bench 85 "$PY" benchmarks/gpu_quant_bench.py --json "$OUT/gpu_quant_bench.json" \
     --markdown docs/benchmarks.md
+run spec_decode 45 "$PY" benchmarks/spec_decode.py --repeat 1 --max-tokens 32
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 
 echo "=== summary"
 printf '%s\n' "${status[@]}"
 echo "=== benchmark table"
 sed -n '/^## /,$p' "$OUT/gpu_bench.log" 2>/dev/null | tail -n 20
+echo "=== speculative decoding"
+sed -n '/^| method/,$p' "$OUT/spec_decode.log" 2>/dev/null | tail -n 30
 echo "=== quantized paths"
 sed -n '/^## Quantized/,$p' "$OUT/gpu_quant_bench.log" 2>/dev/null | tail -n 50

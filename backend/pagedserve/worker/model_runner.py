@@ -129,6 +129,11 @@ class ModelRunner:
         self.proposer: Optional[Proposer] = None
         if self.speculative is not None and self.speculative.method == "ngram":
             self.proposer = NgramBatchProposer(self.speculative.ngram)
+        elif self.speculative is not None and self.speculative.method == "eagle3":
+            # The head loads (models/eagle3.py); its proposer, which drafts from the target's
+            # auxiliary hidden states, is not in the runner yet.
+            raise ValueError("speculative_config 'method' 'eagle3' is not served yet; use "
+                             "'ngram' or 'draft_model'")
         self.spec_timing = SpecTiming()
         uses_graphs = graphs_unusable(self.device, config.args.enforce_eager, self.attn) is None
         max_graph = capture_sizes(config.max_num_seqs)[-1] if uses_graphs else 0
