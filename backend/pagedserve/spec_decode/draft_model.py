@@ -293,8 +293,9 @@ class DraftModelProposer:
         )
         self.attn.prepare(meta)
         hidden = self.model(ids, torch.from_numpy(positions).to(device), self.kv_caches, meta)
-        last = torch.from_numpy(qsl[1:].astype(np.int64) - 1).to(device)
-        return self.model.compute_logits(hidden[last]).argmax(dim=-1)
+        if len(positions) > len(query_lens):  # some row fed several tokens: its last one
+            hidden = hidden[torch.from_numpy(qsl[1:].astype(np.int64) - 1).to(device)]
+        return self.model.compute_logits(hidden).argmax(dim=-1)
 
 
 def _ragged_arange(counts: np.ndarray) -> np.ndarray:
