@@ -210,6 +210,33 @@ def test_draft_writes_only_blocks_its_rows_own(target, drafts):
     assert max(by_draft) < num_blocks + llm.engine.config.max_num_seqs * draft.scratch_per_row
 
 
+@pytest.mark.parametrize("draft", ["self", "lookalike"])
+def test_draft_recomputes_only_what_it_must(target, drafts, draft, monkeypatch):
+    """After a request's first catch-up (its prompt), a draft forward feeds a row at most
+    k + 2 tokens: the accepted drafts it already fed stay valid, so it feeds the token after
+    them, and only when it wrote past the row's blocks (scratch) the k - 1 drafts and the
+    last known token there again. Most forwards feed one."""
+    from pagedserve.spec_decode.draft_model import DraftModelProposer
+
+    query_lens: list[int] = []
+    greedy_last = DraftModelProposer._greedy_last
+
+    def recording(self, ids, positions, table, q_lens, seq_lens):
+        query_lens.append(int(q_lens.max()))
+        return greedy_last(self, ids, positions, table, q_lens, seq_lens)
+
+    monkeypatch.setattr(DraftModelProposer, "_greedy_last", recording)
+    llm = LLM(str(target), max_model_len=128, block_size=8, kv_cache_memory_bytes=KV,
+              speculative_config=spec(drafts[draft], k=4))
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    llm.generate("Once upon a time", params, use_tqdm=False)
+    s = llm.engine.get_stats().spec_decoding
+    assert s.num_accepted_tokens > 0
+    assert len(query_lens) > 20 and query_lens[0] > 4
+    assert max(query_lens[1:]) <= 4 + 2
+    assert query_lens.count(1) > len(query_lens) / 2
+
+
 @pytest.mark.parametrize("seed", [3, 11])
 def test_random_traffic_with_aborts_leaks_nothing(target, drafts, seed):
     """Requests arriving, aborted, preempted under KV pressure, greedy and random: greedy

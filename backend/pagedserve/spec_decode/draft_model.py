@@ -195,12 +195,12 @@ class DraftModelProposer:
                                   PLACEHOLDER_TOKEN_ID)
         counts[active] = k_rows
         # Fed: the known tokens, then drafts 0..k-2 at num_tokens.. ; only positions inside
-        # the row's own blocks are kept.
-        kept = np.minimum(num_tokens + k_rows - 1, alloc_end)
-        self.computed[rows_a] = kept
-        self.fed_start[rows_a] = num_tokens
-        self.num_fed[rows_a] = np.maximum(kept - num_tokens, 0)
+        # the row's own blocks are kept (the next call checks the drafts among them).
         width = min(k - 1, self.fed.shape[1])
+        num_fed = np.clip(np.minimum(num_tokens + k_rows - 1, alloc_end) - num_tokens, 0, width)
+        self.computed[rows_a] = np.minimum(num_tokens, alloc_end) + num_fed
+        self.fed_start[rows_a] = num_tokens
+        self.num_fed[rows_a] = num_fed
         if width > 0:
             self.fed[rows_a, :width] = host[:, :width]
         return drafts, counts
