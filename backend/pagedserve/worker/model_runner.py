@@ -23,6 +23,7 @@ from pagedserve.core.scheduler_output import (
 from pagedserve.errors import RequestError, RequestParamsError
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
+from pagedserve.spec_decode.draft_model import DraftModelProposer
 from pagedserve.spec_decode.proposer import NgramBatchProposer, Proposer
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
 from pagedserve.worker.host_memory import keep_large_buffers_mapped
@@ -127,8 +128,15 @@ class ModelRunner:
         self.speculative = config.speculative
         self.rejection_sampler = RejectionSampler() if self.speculative is not None else None
         self.proposer: Optional[Proposer] = None
+        # The draft model's KV cache shares the target's block ids (and budget).
+        self.draft_model: Optional[DraftModelProposer] = None
         if self.speculative is not None and self.speculative.method == "ngram":
             self.proposer = NgramBatchProposer(self.speculative.ngram)
+        elif self.speculative is not None and self.speculative.method == "draft_model":
+            self.draft_model = DraftModelProposer(
+                config, model_config, self.dtype, self.kv_cache_dtype, self.device
+            )
+            self.proposer = self.draft_model
         elif self.speculative is not None and self.speculative.method == "eagle3":
             # The head loads (models/eagle3.py); its proposer, which drafts from the target's
             # auxiliary hidden states, is not in the runner yet.
@@ -162,7 +170,8 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         mc = self.model_config
         element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
-        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
+        target = 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
+        return target + (self.draft_model.bytes_per_block() if self.draft_model else 0)
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the budget: num_kv_blocks, kv_cache_memory_bytes, or what is free."""
@@ -270,6 +279,8 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
+        if self.draft_model is not None:
+            self.draft_model.initialize_kv_cache(num_blocks)
 
     @torch.inference_mode()
     def time_forwards(self, repeats: int = 3) -> list[tuple[int, float]]:

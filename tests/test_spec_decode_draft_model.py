@@ -1,0 +1,329 @@
+"""Speculative decoding with a draft model (speculative_config method "draft_model"): greedy
+output token-identical to decoding without it (fp32, CPU) under chunked prefill, preemption,
+prefix caching, n>1 and length edges, with drafts proposed and accepted; the draft's KV cache
+is written only in blocks its rows own; no KV block leaks under random traffic with aborts; a
+draft that cannot serve fails at start, naming speculative_config 'model'."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineArgs
+from pagedserve.engine.llm_engine import LLMEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = ROOT / "model_repository/llm/1"
+KV = 32 << 20
+
+
+def lookalike_draft(target: Path, out: Path, noise: float, seed: int = 0) -> Path:
+    """A draft with other dimensions that computes nearly the target's function: one more
+    layer whose attention and MLP write nothing (o_proj and down_proj zero: the residual
+    passes through), a wider MLP whose extra units feed zero columns of down_proj, and
+    ``noise`` (relative) added to every q/k projection, so that it agrees with the target
+    often but not always. Same tokenizer and vocabulary."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in target.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    config = json.loads((target / "config.json").read_text())
+    weights = load_file(target / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    layers, extra = config["num_hidden_layers"], 32
+    for name in [n for n in weights if n.startswith("model.layers.0.")]:
+        weights[name.replace("layers.0.", f"layers.{layers}.")] = weights[name].clone()
+    weights[f"model.layers.{layers}.self_attn.o_proj.weight"].zero_()
+    weights[f"model.layers.{layers}.mlp.down_proj.weight"].zero_()
+    for i in range(layers + 1):
+        prefix = f"model.layers.{i}.mlp."
+        for name in ("gate_proj.weight", "up_proj.weight"):
+            w = weights[prefix + name]
+            weights[prefix + name] = torch.cat(
+                [w, torch.randn(extra, w.shape[1], generator=gen) * w.std()])
+        down = weights[prefix + "down_proj.weight"]
+        weights[prefix + "down_proj.weight"] = torch.cat(
+            [down, torch.zeros(down.shape[0], extra)], dim=1)
+    for name, w in weights.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            weights[name] = w + noise * w.std() * torch.randn(w.shape, generator=gen)
+    config.update(num_hidden_layers=layers + 1,
+                  intermediate_size=config["intermediate_size"] + extra)
+    (out / "config.json").write_text(json.dumps(config))
+    save_file({n: w.contiguous() for n, w in weights.items()}, out / "model.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def target(tiny_model_dir) -> Path:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def drafts(target, tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("drafts")
+    return {
+        # The target itself: every draft must be accepted, whatever the KV bookkeeping meets.
+        "self": target,
+        # Other dims, agrees about half the time: acceptances and rejections.
+        "lookalike": lookalike_draft(target, root / "lookalike", noise=0.06),
+        # Unrelated weights and dims (hidden 32, 1 layer, 2 heads): nearly all rejected.
+        "unrelated": tiny_model_dir("llama", hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1,
+                                    intermediate_size=48, seed=7),
+    }
+
+
+def spec(draft: Path, k: int = 3, **extra) -> dict:
+    return {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k,
+            "adaptive": False, **extra}
+
+
+def workload() -> tuple[list, list[SamplingParams]]:
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    shared = "The same long shared prefix for several requests, then "
+    cases = [
+        ("Once upon a time", SamplingParams(max_tokens=40, **greedy)),
+        (shared + "one", SamplingParams(max_tokens=30, **greedy)),
+        (shared + "one", SamplingParams(max_tokens=30, **greedy)),  # a prefix-cache hit
+        (shared + "two", SamplingParams(n=3, max_tokens=20, **greedy)),
+        ({"prompt_token_ids": list(range(5, 70))}, SamplingParams(max_tokens=33, **greedy)),
+        # max_tokens edges below and at k.
+        ("Short", SamplingParams(max_tokens=1, **greedy)),
+        ("Short two", SamplingParams(max_tokens=2, **greedy)),
+        ("Short three", SamplingParams(max_tokens=4, **greedy)),
+        # Runs into max_model_len (128).
+        ({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=None, **greedy)),
+        ("Until the end of the model", SamplingParams(max_tokens=None, **greedy)),
+    ]
+    return [p for p, _ in cases], [s for _, s in cases]
+
+
+def run(model: Path, speculative_config=None, **kwargs) -> tuple[list, LLM]:
+    llm = LLM(str(model), max_model_len=128, block_size=8, speculative_config=speculative_config,
+              **kwargs)
+    prompts, params = workload()
+    results = [(c.token_ids, c.finish_reason)
+               for out in llm.generate(prompts, params, use_tqdm=False) for c in out.outputs]
+    return results, llm
+
+
+def assert_idle(llm: LLM) -> None:
+    stats = llm.engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    assert stats.num_running == stats.num_waiting == 0
+
+
+# name: (engine arguments, speculative_config additions)
+SCENARIOS: dict[str, tuple[dict, dict]] = {
+    "plain": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=False), {}),
+    "prefix-caching": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=True), {}),
+    # A 16-token budget chunks every longer prompt (and the draft's catch-up with it).
+    "chunked": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16), {}),
+    # 18 blocks of 8 tokens, one 128-token request needs 16: requests are preempted.
+    "preempting": (dict(num_kv_blocks=18, max_num_batched_tokens=16, max_num_seqs=6), {}),
+    # No drafts while more than 2 requests run: the draft's KV falls behind for many steps
+    # and catches up in long chunks (over several forwards: 16 tokens each) once drafting
+    # resumes.
+    "intermittent": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16),
+                     dict(disable_by_batch_size=2)),
+}
+_reference: dict[str, list] = {}
+
+
+@pytest.mark.parametrize("draft", ["self", "lookalike", "unrelated"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_greedy_output_equals_no_speculation(target, drafts, scenario, draft):
+    kwargs, extra = SCENARIOS[scenario]
+    if scenario not in _reference:
+        _reference[scenario], base = run(target, **kwargs)
+        assert [r[1] for r in _reference[scenario]].count("length") == len(_reference[scenario])
+    got, llm = run(target, spec(drafts[draft], k=4 if draft == "self" else 3, **extra),
+                   **kwargs)
+    assert got == _reference[scenario]
+    assert_idle(llm)
+    stats = llm.engine.get_stats()
+    s = stats.spec_decoding
+    assert s.num_draft_tokens > 0
+    if draft == "self":
+        assert s.num_accepted_tokens == s.num_draft_tokens
+    elif draft == "lookalike":
+        assert 0 < s.num_accepted_tokens < s.num_draft_tokens
+    if scenario == "preempting":
+        assert stats.num_preemptions_total > 0
+    if scenario == "prefix-caching":
+        assert stats.prefix_cache_hits_total > 0
+
+
+def test_adaptive_speculation_keeps_the_output(target, drafts):
+    """The controller chooses k per step (from timings: not deterministic); the output may
+    not depend on it."""
+    kwargs = SCENARIOS["plain"][0]
+    expected, _ = run(target, **kwargs)
+    got, llm = run(target, {**spec(drafts["lookalike"], k=4), "adaptive": True}, **kwargs)
+    assert got == expected
+    assert llm.engine.get_stats().spec_decoding.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_trained_pair_greedy_output_equals_no_speculation(k):
+    prompts = [(ROOT / "backend/pagedserve" / f).read_text()[:600]
+               for f in ("core/block_pool.py", "outputs.py")]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    kwargs = dict(dtype="float32", kv_cache_memory_bytes=KV, max_num_batched_tokens=64)
+
+    def tokens(llm: LLM) -> list:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = tokens(LLM(str(TRAINED / "default_model"), **kwargs))
+    llm = LLM(str(TRAINED / "default_model"), **kwargs,
+              speculative_config=spec(TRAINED / "draft_model", k))
+    assert tokens(llm) == expected
+    s = llm.engine.get_stats().spec_decoding
+    assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
+
+
+def test_draft_writes_only_blocks_its_rows_own(target, drafts):
+    """Every target block the draft wrote was one the target wrote too (the cache starts at
+    zero, and the scheduler allocates a block only for tokens the target computes); past
+    them, only the rows' scratch blocks."""
+    _, llm = run(target, spec(drafts["lookalike"], k=4), **SCENARIOS["preempting"][0])
+    runner = llm.engine.runner
+    draft = runner.draft_model
+    num_blocks = draft.num_target_blocks
+
+    def written(caches: list[torch.Tensor]) -> set[int]:
+        used = torch.zeros(caches[0].shape[1], dtype=torch.bool)
+        for cache in caches:
+            used |= cache.abs().flatten(2).amax(dim=(0, 2)) > 0
+        return set(torch.nonzero(used).flatten().tolist())
+
+    by_draft, by_target = written(draft.kv_caches), written(runner.kv_caches)
+    assert by_draft and {b for b in by_draft if b < num_blocks} <= by_target
+    assert max(by_draft) < num_blocks + llm.engine.config.max_num_seqs * draft.scratch_per_row
+
+
+@pytest.mark.parametrize("draft", ["self", "lookalike"])
+def test_draft_recomputes_only_what_it_must(target, drafts, draft, monkeypatch):
+    """After a request's first catch-up (its prompt), a draft forward feeds a row at most
+    k + 2 tokens: the accepted drafts it already fed stay valid, so it feeds the token after
+    them, and only when it wrote past the row's blocks (scratch) the k - 1 drafts and the
+    last known token there again. Most forwards feed one."""
+    from pagedserve.spec_decode.draft_model import DraftModelProposer
+
+    query_lens: list[int] = []
+    greedy_last = DraftModelProposer._greedy_last
+
+    def recording(self, ids, positions, table, q_lens, seq_lens):
+        query_lens.append(int(q_lens.max()))
+        return greedy_last(self, ids, positions, table, q_lens, seq_lens)
+
+    monkeypatch.setattr(DraftModelProposer, "_greedy_last", recording)
+    llm = LLM(str(target), max_model_len=128, block_size=8, kv_cache_memory_bytes=KV,
+              speculative_config=spec(drafts[draft], k=4))
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
+    llm.generate("Once upon a time", params, use_tqdm=False)
+    s = llm.engine.get_stats().spec_decoding
+    assert s.num_accepted_tokens > 0
+    assert len(query_lens) > 20 and query_lens[0] > 4
+    assert max(query_lens[1:]) <= 4 + 2
+    assert query_lens.count(1) > len(query_lens) / 2
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_random_traffic_with_aborts_leaks_nothing(target, drafts, seed):
+    """Requests arriving, aborted, preempted under KV pressure, greedy and random: greedy
+    requests that are not aborted get the tokens they get without speculation, and every KV
+    block is free at the end."""
+    rng = random.Random(seed)
+    plan = []  # (step at which to add, request id, prompt ids, params)
+    for i in range(30):
+        max_tokens = rng.randint(1, 30)
+        if i % 3 == 0:
+            params = SamplingParams(temperature=0.9, top_p=0.9, seed=i, ignore_eos=True,
+                                    max_tokens=max_tokens)
+        else:
+            params = SamplingParams(temperature=0.0, ignore_eos=i % 5 != 0,
+                                    max_tokens=max_tokens,
+                                    min_tokens=min(max_tokens, rng.choice([0, 0, 3])))
+        prompt = [rng.randrange(5, 1000) for _ in range(rng.randint(1, 60))]
+        plan.append((rng.randint(0, 50), f"r{i}", prompt, params))
+    aborts = {rng.randint(1, 60): f"r{i}" for i in rng.sample(range(30), 6)}
+
+    def play(speculative_config) -> tuple[dict[str, tuple], LLMEngine]:
+        eng = LLMEngine(EngineArgs(str(target), max_model_len=128, block_size=8,
+                                   num_kv_blocks=30, max_num_batched_tokens=24, max_num_seqs=8,
+                                   speculative_config=speculative_config))
+        finished: dict[str, tuple] = {}
+        step = 0
+        while step <= 60 or eng.has_unfinished_requests():
+            for at, rid, prompt, params in plan:
+                if at == step:
+                    eng.add_request(rid, {"prompt_token_ids": prompt}, params)
+            if step in aborts:
+                eng.abort_request([aborts[step]])
+            for out in eng.step():
+                if out.finished:
+                    c = out.outputs[0]
+                    finished[out.request_id] = (tuple(c.token_ids), c.finish_reason)
+            step += 1
+            assert step < 2000
+        stats = eng.get_stats()
+        assert stats.num_free_kv_blocks == stats.num_kv_blocks
+        assert stats.num_preemptions_total > 0
+        return finished, eng
+
+    expected, _ = play(None)
+    got, eng = play(spec(drafts["lookalike"]))
+    s = eng.get_stats().spec_decoding
+    assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
+    greedy = {rid for _, rid, _, p in plan if p.temperature == 0} - set(aborts.values())
+    assert {r: got[r] for r in greedy} == {r: expected[r] for r in greedy}
+    assert set(got) | set(aborts.values()) >= {rid for _, rid, _, _ in plan}
+
+
+def test_kv_budget_covers_both_caches(target, drafts):
+    budget = 4 << 20
+    llm = LLM(str(target), max_model_len=128, block_size=8, kv_cache_memory_bytes=budget,
+              speculative_config=spec(drafts["unrelated"]))
+    runner = llm.engine.runner
+    draft = runner.draft_model.model_config
+    # K and V, 8 tokens a block, fp32, every layer: the target's and the draft's.
+    per_block = sum(2 * 8 * mc.num_kv_heads * mc.head_dim * 4 * mc.num_layers
+                    for mc in (runner.model_config, draft))
+    assert runner.bytes_per_block() == per_block
+    num_blocks = llm.engine.get_stats().num_kv_blocks
+    assert num_blocks == budget // per_block
+    assert runner.draft_model.kv_caches[0].shape[1] >= num_blocks
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("vocab", r"speculative_config 'model' .* vocab_size 1100, the target model 1024"),
+    ("positions", r"speculative_config 'model' .* 64 positions .* max_model_len \(128\)"),
+    ("architecture", r"speculative_config 'model' .* 'GPT2LMHeadModel' is not supported"),
+    ("missing", r"speculative_config 'model' .* not a directory"),
+])
+def test_a_draft_that_cannot_serve_fails_at_start(target, tiny_model_dir, tmp_path, kind,
+                                                    message):
+    if kind == "vocab":
+        draft = tiny_model_dir("llama", vocab_size=1100)
+    elif kind == "positions":
+        draft = tiny_model_dir("llama", max_position_embeddings=64)
+    elif kind == "architecture":
+        draft = tmp_path / "gpt2"
+        shutil.copytree(target, draft)
+        config = json.loads((draft / "config.json").read_text())
+        config["architectures"] = ["GPT2LMHeadModel"]
+        (draft / "config.json").write_text(json.dumps(config))
+    else:
+        draft = tmp_path / "nowhere"
+    with pytest.raises(ValueError, match=message):
+        LLM(str(target), max_model_len=128, kv_cache_memory_bytes=KV,
+            speculative_config=spec(draft))
