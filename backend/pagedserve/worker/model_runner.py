@@ -26,14 +26,13 @@ from pagedserve.models.model_config import ModelConfig, parse_dtype
 from pagedserve.spec_decode.draft_model import DraftModelProposer
 from pagedserve.spec_decode.proposer import NgramBatchProposer, Proposer
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
+from pagedserve.worker.dummy_forwards import profile_run, time_forwards
 from pagedserve.worker.host_memory import keep_large_buffers_mapped
 from pagedserve.worker.input_batch import InputBatch
 from pagedserve.worker.isolation import sample_isolating
 from pagedserve.worker.memory_profiling import (
     DeviceMemory,
     kv_cache_budget,
-    worst_case_prompt_logprobs,
-    worst_case_sampling,
 )
 from pagedserve.worker.prompt_logprobs import (
     PromptLogprobsPlan,
@@ -212,65 +211,7 @@ class ModelRunner:
         )
 
     def _profile_run(self) -> None:
-        """The largest step the engine can run, to measure its peak memory: a forward over
-        max_num_batched_tokens dummy tokens, then logits for the most rows a step samples,
-        a slice of prompt logprobs, and the sampler at its worst on those rows (see
-        ``worst_case_sampling``); with speculation, also the verification of the most drafts
-        a step holds."""
-        tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len)
-        cache = [torch.empty(2, 1, self.block_size, self.model_config.num_kv_heads,
-                             self.model_config.head_dim, dtype=self.kv_cache_dtype,
-                             device=self.device)
-                 for _ in range(self.model_config.num_layers)]
-        meta = AttentionMetadata(
-            num_actual_tokens=tokens, num_reqs=1,
-            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([tokens], dtype=torch.int32, device=self.device),
-            block_table=torch.zeros(1, -(-tokens // self.block_size), dtype=torch.int32,
-                                    device=self.device),
-            slot_mapping=torch.full((tokens,), -1, dtype=torch.int64, device=self.device),
-            max_query_len=tokens, max_seq_len=tokens,
-            query_start_loc_cpu=torch.tensor([0, tokens], dtype=torch.int32),
-            seq_lens_cpu=torch.tensor([tokens], dtype=torch.int32),
-        )
-        ids = torch.zeros(tokens, dtype=torch.long, device=self.device)
-        rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        max_logprobs = self.config.args.max_logprobs  # -1: no cap, the whole vocabulary
-        if max_logprobs < 0:
-            max_logprobs = self.vocab_size
-        with torch.inference_mode():
-            self.attn.prepare(meta)
-            hidden = self.model(ids, torch.arange(tokens, device=self.device), cache, meta)
-            index = torch.arange(rows, device=self.device) % tokens
-            logits = self.model.compute_logits(hidden[index])
-            verification = None
-            if self.rejection_sampler is not None:
-                # A verification step samples at 1 + k positions per request.
-                k = self.speculative.num_speculative_tokens
-                reqs = max(1, min(rows, tokens // (1 + k)))
-                index = torch.arange(reqs * (1 + k), device=self.device) % tokens
-                verification = (reqs, k, self.model.compute_logits(hidden[index]))
-            # As in a step: prompt logprobs (one slice at the widest top-k) while the hidden
-            # states live; only the logits outlive the forward.
-            compute_prompt_logprobs(
-                self.model.compute_logits, hidden,
-                worst_case_prompt_logprobs(tokens, self.vocab_size, max_logprobs),
-                self.vocab_size,
-            )
-            del hidden
-            self.sampler(
-                logits, worst_case_sampling(rows, self.vocab_size, self.device, max_logprobs)
-            )
-            if verification is not None:
-                reqs, k, spec_logits = verification
-                del logits
-                layout = DraftLayout(np.full(reqs, k, dtype=np.int64),
-                                     np.zeros((reqs, k), dtype=np.int64),
-                                     np.arange(reqs, dtype=np.int64) * (1 + k))
-                verify(self.rejection_sampler, spec_logits, layout,
-                       worst_case_sampling(reqs, self.vocab_size, self.device, max_logprobs))
-                logits = spec_logits
-        del cache, logits
+        profile_run(self)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
@@ -282,38 +223,9 @@ class ModelRunner:
         if self.draft_model is not None:
             self.draft_model.initialize_kv_cache(num_blocks)
 
-    @torch.inference_mode()
-    def time_forwards(self, repeats: int = 3) -> list[tuple[int, float]]:
-        """Seconds of a forward and its logits over n one-token requests, for n = 1, 2, 4, ...
-        up to the largest verification step: the seed of the speculation controller's step
-        cost model (which then follows the measured steps). The best of ``repeats`` runs."""
-        k = self.speculative.num_speculative_tokens if self.speculative is not None else 0
-        largest = min(self.config.max_num_batched_tokens, self.config.max_num_seqs * (1 + k))
-        sizes = [1 << i for i in range(largest.bit_length()) if 1 << i <= largest]
-        timings = []
-        for n in sizes:
-            meta = AttentionMetadata(
-                num_actual_tokens=n, num_reqs=n,
-                query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=self.device),
-                seq_lens=torch.ones(n, dtype=torch.int32, device=self.device),
-                block_table=torch.zeros(n, 1, dtype=torch.int32, device=self.device),
-                slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=self.device),
-                max_query_len=1, max_seq_len=1,
-                query_start_loc_cpu=torch.arange(n + 1, dtype=torch.int32),
-                seq_lens_cpu=torch.ones(n, dtype=torch.int32),
-            )
-            ids = torch.zeros(n, dtype=torch.long, device=self.device)
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self.attn.prepare(meta)
-                hidden = self.model(ids, ids, self.kv_caches, meta)
-                self.model.compute_logits(hidden)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            timings.append((n, best))
-        return timings
+    def time_forwards(self) -> list[tuple[int, float]]:
+        """Start-up step timings for the speculation controller (see dummy_forwards)."""
+        return time_forwards(self)
 
     # ---- one step ------------------------------------------------------------------------
 
