@@ -161,6 +161,13 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
 
 
+def test_controller_measures_a_plain_step_now_and_then_while_it_drafts():
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 3, 200)
+    choices = [controller.num_drafts(1) for _ in range(200)]
+    assert 0 < choices.count(0) <= 200 // 32 and choices.count(4) > 190
+
+
 def test_controller_prices_the_proposer():
     controller = SpeculationController(4, cost=_cost(flat_until=16))
     _observe(controller, 4, 2, 200)

@@ -285,7 +285,7 @@ class LLMEngine:
         proposals = self.runner.spec_timing.take_proposals()
         propose_seconds = 0.0
         for p in proposals:
-            self.speculation.observe_proposal(p.num_requests, p.num_with_drafts, p.num_drafts,
+            self.speculation.observe_proposal(p.num_requests, p.num_with_drafts, p.k,
                                               p.seconds)
             propose_seconds += p.seconds
         if sched.num_scheduled_tokens and not sched.scheduled_new_reqs and max(

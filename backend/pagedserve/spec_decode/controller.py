@@ -13,8 +13,9 @@ Whether that pays depends on two measured things:
 
 Each step the controller picks the k (0..num_speculative_tokens) with the most tokens per second
 and drafts nothing when no k beats plain decoding, so a large batch runs as if speculation were
-off. While k is 0 nothing is learnt about acceptance; every ``_PROBE_INTERVAL`` steps at k = 0
-it drafts once more so a change (a new workload, a smaller batch) is noticed.
+off. Every ``_PROBE_INTERVAL`` steps it takes the other side once: a step with one draft while
+it drafts none (nothing is learnt about acceptance otherwise, and the workload may have
+changed), a plain step while it drafts (so that the cost of both is measured, not estimated).
 """
 
 from __future__ import annotations
@@ -172,10 +173,11 @@ class SpeculationController:
         self.cost = cost if cost is not None else StepCostModel()
         self.acceptance = [_PRIOR_ACCEPTANCE] * max_num_drafts  # conditional, per position
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
-        self.propose_seconds_per_draft = 0.0  # the proposer's time per drafted position
+        # The proposer's time per draft position, for the whole batch.
+        self.propose_seconds_per_draft = 0.0
         self._seen_accepted: list[int] = []
         self._seen_reached: list[int] = []
-        self._steps_without = 0
+        self._steps_since_probe = 0
         self.last_choice = max_num_drafts
 
     # ---- what was measured ---------------------------------------------------------------
@@ -196,15 +198,18 @@ class SpeculationController:
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         self.cost.observe(num_tokens, seconds)
 
-    def observe_proposal(self, num_requests: int, num_with_drafts: int, num_drafts: int,
+    def observe_proposal(self, num_requests: int, num_with_drafts: int, k: int,
                          seconds: float) -> None:
-        """One proposer call: how many of the requests got drafts, and what it cost."""
+        """One proposer call for ``num_requests`` requests, asked for up to ``k`` drafts each:
+        how many got drafts, and what the call cost, priced per draft position (a draft
+        model's k steps each cost a forward over the batch)."""
         if num_requests:
             self.drafted_fraction += _EMA * (num_with_drafts / num_requests
                                              - self.drafted_fraction)
-        if num_drafts:
-            per_draft = seconds / num_drafts
-            self.propose_seconds_per_draft += _EMA * (per_draft - self.propose_seconds_per_draft)
+        if k:
+            per_position = seconds / k
+            self.propose_seconds_per_draft += _EMA * (per_position
+                                                      - self.propose_seconds_per_draft)
 
     # ---- the choice ----------------------------------------------------------------------
 
@@ -237,13 +242,13 @@ class SpeculationController:
             gain = self.speedup(num_running, k)
             if gain > best:
                 best_k, best = k, gain
-        if best_k == 0:
-            self._steps_without += 1
-            if self._steps_without >= _PROBE_INTERVAL:
-                self._steps_without = 0
-                best_k = 1  # one cheap look at whether drafts are accepted now
-        else:
-            self._steps_without = 0
+        # Now and then the other choice, so that both sides of the comparison are measured
+        # steps: one drafting step while drafting does not pay (has the workload changed?),
+        # one plain step while it does (what does a step without drafts cost now?).
+        self._steps_since_probe += 1
+        if self._steps_since_probe >= _PROBE_INTERVAL:
+            self._steps_since_probe = 0
+            best_k = 1 if best_k == 0 else 0
         self.last_choice = best_k
         return best_k
 

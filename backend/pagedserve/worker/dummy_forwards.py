@@ -82,32 +82,39 @@ def profile_run(runner: Any) -> None:
 
 @torch.inference_mode()
 def time_forwards(runner: Any, repeats: int = 3) -> list[tuple[int, float]]:
-    """Seconds of a forward and its logits over n one-token requests, for n = 1, 2, 4, ...
-    up to the largest verification step: the seed of the speculation controller's step
-    cost model (which then follows the measured steps). The best of ``repeats`` runs."""
+    """Seconds of a forward and its logits over n decode rows, for n = 1, 2, 4, ... up to the
+    largest verification step, each row attending to a context of half max_model_len (at most
+    512 tokens; a row's attention grows with it as much as its matmuls do): the seed of the
+    speculation controller's step cost model, which then follows the measured steps. The best
+    of ``repeats`` runs. Needs the KV cache (it reads, and writes nothing)."""
     k = runner.speculative.num_speculative_tokens if runner.speculative is not None else 0
     largest = min(runner.config.max_num_batched_tokens, runner.config.max_num_seqs * (1 + k))
     sizes = [1 << i for i in range(largest.bit_length()) if 1 << i <= largest]
+    block_size, device = runner.block_size, runner.device
+    num_blocks = runner.kv_caches[0].shape[1]
+    context = max(1, min(runner.config.max_model_len // 2, 512, num_blocks * block_size))
+    blocks = torch.arange(-(-context // block_size), dtype=torch.int32, device=device)
     timings = []
     for n in sizes:
         meta = AttentionMetadata(
             num_actual_tokens=n, num_reqs=n,
-            query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=runner.device),
-            seq_lens=torch.ones(n, dtype=torch.int32, device=runner.device),
-            block_table=torch.zeros(n, 1, dtype=torch.int32, device=runner.device),
-            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=runner.device),
-            max_query_len=1, max_seq_len=1,
+            query_start_loc=torch.arange(n + 1, dtype=torch.int32, device=device),
+            seq_lens=torch.full((n,), context, dtype=torch.int32, device=device),
+            block_table=blocks.expand(n, -1).contiguous(),
+            slot_mapping=torch.full((n,), -1, dtype=torch.int64, device=device),
+            max_query_len=1, max_seq_len=context,
             query_start_loc_cpu=torch.arange(n + 1, dtype=torch.int32),
-            seq_lens_cpu=torch.ones(n, dtype=torch.int32),
+            seq_lens_cpu=torch.full((n,), context, dtype=torch.int32),
         )
-        ids = torch.zeros(n, dtype=torch.long, device=runner.device)
+        ids = torch.zeros(n, dtype=torch.long, device=device)
+        positions = torch.full((n,), context - 1, dtype=torch.long, device=device)
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             runner.attn.prepare(meta)
-            hidden = runner.model(ids, ids, runner.kv_caches, meta)
+            hidden = runner.model(ids, positions, runner.kv_caches, meta)
             runner.model.compute_logits(hidden)
-            if runner.device.type == "cuda":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
         timings.append((n, best))

@@ -394,7 +394,7 @@ class ModelRunner:
         drafts, counts = self.proposer.propose(self.batch, rows, launched.num_lookahead)
         seconds = time.perf_counter() - start
         self.spec_timing.observe_proposal(len(rows), int((counts > 0).sum()),
-                                          int(counts.sum()), seconds)
+                                          launched.num_lookahead, seconds)
         return [d[:n] for d, n in zip(drafts.tolist(), counts.tolist())]
 
     def _update_batch(self, sched: SchedulerOutput) -> None:

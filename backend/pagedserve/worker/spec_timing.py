@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ProposalRecord:
-    """One proposer call: requests asked, requests given drafts, drafts, seconds."""
+    """One proposer call: requests asked, requests given drafts, the most drafts asked per
+    request (k), seconds."""
 
     num_requests: int
     num_with_drafts: int
-    num_drafts: int
+    k: int
     seconds: float
 
 
@@ -25,10 +26,10 @@ class SpecTiming:
     propose: float = 0.0
     pending: list[ProposalRecord] = field(default_factory=list)
 
-    def observe_proposal(self, num_requests: int, num_with_drafts: int, num_drafts: int,
+    def observe_proposal(self, num_requests: int, num_with_drafts: int, k: int,
                          seconds: float) -> None:
         self.propose += seconds
-        self.pending.append(ProposalRecord(num_requests, num_with_drafts, num_drafts, seconds))
+        self.pending.append(ProposalRecord(num_requests, num_with_drafts, k, seconds))
 
     def take_proposals(self) -> list[ProposalRecord]:
         records, self.pending = self.pending, []
