@@ -4,6 +4,7 @@ gives every request exactly what the synchronous engine gives it."""
 from __future__ import annotations
 
 import pytest
+from traffic import play, random_traffic
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
@@ -121,50 +122,18 @@ def test_abort_with_a_step_in_flight(model):
 def test_async_random_traffic_with_aborts(model, seed):
     """Requests arriving and aborted while steps are in flight, under KV pressure: every request
     that is not aborted gets the tokens the synchronous engine gives it, and nothing leaks."""
-    import random
-
-    rng = random.Random(seed)
-    plan = []  # (step at which to add, request id, prompt ids, params)
-    for i in range(40):
-        if i % 3 == 0:
-            params = SamplingParams(temperature=0.9, top_p=0.9, seed=i, ignore_eos=True,
-                                    max_tokens=rng.randint(1, 30))
-        else:
-            max_tokens = rng.randint(1, 30)
-            params = SamplingParams(temperature=0.0, ignore_eos=i % 5 != 0,
-                                    max_tokens=max_tokens,
-                                    min_tokens=min(max_tokens, rng.choice([0, 0, 3])))
-        prompt = [rng.randrange(5, 1000) for _ in range(rng.randint(1, 60))]
-        plan.append((rng.randint(0, 60), f"r{i}", prompt, params))
-    aborts = {rng.randint(1, 80): f"r{i}" for i in rng.sample(range(40), 8)}
+    plan = random_traffic(seed, 40, last_arrival=60, last_abort=80, num_aborts=8)
 
     def run(async_scheduling: bool) -> dict[str, tuple]:
         eng = LLMEngine(EngineArgs(str(model), max_model_len=128, block_size=8,
                                    num_kv_blocks=30, max_num_batched_tokens=24,
                                    max_num_seqs=8, async_scheduling=async_scheduling))
-        finished: dict[str, tuple] = {}
-        step = 0
-        num_live_aborted = 0
-        while step <= 80 or eng.has_unfinished_requests():
-            for at, rid, prompt, params in plan:
-                if at == step:
-                    eng.add_request(rid, {"prompt_token_ids": prompt}, params)
-            if step in aborts:
-                num_live_aborted += len(eng.abort_request([aborts[step]]))
-            for out in eng.step():
-                if out.finished:
-                    c = out.outputs[0]
-                    finished[out.request_id] = (tuple(c.token_ids), c.finish_reason)
-            step += 1
-            assert step < 2000
-        stats = eng.get_stats()
-        assert stats.num_free_kv_blocks == stats.num_kv_blocks
-        assert stats.num_preemptions_total > 0
+        finished, num_live_aborted = play(eng, plan, min_steps=80)
         assert num_live_aborted >= 2  # some aborts hit requests still generating
         return finished
 
     expected, got = run(False), run(True)
-    aborted = set(aborts.values())
+    aborted = plan.aborted
     assert {r: v for r, v in got.items() if r not in aborted} == {
         r: v for r, v in expected.items() if r not in aborted}
     assert len(set(expected) - aborted) >= 30

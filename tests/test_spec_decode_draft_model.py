@@ -7,13 +7,13 @@ draft that cannot serve fails at start, naming speculative_config 'model'."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from traffic import play, random_traffic
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
@@ -242,51 +242,21 @@ def test_random_traffic_with_aborts_leaks_nothing(target, drafts, seed):
     """Requests arriving, aborted, preempted under KV pressure, greedy and random: greedy
     requests that are not aborted get the tokens they get without speculation, and every KV
     block is free at the end."""
-    rng = random.Random(seed)
-    plan = []  # (step at which to add, request id, prompt ids, params)
-    for i in range(30):
-        max_tokens = rng.randint(1, 30)
-        if i % 3 == 0:
-            params = SamplingParams(temperature=0.9, top_p=0.9, seed=i, ignore_eos=True,
-                                    max_tokens=max_tokens)
-        else:
-            params = SamplingParams(temperature=0.0, ignore_eos=i % 5 != 0,
-                                    max_tokens=max_tokens,
-                                    min_tokens=min(max_tokens, rng.choice([0, 0, 3])))
-        prompt = [rng.randrange(5, 1000) for _ in range(rng.randint(1, 60))]
-        plan.append((rng.randint(0, 50), f"r{i}", prompt, params))
-    aborts = {rng.randint(1, 60): f"r{i}" for i in rng.sample(range(30), 6)}
+    plan = random_traffic(seed, 30, last_arrival=50, last_abort=60, num_aborts=6)
 
-    def play(speculative_config) -> tuple[dict[str, tuple], LLMEngine]:
+    def run(speculative_config) -> tuple[dict[str, tuple], LLMEngine]:
         eng = LLMEngine(EngineArgs(str(target), max_model_len=128, block_size=8,
                                    num_kv_blocks=30, max_num_batched_tokens=24, max_num_seqs=8,
                                    speculative_config=speculative_config))
-        finished: dict[str, tuple] = {}
-        step = 0
-        while step <= 60 or eng.has_unfinished_requests():
-            for at, rid, prompt, params in plan:
-                if at == step:
-                    eng.add_request(rid, {"prompt_token_ids": prompt}, params)
-            if step in aborts:
-                eng.abort_request([aborts[step]])
-            for out in eng.step():
-                if out.finished:
-                    c = out.outputs[0]
-                    finished[out.request_id] = (tuple(c.token_ids), c.finish_reason)
-            step += 1
-            assert step < 2000
-        stats = eng.get_stats()
-        assert stats.num_free_kv_blocks == stats.num_kv_blocks
-        assert stats.num_preemptions_total > 0
-        return finished, eng
+        return play(eng, plan, min_steps=60)[0], eng
 
-    expected, _ = play(None)
-    got, eng = play(spec(drafts["lookalike"]))
+    expected, _ = run(None)
+    got, eng = run(spec(drafts["lookalike"]))
     s = eng.get_stats().spec_decoding
     assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
-    greedy = {rid for _, rid, _, p in plan if p.temperature == 0} - set(aborts.values())
+    greedy = {rid for _, rid, _, p in plan.arrivals if p.temperature == 0} - plan.aborted
     assert {r: got[r] for r in greedy} == {r: expected[r] for r in greedy}
-    assert set(got) | set(aborts.values()) >= {rid for _, rid, _, _ in plan}
+    assert set(got) | plan.aborted >= {rid for _, rid, _, _ in plan.arrivals}
 
 
 def test_kv_budget_covers_both_caches(target, drafts):
