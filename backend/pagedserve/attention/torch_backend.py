@@ -112,27 +112,19 @@ class TorchAttentionBackend(AttentionBackend):
         if len(dec_idx):
             counts = q_lens[dec_idx].long()
             num_decodes = int(counts.sum())
-            if num_decodes == len(dec_idx):  # one row each: plain decodes
-                lens = seq_lens[dec_idx]
-                rows = qsl[dec_idx].long()
-                owner = dec_idx
-            else:
-                owner = dec_idx.repeat_interleave(counts)
-                within = torch.arange(num_decodes) - (counts.cumsum(0) - counts).repeat_interleave(
-                    counts)
-                lens = (seq_lens[owner] - q_lens[owner]) + within + 1
-                rows = qsl[owner].long() + within
-            lens = lens.to(device=device, dtype=torch.int32)
+            owner = dec_idx.repeat_interleave(counts)
+            within = torch.arange(num_decodes) - (counts.cumsum(0) - counts).repeat_interleave(
+                counts)
+            lens = ((seq_lens[owner] - q_lens[owner]) + within + 1).to(device=device,
+                                                                       dtype=torch.int32)
             max_blocks = (int(lens.max()) + bs - 1) // bs
-            if len(dec_idx) == n and num_decodes == len(dec_idx):
-                # Rows past n are CUDA-graph padding, not decodes.
-                tables, rows = table[:, :max_blocks], None
+            if num_decodes == len(dec_idx) == n:
+                # One decode row per request; rows past n are CUDA-graph padding.
+                tables = table[:, :max_blocks]
             else:
-                if num_decodes == metadata.num_actual_tokens:  # every row, in order
-                    rows = None
-                else:
-                    rows = rows.to(device)
                 tables = table[owner.to(device), :max_blocks]
+                if num_decodes < metadata.num_actual_tokens:  # else every row, in order
+                    rows = (qsl[owner].long() + within).to(device)
             tables = tables.to(torch.int32)
         prefills = []
         for i in torch.nonzero(~is_decode & (q_lens > 0)).flatten().tolist():

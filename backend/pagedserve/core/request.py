@@ -49,6 +49,7 @@ class Request:
         "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
         "num_output_placeholders", "scheduled_time", "num_prompt_logprobs",
         "num_scored_prompt_tokens", "spec_token_ids", "num_drafts_in_flight",
+        "draftable",
     )
 
     def __init__(
@@ -100,6 +101,9 @@ class Request:
         # sequence), and how many of them the step in flight is verifying.
         self.spec_token_ids: list[int] = []
         self.num_drafts_in_flight = 0
+        # Which words a draft completes depends on the drafts before it: a request with bad
+        # words of several tokens is not speculated.
+        self.draftable = not any(len(w) > 1 for w in sampling_params.bad_words_token_ids or ())
 
     @property
     def num_tokens(self) -> int:
@@ -135,10 +139,8 @@ class Request:
         """The most drafts the next step may verify: its tokens may not run past max_tokens
         (hence max_model_len), and a min_tokens bound may not fall inside the run, where the
         stop tokens' ban would apply to some positions and not others."""
-        if self.sampling_params.bad_words_token_ids and any(
-            len(word) > 1 for word in self.sampling_params.bad_words_token_ids
-        ):
-            return 0  # which words a draft completes depends on the drafts before it
+        if not self.draftable:
+            return 0
         num_out = self.num_output_tokens + self.num_output_placeholders
         limit = self.max_tokens - num_out - 1
         if num_out < self.min_tokens:

@@ -170,18 +170,11 @@ class InputBatch:
         self.pending_idx[rows] = np.arange(len(rows))
         return positions
 
-    def write_drafts(self, spec: dict[str, list[int]]) -> None:
-        """Puts each request's scheduled drafts after its known tokens, where the step reads
-        its inputs; they stay uncounted (``num_tokens``) until accepted."""
-        row_of = self.row_of
-        found = [(row_of[r], d) for r, d in spec.items() if r in row_of]
-        if not found:
-            return
-        counts = np.fromiter((len(d) for _, d in found), np.int64, len(found))
-        rows = np.repeat(np.fromiter((r for r, _ in found), np.int64, len(found)), counts)
-        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        flat = np.fromiter((t for _, d in found for t in d), np.int64, int(counts.sum()))
-        self.token_ids[rows, self.num_tokens[rows] + within] = flat
+    def write_drafts(self, rows: np.ndarray, drafts: np.ndarray) -> None:
+        """Puts each row's drafts (``[n, k_max]``, -1 past a row's own) after its known tokens,
+        where the step reads its inputs; they stay uncounted (``num_tokens``) until accepted."""
+        row, j = np.nonzero(drafts >= 0)
+        self.token_ids[rows[row], self.num_tokens[rows[row]] + j] = drafts[row, j]
 
     def fill_sampled(
         self,
@@ -202,15 +195,12 @@ class InputBatch:
         if tokens.shape[1] == 1:
             self.token_ids[rows[same], positions[same]] = tokens[same, 0]
             counts = np.ones(len(rows), dtype=np.int64)
-        else:
+        else:  # each row's tokens, then -1
             counts = (tokens >= 0).sum(axis=1)
-            mine, c = rows[same], counts[same]
-            owner = np.repeat(np.arange(len(mine)), c)
-            within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
-            self.token_ids[mine[owner], positions[same][owner] + within] = (
-                tokens[same][owner, within]
-            )
-            self.num_tokens[mine] += (c - 1).astype(np.int32)
+            row, j = np.nonzero(tokens[same] >= 0)
+            mine = rows[same]
+            self.token_ids[mine[row], positions[same][row] + j] = tokens[same][row, j]
+            self.num_tokens[mine] += (counts[same] - 1).astype(np.int32)
         if num_drafts is not None:
             self.num_computed[rows[same]] -= (num_drafts[same] - (counts[same] - 1)).astype(
                 np.int32

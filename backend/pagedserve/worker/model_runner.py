@@ -258,10 +258,9 @@ class ModelRunner:
         if pending_from is not None and batch.needs_output_tokens:
             self.collect(pending_from)  # penalties and bad words read the previous tokens
             pending_from = None
-        spec = sched.scheduled_spec_decode_tokens
-        if spec:
-            batch.write_drafts(spec)
-        inputs, sample_mask, layout = self._prepare_inputs(rows, num_sched, pending_from, spec)
+        inputs, sample_mask, layout = self._prepare_inputs(
+            rows, num_sched, pending_from, sched.scheduled_spec_decode_tokens
+        )
         prompt_plan = (
             batch.prompt_logprobs_plan(rows, num_sched) if batch.prompt_logprob_rows else None
         )
@@ -436,6 +435,14 @@ class ModelRunner:
         ) else None
         padded = graph_size * max_query_len if graph_size else total
 
+        seq_lens = computed + num_sched
+        # A row samples when this step reaches the end of its known tokens.
+        sample_mask = seq_lens >= batch.num_tokens[rows]
+        layout = None
+        if spec:  # the drafts go after the known tokens, where the inputs are read from
+            layout = layout_drafts([batch.req_id_of[r] for r in rows[sample_mask]], spec)
+            batch.write_drafts(rows[sample_mask], layout.draft_token_ids)
+
         req_of_token = np.repeat(np.arange(num_reqs), num_sched)
         positions = computed[req_of_token] + (np.arange(total) - (cu - num_sched)[req_of_token])
         token_rows = rows[req_of_token]
@@ -449,7 +456,6 @@ class ModelRunner:
         qsl = host(buf.query_start_loc)
         qsl[0] = 0
         qsl[1 : num_reqs + 1] = cu
-        seq_lens = computed + num_sched
         host(buf.seq_lens)[:num_reqs] = seq_lens
         if graph_size:  # padding rows: write nothing, attend to their own harmless slots
             slots[total:padded] = -1
@@ -459,11 +465,7 @@ class ModelRunner:
                 total + max_query_len * np.arange(1, graph_size - num_reqs + 1)
             )
             host(buf.seq_lens)[num_reqs:graph_size] = max_query_len
-        # A row samples when this step reaches the end of its known tokens.
-        sample_mask = seq_lens >= batch.num_tokens[rows]
-        layout = None
-        if spec:
-            layout = layout_drafts([batch.req_id_of[r] for r in rows[sample_mask]], spec)
+        if layout is not None:
             per_row = layout.num_drafts + 1
             num_logits = int(per_row.sum())
             # Row i's positions cu_i - (1 + k_i) .. cu_i - 1, at flat logits from first_i.
