@@ -197,7 +197,7 @@ def test_draft_writes_only_blocks_its_rows_own(target, drafts):
     _, llm = run(target, spec(drafts["lookalike"], k=4), **SCENARIOS["preempting"][0])
     runner = llm.engine.runner
     draft = runner.draft_model
-    num_blocks = draft.num_target_blocks
+    num_blocks = draft.scratch.first
 
     def written(caches: list[torch.Tensor]) -> set[int]:
         used = torch.zeros(caches[0].shape[1], dtype=torch.bool)
@@ -207,7 +207,7 @@ def test_draft_writes_only_blocks_its_rows_own(target, drafts):
 
     by_draft, by_target = written(draft.kv_caches), written(runner.kv_caches)
     assert by_draft and {b for b in by_draft if b < num_blocks} <= by_target
-    assert max(by_draft) < num_blocks + llm.engine.config.max_num_seqs * draft.scratch_per_row
+    assert max(by_draft) < num_blocks + llm.engine.config.max_num_seqs * draft.scratch.per_row
 
 
 @pytest.mark.parametrize("draft", ["self", "lookalike"])

@@ -16,15 +16,9 @@ at each row's last position as draft 0, then runs k - 1 one-token steps that fee
 drafts. Those fed drafts are remembered; at the next call the positions whose fed draft turned
 out to be the actual token stay valid, the rest are recomputed (their KV is overwritten).
 
-Room. Drafting writes KV up to position ``num_tokens + k - 2``, but the scheduler has only
-allocated the blocks of the tokens it scheduled, so the last known token and the drafts may lie
-past the row's blocks (when the target accepted every draft near a block's end). Capping k by
-that room would cut drafts on a good share of the steps where drafting works best; writing
-nothing there (slot -1) would leave the draft's own attention reading keys it never wrote. So
-positions past the row's blocks go to scratch blocks of the draft's cache that belong to that
-batch row alone (``ceil(k / block_size)`` of them, after the target's block ids: no write ever
-lands in a block the row does not own). Their KV is not kept: ``computed`` never counts
-positions past the row's allocated blocks, and the next call recomputes them in real blocks.
+Room. Drafting writes KV up to position ``num_tokens + k - 2``, which may lie past the row's
+blocks: those positions go to the row's scratch blocks (see paged_drafting), and ``computed``
+never counts them, so the next call recomputes them in real blocks.
 
 The draft runs eagerly, on the CPU and on CUDA (its steps are small and their shapes vary with
 the chunks; it is not captured in CUDA graphs).
@@ -32,12 +26,11 @@ the chunks; it is not captured in CUDA graphs).
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Optional
 
 import numpy as np
 import torch
 
-from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.models.hub import resolve_checkpoint
@@ -45,17 +38,12 @@ from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.spec_decode.ngram_proposer import PLACEHOLDER_TOKEN_ID
-
-
-class PagedDraftSource(Protocol):
-    """What the draft model reads from the runner's batch: the rows' tokens, their block
-    tables, and their serial numbers (bumped whenever a row is given to a request)."""
-
-    token_ids: np.ndarray  # [rows, max_model_len]
-    num_tokens: np.ndarray  # [rows]
-    block_table: np.ndarray  # [rows, max_blocks_per_req]
-    num_blocks: np.ndarray  # [rows]
-    serial: np.ndarray  # [rows]
+from pagedserve.spec_decode.paged_drafting import (
+    PagedBatch,
+    ScratchBlocks,
+    ragged_arange,
+    ragged_metadata,
+)
 
 
 def load_draft_config(
@@ -122,8 +110,7 @@ class DraftModelProposer:
         self.max_tokens_per_forward = config.max_num_batched_tokens
         max_rows = config.max_num_seqs
         max_drafts = spec.num_speculative_tokens
-        self.scratch_per_row = -(-max_drafts // bs)
-        self.num_target_blocks = 0  # set by initialize_kv_cache
+        self.scratch = ScratchBlocks.for_drafts(max_drafts, bs)
         self.kv_caches: list[torch.Tensor] = []
         # Per batch row: the serial its state belongs to, its valid positions, and the drafts
         # it fed at positions fed_start.. (not yet known to be the actual tokens).
@@ -145,8 +132,7 @@ class DraftModelProposer:
         scratch blocks (outside the KV budget: ``max_num_seqs * ceil(k / block_size)`` draft
         blocks)."""
         mc = self.model_config
-        self.num_target_blocks = num_blocks
-        total = num_blocks + len(self.serial) * self.scratch_per_row
+        total = self.scratch.total_blocks(num_blocks, len(self.serial))
         shape = (2, total, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
                           for _ in range(mc.num_layers)]
@@ -155,7 +141,7 @@ class DraftModelProposer:
     # ---- proposing -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def propose(self, batch: PagedDraftSource, rows: np.ndarray,
+    def propose(self, batch: PagedBatch, rows: np.ndarray,
                 k: int) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``k`` greedy drafts for each of ``rows`` (every token of those rows known)."""
         n = len(rows)
@@ -170,7 +156,7 @@ class DraftModelProposer:
         # Drafts past max_model_len could never be verified; the last position written,
         # num_tokens + k - 2, must lie in the row's blocks or its scratch.
         k_rows = np.minimum(k, self.max_model_len - num_tokens)
-        k_rows = np.minimum(k_rows, alloc_end + self.scratch_per_row * self.block_size
+        k_rows = np.minimum(k_rows, alloc_end + self.scratch.per_row * self.block_size
                             - num_tokens + 1)
         active = k_rows > 0
         if not active.any():
@@ -178,7 +164,7 @@ class DraftModelProposer:
         rows_a, start, num_tokens, alloc_end, k_rows = (
             a[active] for a in (rows, start, num_tokens, alloc_end, k_rows)
         )
-        table = self._block_table(batch, rows_a, num_tokens + k_rows - 2)
+        table = self.scratch.block_table(batch, rows_a, num_tokens + k_rows - 2, self.block_size)
         out = torch.empty(len(rows_a), k, dtype=torch.int64, device=self.device)
         out[:, 0] = self._catch_up(batch, rows_a, start, num_tokens, table)
         for j in range(1, k):
@@ -205,7 +191,7 @@ class DraftModelProposer:
             self.fed[rows_a, :width] = host[:, :width]
         return drafts, counts
 
-    def _valid_positions(self, batch: PagedDraftSource, rows: np.ndarray) -> np.ndarray:
+    def _valid_positions(self, batch: PagedBatch, rows: np.ndarray) -> np.ndarray:
         """Each row's count of leading positions whose draft KV holds its actual tokens, after
         resetting rows handed to a new request and checking the drafts fed last time."""
         serial = batch.serial[rows]
@@ -230,19 +216,7 @@ class DraftModelProposer:
         self.computed[rows] = np.minimum(self.computed[rows], batch.num_tokens[rows] - 1)
         return self.computed[rows].copy()
 
-    def _block_table(self, batch: PagedDraftSource, rows: np.ndarray,
-                     last_position: np.ndarray) -> np.ndarray:
-        """The rows' block tables up to each one's last written position: their own blocks,
-        then their scratch blocks (see the module docstring)."""
-        bs = self.block_size
-        width = int(last_position.max()) // bs + 1
-        table = batch.block_table[rows, :width].astype(np.int64)
-        past = np.arange(width)[None, :] - batch.num_blocks[rows][:, None].astype(np.int64)
-        scratch = (self.num_target_blocks + rows[:, None] * self.scratch_per_row
-                   + np.minimum(past, self.scratch_per_row - 1))
-        return np.where(past >= 0, scratch, table)
-
-    def _catch_up(self, batch: PagedDraftSource, rows: np.ndarray, start: np.ndarray,
+    def _catch_up(self, batch: PagedBatch, rows: np.ndarray, start: np.ndarray,
                   end: np.ndarray, table: np.ndarray) -> torch.Tensor:
         """Feeds each row's known tokens ``[start, end)`` and returns the argmax after each
         row's last one. A chunk larger than one forward allows (a prompt the target prefilled
@@ -258,7 +232,7 @@ class DraftModelProposer:
             take = np.clip(budget - (np.cumsum(remaining) - remaining), 0, remaining)
             sel, take = todo[take > 0], take[take > 0]
             owner = np.repeat(np.arange(len(sel)), take)
-            positions = done[sel][owner] + _ragged_arange(take)
+            positions = done[sel][owner] + ragged_arange(take)
             ids = torch.from_numpy(
                 batch.token_ids[rows[sel][owner], positions].astype(np.int64)
             ).to(self.device)
@@ -272,32 +246,12 @@ class DraftModelProposer:
                      query_lens: np.ndarray, seq_lens: np.ndarray) -> torch.Tensor:
         """One draft forward over a ragged batch (row i: ``query_lens[i]`` tokens ending at
         context length ``seq_lens[i]``); the argmax at each row's last token."""
-        bs, device = self.block_size, self.device
-        owner = np.repeat(np.arange(len(query_lens)), query_lens)
-        slots = table[owner, positions // bs] * bs + positions % bs
-        qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
-        np.cumsum(query_lens, out=qsl[1:])
-        qsl_cpu = torch.from_numpy(qsl)
-        seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
-        meta = AttentionMetadata(
-            num_actual_tokens=len(positions),
-            num_reqs=len(query_lens),
-            query_start_loc=qsl_cpu.to(device),
-            seq_lens=seq_lens_cpu.to(device),
-            block_table=torch.from_numpy(table.astype(np.int32)).to(device),
-            slot_mapping=torch.from_numpy(slots).to(device),
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=seq_lens_cpu,
-        )
+        device = self.device
+        meta, last = ragged_metadata(positions, table, query_lens, seq_lens, self.block_size,
+                                     device)
         self.attn.prepare(meta)
         hidden = self.model(ids, torch.from_numpy(positions).to(device), self.kv_caches, meta)
         if len(positions) > len(query_lens):  # some row fed several tokens: its last one
-            hidden = hidden[torch.from_numpy(qsl[1:].astype(np.int64) - 1).to(device)]
+            hidden = hidden[torch.from_numpy(last).to(device)]
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
-
-def _ragged_arange(counts: np.ndarray) -> np.ndarray:
-    """0..counts[0]-1, 0..counts[1]-1, ... concatenated."""
-    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)

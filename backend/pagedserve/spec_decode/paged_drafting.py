@@ -1,0 +1,95 @@
+"""What the paged proposers (the draft model, EAGLE-3 heads) share: a drafting model's own KV
+cache addressed by the target's block tables plus per-row scratch blocks, and the attention
+metadata of a ragged drafting forward.
+
+Scratch blocks. Drafting k tokens writes the drafter's KV up to ``k - 1`` positions past a row's
+last known token, but the scheduler has only allocated the blocks of the tokens it scheduled, so
+those positions may lie past the row's blocks (when the target accepted every draft near a
+block's end). Capping k by that room would cut drafts on a good share of the steps where drafting
+works best; writing nothing there (slot -1) would leave the drafter's attention reading keys it
+never wrote. So positions past a row's blocks go to scratch blocks of the drafter's cache that
+belong to that batch row alone (``ceil(k / block_size)`` of them, after the target's block ids:
+no write ever lands in a block the row does not own). What is written there is never kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from pagedserve.attention.base import AttentionMetadata
+
+
+class PagedBatch(Protocol):
+    """What a paged proposer reads from the runner's batch: the rows' tokens, their block
+    tables, and their serial numbers (bumped whenever a row is given to a request)."""
+
+    token_ids: np.ndarray  # [rows, max_model_len]
+    num_tokens: np.ndarray  # [rows]
+    block_table: np.ndarray  # [rows, max_blocks_per_req]
+    num_blocks: np.ndarray  # [rows]
+    serial: np.ndarray  # [rows]
+
+
+@dataclass
+class ScratchBlocks:
+    """Where each batch row's scratch blocks are in a drafter's cache: ``per_row`` blocks per
+    row, after the target's ``first`` block ids (see the module docstring)."""
+
+    per_row: int
+    first: int = 0  # the target's num_blocks, once the cache is allocated
+
+    @classmethod
+    def for_drafts(cls, max_drafts: int, block_size: int) -> ScratchBlocks:
+        return cls(-(-max_drafts // block_size))
+
+    def total_blocks(self, num_target_blocks: int, max_rows: int) -> int:
+        """Sets ``first``; the drafter's cache size in blocks."""
+        self.first = num_target_blocks
+        return num_target_blocks + max_rows * self.per_row
+
+    def block_table(self, batch: PagedBatch, rows: np.ndarray, last_position: np.ndarray,
+                    block_size: int) -> np.ndarray:
+        """The rows' block tables up to each one's last written position: their own blocks,
+        then their scratch blocks."""
+        width = int(last_position.max()) // block_size + 1
+        table = batch.block_table[rows, :width].astype(np.int64)
+        past = np.arange(width)[None, :] - batch.num_blocks[rows][:, None].astype(np.int64)
+        scratch = (self.first + rows[:, None] * self.per_row
+                   + np.minimum(past, self.per_row - 1))
+        return np.where(past >= 0, scratch, table)
+
+
+def ragged_metadata(positions: np.ndarray, table: np.ndarray, query_lens: np.ndarray,
+                    seq_lens: np.ndarray, block_size: int,
+                    device: torch.device) -> tuple[AttentionMetadata, np.ndarray]:
+    """The attention metadata of one drafting forward over a ragged batch (row i:
+    ``query_lens[i]`` tokens at ``positions``, ending at context length ``seq_lens[i]``, its
+    KV at ``table[i]``), and the flat index of each row's last token."""
+    owner = np.repeat(np.arange(len(query_lens)), query_lens)
+    slots = table[owner, positions // block_size] * block_size + positions % block_size
+    qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=qsl[1:])
+    qsl_cpu = torch.from_numpy(qsl)
+    seq_lens_cpu = torch.from_numpy(seq_lens.astype(np.int32))
+    meta = AttentionMetadata(
+        num_actual_tokens=len(positions),
+        num_reqs=len(query_lens),
+        query_start_loc=qsl_cpu.to(device),
+        seq_lens=seq_lens_cpu.to(device),
+        block_table=torch.from_numpy(table.astype(np.int32)).to(device),
+        slot_mapping=torch.from_numpy(slots).to(device),
+        max_query_len=int(query_lens.max()),
+        max_seq_len=int(seq_lens.max()),
+        query_start_loc_cpu=qsl_cpu,
+        seq_lens_cpu=seq_lens_cpu,
+    )
+    return meta, qsl[1:].astype(np.int64) - 1
+
+
+def ragged_arange(counts: np.ndarray) -> np.ndarray:
+    """0..counts[0]-1, 0..counts[1]-1, ... concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
