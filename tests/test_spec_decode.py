@@ -307,7 +307,3 @@ def test_the_distribution_test_fails_a_broken_rejection_sampler(sampling_setup, 
     broken = _sequence_counts(spec, prompt_ids, 300_000)
     assert _chi2_per_dof(reference, broken) > 2 * MAX_CHI2_PER_DOF
 
-
-def test_eagle3_fails_the_load_until_its_proposer_is_served():
-    with pytest.raises(ValueError, match="'eagle3' is not served yet"):
-        make_llm({"method": "eagle3", "num_speculative_tokens": 2, "model": str(TARGET)})

@@ -136,6 +136,15 @@ class Eagle3Config:
         return cls(head, fields, tuple(ids))
 
 
+def split_aux(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+              ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A target forward's ``(hidden, aux)``: aux is None unless the target was told to return
+    an EAGLE-3 head's aux hidden states (set_aux_hidden_state_layers)."""
+    if isinstance(output, tuple):
+        return output
+    return output, None
+
+
 class Eagle3Hidden(NamedTuple):
     """One head step's output: ``next_hidden`` (pre-norm) feeds the next draft step;
     ``logits_hidden`` (normed) goes to compute_draft_logits."""

@@ -70,7 +70,8 @@ class CudaGraphRunner:
         self.query_lens = tuple(sorted(set(query_lens)))
         # By (batch size, query length).
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
+        # The forward's output: hidden states, or (hidden, aux) for an EAGLE-3 head.
+        self.outputs: dict[tuple[int, int], torch.Tensor | tuple[torch.Tensor, ...]] = {}
         # Kept alive: tensors a backend's prepare() made are read by the graphs by address.
         self.metadata: dict[tuple[int, int], AttentionMetadata] = {}
 
@@ -134,9 +135,10 @@ class CudaGraphRunner:
         logger.info("captured %d decode CUDA graphs (sizes %s, query lengths %s)",
                     len(self.graphs), self.sizes, self.query_lens)
 
-    def replay(self, size: int, query_len: int = 1) -> torch.Tensor:
+    def replay(self, size: int,
+               query_len: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Runs the graph of ``size`` requests of ``query_len`` tokens on what the step buffers
-        hold; returns its hidden states."""
+        hold; returns its output (the model's forward's: overwritten by the next replay)."""
         key = (size, query_len)
         self.graphs[key].replay()
         return self.outputs[key]

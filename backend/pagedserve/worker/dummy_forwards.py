@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.base import AttentionMetadata
+from pagedserve.models.eagle3 import split_aux
 from pagedserve.worker.memory_profiling import worst_case_prompt_logprobs, worst_case_sampling
 from pagedserve.worker.prompt_logprobs import compute_prompt_logprobs
 from pagedserve.worker.verification import DraftLayout, verify
@@ -47,7 +48,8 @@ def profile_run(runner: Any) -> None:
         max_logprobs = runner.vocab_size
     with torch.inference_mode():
         runner.attn.prepare(meta)
-        hidden = runner.model(ids, torch.arange(tokens, device=runner.device), cache, meta)
+        hidden, aux = split_aux(
+            runner.model(ids, torch.arange(tokens, device=runner.device), cache, meta))
         index = torch.arange(rows, device=runner.device) % tokens
         logits = runner.model.compute_logits(hidden[index])
         verification = None
@@ -64,7 +66,7 @@ def profile_run(runner: Any) -> None:
             worst_case_prompt_logprobs(tokens, runner.vocab_size, max_logprobs),
             runner.vocab_size,
         )
-        del hidden
+        del hidden, aux  # the aux states (EAGLE-3) lived as long as the hidden states
         runner.sampler(
             logits, worst_case_sampling(rows, runner.vocab_size, runner.device, max_logprobs)
         )
@@ -112,7 +114,7 @@ def time_forwards(runner: Any, repeats: int = 3) -> list[tuple[int, float]]:
         for _ in range(repeats):
             start = time.perf_counter()
             runner.attn.prepare(meta)
-            hidden = runner.model(ids, positions, runner.kv_caches, meta)
+            hidden, _ = split_aux(runner.model(ids, positions, runner.kv_caches, meta))
             runner.model.compute_logits(hidden)
             if device.type == "cuda":
                 torch.cuda.synchronize()

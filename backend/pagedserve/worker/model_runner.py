@@ -21,9 +21,11 @@ from pagedserve.core.scheduler_output import (
     SchedulerOutput,
 )
 from pagedserve.errors import RequestError, RequestParamsError
+from pagedserve.models.eagle3 import split_aux
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig, parse_dtype
 from pagedserve.spec_decode.draft_model import DraftModelProposer
+from pagedserve.spec_decode.eagle3_proposer import Eagle3Proposer, StepFeatures
 from pagedserve.spec_decode.proposer import NgramBatchProposer, Proposer
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
 from pagedserve.worker.dummy_forwards import profile_run, time_forwards
@@ -71,6 +73,7 @@ class LaunchedStep:
     prompt_logprobs: Optional[PromptLogprobsTensors] = None  # host copies, in flight too
     num_drafts: Optional[np.ndarray] = None  # per row, the drafts it verified (speculation)
     num_lookahead: int = 0  # drafts to propose per row once the tokens are known
+    features: Optional[StepFeatures] = None  # the target's features, for an EAGLE-3 head
     output: Optional[ModelRunnerOutput] = None  # set by collect
 
 
@@ -127,20 +130,22 @@ class ModelRunner:
         self.speculative = config.speculative
         self.rejection_sampler = RejectionSampler() if self.speculative is not None else None
         self.proposer: Optional[Proposer] = None
-        # The draft model's KV cache shares the target's block ids (and budget).
+        # A draft model's or EAGLE-3 head's KV cache shares the target's block ids (and
+        # budget).
         self.draft_model: Optional[DraftModelProposer] = None
-        if self.speculative is not None and self.speculative.method == "ngram":
+        self.eagle3: Optional[Eagle3Proposer] = None
+        method = None if self.speculative is None else self.speculative.method
+        if method == "ngram":
             self.proposer = NgramBatchProposer(self.speculative.ngram)
-        elif self.speculative is not None and self.speculative.method == "draft_model":
-            self.draft_model = DraftModelProposer(
+        elif method == "draft_model":
+            self.proposer = self.draft_model = DraftModelProposer(
                 config, model_config, self.dtype, self.kv_cache_dtype, self.device
             )
-            self.proposer = self.draft_model
-        elif self.speculative is not None and self.speculative.method == "eagle3":
-            # The head loads (models/eagle3.py); its proposer, which drafts from the target's
-            # auxiliary hidden states, is not in the runner yet.
-            raise ValueError("speculative_config 'method' 'eagle3' is not served yet; use "
-                             "'ngram' or 'draft_model'")
+        elif method == "eagle3":  # from here on the target's forward returns (hidden, aux)
+            self.proposer = self.eagle3 = Eagle3Proposer(
+                config, model_config, self.model, self.dtype, self.kv_cache_dtype, self.device
+            )
+        self.paged_proposer = self.draft_model or self.eagle3
         self.spec_timing = SpecTiming()
         uses_graphs = graphs_unusable(self.device, config.args.enforce_eager, self.attn) is None
         max_graph = capture_sizes(config.max_num_seqs)[-1] if uses_graphs else 0
@@ -170,7 +175,8 @@ class ModelRunner:
         mc = self.model_config
         element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
         target = 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
-        return target + (self.draft_model.bytes_per_block() if self.draft_model else 0)
+        paged = self.paged_proposer
+        return target + (paged.bytes_per_block() if paged is not None else 0)
 
     def determine_num_blocks(self) -> int:
         """Blocks that fit the budget: num_kv_blocks, kv_cache_memory_bytes, or what is free."""
@@ -220,8 +226,8 @@ class ModelRunner:
             torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
             for _ in range(mc.num_layers)
         ]
-        if self.draft_model is not None:
-            self.draft_model.initialize_kv_cache(num_blocks)
+        if self.paged_proposer is not None:
+            self.paged_proposer.initialize_kv_cache(num_blocks)
 
     def time_forwards(self) -> list[tuple[int, float]]:
         """Start-up step timings for the speculation controller (see dummy_forwards)."""
@@ -265,8 +271,12 @@ class ModelRunner:
             batch.prompt_logprobs_plan(rows, num_sched) if batch.prompt_logprob_rows else None
         )
         start = time.perf_counter()
-        logits, prompt_logprobs = self._forward_logits(inputs, prompt_plan)
+        logits, prompt_logprobs, aux = self._forward_logits(inputs, prompt_plan)
         self.spec_timing.forward += time.perf_counter() - start
+        features = None
+        if aux is not None and sched.num_lookahead_tokens:  # the head drafts after this step
+            features = StepFeatures(rows, batch.num_computed[rows].astype(np.int64),
+                                    num_sched.astype(np.int64), batch.serial[rows], aux)
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
         start = time.perf_counter()
@@ -300,6 +310,7 @@ class ModelRunner:
             ),
             num_drafts=None if layout is None else layout.num_drafts,
             num_lookahead=sched.num_lookahead_tokens if self.proposer is not None else 0,
+            features=features,
             done=self._record_event(),  # last: after the copies above
         )
         self._older, self._latest = self._latest, launched
@@ -390,6 +401,9 @@ class ModelRunner:
         """Drafts for the next step of each row that sampled (its tokens are all known now)."""
         start = time.perf_counter()
         rows = launched.rows
+        if launched.features is not None:
+            self.eagle3.catch_up(self.batch, launched.features)
+            launched.features = None  # its aux may be a CUDA graph's output, soon overwritten
         drafts, counts = self.proposer.propose(self.batch, rows, launched.num_lookahead)
         seconds = time.perf_counter() - start
         self.spec_timing.observe_proposal(len(rows), int((counts > 0).sum()),
@@ -523,22 +537,24 @@ class ModelRunner:
 
     def _forward_logits(
         self, inputs: ForwardInputs, prompt_plan: Optional[PromptLogprobsPlan]
-    ) -> tuple[torch.Tensor, Optional[PromptLogprobsTensors]]:
-        """Runs the forward; returns the logits of the rows that sample and, with a plan,
-        the prompt logprobs it asks for (from the hidden states, before they are freed)."""
+    ) -> tuple[torch.Tensor, Optional[PromptLogprobsTensors], Optional[torch.Tensor]]:
+        """Runs the forward; returns the logits of the rows that sample, with a plan the
+        prompt logprobs it asks for (from the hidden states, before they are freed), and the
+        aux hidden states of every token when an EAGLE-3 head reads them."""
         if inputs.graph_size:
-            hidden = self.graphs.replay(inputs.graph_size, inputs.metadata.max_query_len)
+            output = self.graphs.replay(inputs.graph_size, inputs.metadata.max_query_len)
         else:
             self.attn.prepare(inputs.metadata)
-            hidden = self.model(
+            output = self.model(
                 inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata
             )
+        hidden, aux = split_aux(output)
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         if prompt_plan is None:
-            return logits, None
+            return logits, None, aux
         return logits, compute_prompt_logprobs(
             self.model.compute_logits, hidden, prompt_plan, self.vocab_size
-        )
+        ), aux
 
     @staticmethod
     def _logprobs_lists(
