@@ -119,3 +119,30 @@ def test_speculative_decoding_graphs_equal_eager(tiny_model_dir):
     assert [o.outputs[0].token_ids for o in outs] == eager == plain
     assert any(q == 4 for _, q in replays), replays
     assert llm.engine.get_stats().spec_decoding.num_accepted_tokens > 0
+
+
+def test_eagle3_graphs_equal_eager(tiny_model_dir, tmp_path):
+    """With an EAGLE-3 head the target's graphs also return its aux hidden states: drafts and
+    output are those of eager steps (and plain decoding's output)."""
+    from pagedserve.devtools.eagle3_head import build_eagle3_head
+
+    model = tiny_model_dir("llama")
+    head = build_eagle3_head(tmp_path / "head", model, aux_layer_ids=[0, 1, 1], seed=5)
+    spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3,
+            "adaptive": False}
+    prompts = [[4 + (i % 6) for i in range(48)], [9 + (i % 4) for i in range(30)]]
+    plain = generate(model, prompts, dtype="float32", enforce_eager=True)
+    eager = generate(model, prompts, dtype="float32", enforce_eager=True,
+                     speculative_config=spec)
+    llm = LLM(str(model), dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
+              speculative_config=spec)
+    graphs = llm.engine.runner.graphs
+    assert graphs is not None and graphs.query_lens == (1, 4)
+    replays = []
+    original = graphs.replay
+    graphs.replay = lambda size, q=1: replays.append((size, q)) or original(size, q)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == eager == plain
+    assert any(q == 4 for _, q in replays), replays
+    assert llm.engine.get_stats().spec_decoding.num_draft_tokens > 0

@@ -24,7 +24,7 @@ def profile_run(runner: Any) -> None:
     max_num_batched_tokens dummy tokens, then logits for the most rows a step samples,
     a slice of prompt logprobs, and the sampler at its worst on those rows (see
     ``worst_case_sampling``); with speculation, also the verification of the most drafts
-    a step holds."""
+    a step holds, and an EAGLE-3 head's catch-up over the step's tokens."""
     tokens = min(runner.config.max_num_batched_tokens, runner.config.max_model_len)
     cache = [torch.empty(2, 1, runner.block_size, runner.model_config.num_kv_heads,
                          runner.model_config.head_dim, dtype=runner.kv_cache_dtype,
@@ -66,7 +66,15 @@ def profile_run(runner: Any) -> None:
             worst_case_prompt_logprobs(tokens, runner.vocab_size, max_logprobs),
             runner.vocab_size,
         )
-        del hidden, aux  # the aux states (EAGLE-3) lived as long as the hidden states
+        if runner.eagle3 is not None:  # the head's catch-up over every token of the step
+            head = runner.eagle3
+            head_cache = [torch.empty(2, 1, runner.block_size, head.model_config.num_kv_heads,
+                                      head.model_config.head_dim, dtype=runner.kv_cache_dtype,
+                                      device=runner.device)]
+            head.attn.prepare(meta)
+            head.head(ids, torch.arange(tokens, device=runner.device),
+                      head.head.combine_hidden_states(aux), head_cache, meta)
+        del hidden, aux
         runner.sampler(
             logits, worst_case_sampling(rows, runner.vocab_size, runner.device, max_logprobs)
         )
