@@ -1,8 +1,9 @@
 """Speculative decoding (issue 11): the proposers that draft tokens for a request cheaply
-(n-gram prompt lookup, a draft model; later EAGLE-3 heads), their configuration, and
-the bookkeeping the scheduler needs to choose how many tokens to draft. The target model's
+(n-gram prompt lookup, a draft model, an EAGLE-3 head), their configuration, and the
+bookkeeping the scheduler needs to choose how many tokens to draft. The target model's
 verification (the rejection sampler) lives beside the Sampler in worker/.
 
 ``ngram_proposer`` (numpy) and ``controller`` import no torch, so the scheduler side can call them
-without torch; ``draft_model`` runs a model and is used by the runner only.
+without torch; ``draft_model``, ``eagle3_proposer`` and ``paged_drafting`` run models and are
+used by the runner only.
 """
