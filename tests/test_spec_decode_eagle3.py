@@ -180,6 +180,23 @@ def test_drafts_equal_a_reference_recomputed_from_the_tokens(target, heads, head
     assert len(mismatched) <= len(sample) // 20, mismatched[:2]
 
 
+def test_seeded_random_sampling_is_identical(target, heads):
+    """A seeded request draws the same tokens with and without drafts (its draws are keyed
+    by its seed and the position)."""
+    prompts = ["Once upon a time", "The same long shared prefix", "Short"]
+    params = [SamplingParams(temperature=0.9, top_p=0.95, seed=s, max_tokens=30,
+                             ignore_eos=True) for s in (1, 2, 3)]
+
+    def tokens(llm: LLM) -> list:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    kwargs = dict(max_model_len=128, block_size=8, kv_cache_memory_bytes=KV)
+    expected = tokens(LLM(str(target), **kwargs))
+    llm = LLM(str(target), **kwargs, speculative_config=spec(heads["narrow"]))
+    assert tokens(llm) == expected
+    assert llm.engine.get_stats().spec_decoding.num_draft_tokens > 0
+
+
 def test_adaptive_speculation_keeps_the_output(target, heads):
     kwargs = SCENARIOS["plain"][0]
     expected, _ = run(target, **kwargs)
