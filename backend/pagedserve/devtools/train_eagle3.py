@@ -27,7 +27,6 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pagedserve.devtools.eagle3_train_head import PlainEagle3Head
 from pagedserve.devtools.train_data import TokenWindows
@@ -232,14 +231,17 @@ def head_agreement(head_dir: PathLike, target_dir: PathLike, windows: np.ndarray
 def sample_sequences(target_dir: PathLike, count: int, length: int, *, prompt_length: int = 4,
                      seed: int = 0, temperature: float = 1.0) -> np.ndarray:
     """``[count, length]`` token sequences: random prompts of ``prompt_length`` ids continued
-    by the target's own samples (seeded): training data for a random target."""
+    by the target's own samples (seeded, never stopped early): training data for a random
+    target."""
     target = load_target(target_dir)
-    vocab = target.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (count, prompt_length), generator=gen)
-    while ids.shape[1] < length:
-        logits = target(input_ids=ids).logits[:, -1].float() / temperature
-        ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1, generator=gen)], 1)
+    prompts = torch.randint(4, target.config.vocab_size, (count, prompt_length), generator=gen)
+    new = length - prompt_length
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        ids = target.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                              temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new,
+                              min_new_tokens=new, pad_token_id=0)
     return ids.numpy().astype(np.int64)
 
 
@@ -406,7 +408,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="the target checkpoint directory (with tokenizer.json)")
     for name, kind in (("steps", int), ("batch_size", int), ("context", int),
                        ("draft_vocab_size", int), ("num_draft_steps", int),
-                       ("step_weight", float), ("hard_weight", float), ("lr", float), ("warmup_steps", int),
+                       ("step_weight", float), ("hard_weight", float), ("lr", float),
+                       ("warmup_steps", int),
                        ("seed", int), ("threads", int), ("initializer_range", float),
                        ("vocab_windows", int), ("log_every", int)):
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
