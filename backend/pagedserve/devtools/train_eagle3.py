@@ -3,6 +3,7 @@ format (the tensor names and config of `eagle3_head.build_eagle3_head`, whose ra
 starts from)::
 
     python -m pagedserve.devtools.train_eagle3 OUT --target DIR [--steps N] ...
+    python -m pagedserve.devtools.train_eagle3 OUT --target DIR --eval-only   # measure OUT
 
 Data are the target's own: the transformers target (fp32) runs over each training window with
 ``output_hidden_states``; its residual streams entering the head's aux layers feed ``fc``, and
@@ -419,6 +420,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=_DTYPES, default=None, help="of the written tensors")
     parser.add_argument("--eval-windows", type=int, default=64,
                         help="stdlib held-out windows the final agreement is measured on")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="measure the head already at OUT on the held-out windows; no "
+                             "training")
     return parser
 
 
@@ -436,6 +440,13 @@ def main(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         settings["torch_dtype"] = args.dtype
     context = int(settings.get("context", Eagle3TrainConfig.context))  # type: ignore[arg-type]
     heldout = stdlib_windows(args.target, "heldout", context, 0).evenly_spaced(args.eval_windows)
+    if args.eval_only:
+        torch.set_num_threads(int(settings.get("threads", 1)))  # type: ignore[arg-type]
+        steps = int(settings.get("num_draft_steps", 3))  # type: ignore[arg-type]
+        agreement = head_agreement(args.out_dir, args.target, heldout, steps)
+        print(f"{args.out_dir}: held-out ({len(heldout)} windows of {context + 1} tokens), "
+              f"teacher-forced, plain torch: {agreement.describe()}")
+        return args.out_dir
     command = " ".join(["python -m pagedserve.devtools.train_eagle3", *map(shlex.quote, argv)])
     out = train_eagle3_head(args.out_dir, args.target, heldout=heldout, command=command,
                             **settings)
