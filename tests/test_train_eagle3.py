@@ -135,6 +135,11 @@ def test_training_raises_agreement_and_writes_a_loadable_head(tiny_model_dir, tm
     assert after.per_step[0] >= MIN_STEP0, after.describe()
     assert min(after.per_step[1:]) >= MIN_LATER, after.describe()
     assert after.positions == 32 * 47  # rows with a step-0 label
+    # On the target's greedy continuations (of 16-token prompts), the drafts after the prompt.
+    greedy = head_agreement(head_dir, target_dir, heldout, greedy_after=16)
+    assert greedy.positions == 32 * (47 - 15)
+    assert all(c <= a for c, a in zip(greedy.chain, greedy.per_step))
+    assert greedy.per_step[0] >= MIN_STEP0, greedy.describe()
 
     # The published format: the random head's tensor names and config keys, d2t/t2d agreeing.
     tensors = load_file(head_dir / "model.safetensors")

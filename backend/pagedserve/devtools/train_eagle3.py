@@ -181,8 +181,9 @@ def eagle3_loss(logits: list[torch.Tensor], target_logits: torch.Tensor,
 @torch.no_grad()
 def measure_agreement(head: PlainEagle3Head, draft_ids: torch.Tensor, target: torch.nn.Module,
                       aux_layer_ids: Sequence[int], windows: np.ndarray, num_steps: int,
-                      batch_size: int = 8) -> Agreement:
-    """Teacher-forced agreement (`Agreement`) of ``head`` on ``windows`` ``[n, rows]``."""
+                      batch_size: int = 8, first_row: int = 0) -> Agreement:
+    """Teacher-forced agreement (`Agreement`) of ``head`` on ``windows`` ``[n, rows]``,
+    counting the drafts from rows ``first_row`` on."""
     head.eval()
     agree = np.zeros(num_steps)
     chain = np.zeros(num_steps)
@@ -195,9 +196,9 @@ def measure_agreement(head: PlainEagle3Head, draft_ids: torch.Tensor, target: to
         for j, (step, target_step) in enumerate(step_targets(logits, target_logits)):
             ok = draft_ids[step.argmax(-1)] == target_step.argmax(-1)
             ok_so_far = ok if ok_so_far is None else ok_so_far[:, :ok.shape[1]] & ok
-            agree[j] += int(ok.sum())
-            chain[j] += int(ok_so_far.sum())
-            counts[j] += ok.numel()
+            agree[j] += int(ok[:, first_row:].sum())
+            chain[j] += int(ok_so_far[:, first_row:].sum())
+            counts[j] += ok[:, first_row:].numel()
     counts = np.maximum(counts, 1)
     return Agreement(tuple(float(x) for x in agree / counts),
                      tuple(float(x) for x in chain / counts), int(counts[0]))
@@ -219,13 +220,27 @@ def load_plain_head(head_dir: PathLike, target: torch.nn.Module
 
 
 def head_agreement(head_dir: PathLike, target_dir: PathLike, windows: np.ndarray,
-                   num_steps: int = 3, batch_size: int = 8) -> Agreement:
+                   num_steps: int = 3, batch_size: int = 8, *,
+                   greedy_after: Optional[int] = None) -> Agreement:
     """Teacher-forced agreement of the head written at ``head_dir`` with its target's greedy
-    tokens on ``windows`` (plain torch, fp32)."""
+    tokens on ``windows`` (plain torch, fp32). With ``greedy_after``, each window's first
+    ``greedy_after`` tokens are a prompt that the target continues greedily to the window's
+    length, and the drafts over the continuation are counted: there the fed tokens are the
+    target's greedy ones, so ``chain`` is greedy decoding's acceptance."""
     target = load_target(target_dir)
     head, draft_ids, config = load_plain_head(head_dir, target)
     ids = aux_layer_ids_of(config, target.config.num_hidden_layers)
-    return measure_agreement(head, draft_ids, target, ids, windows, num_steps, batch_size)
+    first_row = 0
+    if greedy_after is not None:
+        prompts = torch.from_numpy(windows[:, :greedy_after].astype(np.int64))
+        new = windows.shape[1] - greedy_after
+        with torch.no_grad():
+            windows = target.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                      do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                                      pad_token_id=0).numpy()
+        first_row = greedy_after - 1  # the first row whose fed token is a greedy one
+    return measure_agreement(head, draft_ids, target, ids, windows, num_steps, batch_size,
+                             first_row)
 
 
 @torch.no_grad()
@@ -446,6 +461,10 @@ def main(argv: Optional[Sequence[str]] = None) -> pathlib.Path:
         agreement = head_agreement(args.out_dir, args.target, heldout, steps)
         print(f"{args.out_dir}: held-out ({len(heldout)} windows of {context + 1} tokens), "
               f"teacher-forced, plain torch: {agreement.describe()}")
+        prompt = (context + 1) // 4
+        greedy = head_agreement(args.out_dir, args.target, heldout, steps, greedy_after=prompt)
+        print(f"{args.out_dir}: the target's greedy continuations of the same windows' first "
+              f"{prompt} tokens: {greedy.describe()}")
         return args.out_dir
     command = " ".join(["python -m pagedserve.devtools.train_eagle3", *map(shlex.quote, argv)])
     out = train_eagle3_head(args.out_dir, args.target, heldout=heldout, command=command,
