@@ -62,8 +62,10 @@ class HeadShape:
         if config.get("rope_scaling"):
             raise ValueError("the trainer's head supports the default rope only (rope_scaling "
                              f"{config['rope_scaling']!r})")
-        return cls(int(config["num_attention_heads"]), int(config["num_key_value_heads"]),
-                   int(config["head_dim"]), float(config["rms_norm_eps"]),
+        heads = int(config["num_attention_heads"])
+        head_dim = config.get("head_dim") or int(config["hidden_size"]) // heads
+        return cls(heads, int(config.get("num_key_value_heads") or heads),
+                   int(head_dim), float(config["rms_norm_eps"]),
                    float(config["rope_theta"]), bool(config.get("norm_before_residual", False)))
 
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from pagedserve.devtools.eagle3_train_head import PlainEagle3Head
-from pagedserve.devtools.train_data import TokenWindows
+from pagedserve.devtools.train_data import TokenWindows, batches, encode_files, pack
+from pagedserve.devtools.train_loop import LoopSettings, _optimizer, lr_at
 
 PathLike = Union[str, pathlib.Path]
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -267,7 +268,6 @@ def stdlib_windows(target_dir: PathLike, split: str, context: int, seed: int) ->
     from tokenizers import Tokenizer
 
     from pagedserve.devtools import stdlib_corpus
-    from pagedserve.devtools.train_data import encode_files, pack
 
     target_dir = pathlib.Path(target_dir)
     config = json.loads((target_dir / "config.json").read_text())
@@ -295,10 +295,9 @@ def train_eagle3_head(
     the target's tokenizer and packed, else the stdlib corpus's train split. ``settings`` are
     `Eagle3TrainConfig`'s fields (steps, draft_vocab_size, seed, ...). With ``heldout``
     windows, the final agreement on them is logged and written into the README."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from pagedserve.devtools.eagle3_head import build_eagle3_head
-    from pagedserve.devtools.train_loop import LoopSettings, _optimizer, lr_at
 
     config = Eagle3TrainConfig(**settings)  # type: ignore[arg-type]
     torch.set_num_threads(config.threads)
@@ -326,8 +325,6 @@ def train_eagle3_head(
     log(f"{len(windows)} training windows of {windows.shape[1]} tokens; draft vocabulary "
         f"{config.draft_vocab_size} of {vocab} ({time.monotonic() - start:.0f} s); aux layers "
         f"{list(aux_ids)}")
-
-    from pagedserve.devtools.train_data import batches
 
     loop = LoopSettings(num_steps=config.steps, lr=config.lr,
                         warmup_steps=min(config.warmup_steps, config.steps), weight_decay=0.0)
@@ -359,7 +356,7 @@ def train_eagle3_head(
                                       config.num_draft_steps, config.batch_size)
         log(f"held-out {agreement.describe()}")
     _write(out, head, draft_ids, vocab, head_config, config, seconds, agreement, command,
-           len(heldout) if heldout is not None else 0, save_file)
+           len(heldout) if heldout is not None else 0)
     return out
 
 
@@ -374,8 +371,6 @@ def _training_windows(target_dir: PathLike, texts: Optional[Sequence[str]],
     if texts is not None:
         from tokenizers import Tokenizer
 
-        from pagedserve.devtools.train_data import encode_files, pack
-
         target = json.loads((pathlib.Path(target_dir) / "config.json").read_text())
         tokenizer = Tokenizer.from_file(str(pathlib.Path(target_dir) / "tokenizer.json"))
         encoded = encode_files(tokenizer, list(texts), int(target["bos_token_id"]),
@@ -386,8 +381,12 @@ def _training_windows(target_dir: PathLike, texts: Optional[Sequence[str]],
 
 def _write(out: pathlib.Path, head: PlainEagle3Head, draft_ids: torch.Tensor, vocab: int,
            head_config: dict, config: Eagle3TrainConfig, seconds: float,
-           agreement: Optional[Agreement], command: Optional[str], heldout_windows: int,
-           save_file: Callable) -> None:
+           agreement: Optional[Agreement], command: Optional[str], heldout_windows: int
+           ) -> None:
+    """Writes the trained tensors (with d2t/t2d) over the random init, the config's dtype,
+    and a README saying how the head was made."""
+    from safetensors.torch import save_file
+
     dtype = getattr(torch, config.torch_dtype)
     tensors = {k: v.to(dtype).contiguous() for k, v in head.published_tensors().items()}
     n = len(draft_ids)
