@@ -84,7 +84,8 @@ def _make_repository(dest: Path, checkpoint: Path) -> Path:
     shutil.copytree(
         REPO_ROOT / "model_repository",
         dest,
-        ignore=shutil.ignore_patterns("default_model", "draft_model", "__pycache__"),
+        ignore=shutil.ignore_patterns("default_model", "draft_model", "eagle3_head",
+                                      "__pycache__"),
     )
     shutil.copytree(checkpoint, dest / "llm" / "1" / "default_model")
     return dest
