@@ -87,6 +87,10 @@ class TorchAttentionBackend(AttentionBackend):
         return self._decode_kernel
 
     def prepare(self, metadata: AttentionMetadata) -> None:
+        n = metadata.num_reqs
+        if metadata.max_query_len == 1 and metadata.num_actual_tokens == n:
+            self._prepare_decodes(metadata)
+            return
         bs = self.block_size
         qsl = metadata.query_start_loc_cpu
         if qsl is None:
@@ -94,7 +98,6 @@ class TorchAttentionBackend(AttentionBackend):
         seq_lens = metadata.seq_lens_cpu
         if seq_lens is None:
             seq_lens = metadata.seq_lens.cpu()
-        n = metadata.num_reqs
         q_lens = qsl[1 : n + 1] - qsl[:n]
         seq_lens = seq_lens[:n]
         # A few query rows that continue a cached context (a decode; a decode verifying
@@ -139,6 +142,22 @@ class TorchAttentionBackend(AttentionBackend):
         slots = metadata.slot_mapping[: metadata.num_actual_tokens]
         metadata.plan = _Plan(rows, num_decodes, lens, tables, prefills,
                               slots_valid=bool((slots >= 0).all()))
+
+    def _prepare_decodes(self, metadata: AttentionMetadata) -> None:
+        """The plan of a forward of one token per request (plain decoding; each step of a
+        drafter after its first): every row a decode, in order, read from the metadata as it
+        is. Per-forward host work is most of a small model's step on the CPU, so this skips
+        the general plan's query-length analysis."""
+        n = metadata.num_reqs
+        width = (metadata.max_seq_len + self.block_size - 1) // self.block_size
+        tables = metadata.block_table[:, :width]
+        if tables.dtype != torch.int32:
+            tables = tables.to(torch.int32)
+        lens = metadata.seq_lens[:n]
+        if lens.dtype != torch.int32:
+            lens = lens.to(torch.int32)
+        slots = metadata.slot_mapping[:n]
+        metadata.plan = _Plan(None, n, lens, tables, [], slots_valid=bool((slots >= 0).all()))
 
     def forward(
         self,
