@@ -34,6 +34,9 @@ _PRIOR_DRAFTED_FRACTION = 1.0
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
 _MIN_GAIN = 1.10
 _PROBE_INTERVAL = 64
+# How far one proposer call moves its price per draft position (see ProposerCostModel).
+_PROPOSER_EMA_UP = 0.02
+_PROPOSER_EMA_DOWN = 0.3
 
 
 @dataclass
@@ -156,6 +159,30 @@ class StepCostModel:
         return times[-1]  # unreachable
 
 
+class ProposerCostModel(StepCostModel):
+    """Owns the proposer's seconds per draft position for a batch of n requests, by
+    power-of-two bucket: start-up timings of a drafting step (a draft model's; none for a
+    proposer as cheap as n-gram lookup: then 0 until measured), then the measured calls.
+
+    A measured call above the estimate moves it slowly, one below quickly: a draft model that
+    was idle (k = 0 steps, a new request's prompt) first catches up on every token it missed,
+    a call that costs many drafting steps once and says nothing about what drafting costs
+    from then on."""
+
+    def observe(self, num_tokens: int, seconds: float) -> None:
+        b, scale = self._bucket(num_tokens)
+        value = seconds * scale
+        old = self._observed.get(b, self._seeded.get(b))
+        if old is None:
+            self._observed[b] = value
+            return
+        weight = _PROPOSER_EMA_DOWN if value < old else _PROPOSER_EMA_UP
+        self._observed[b] = old + weight * (value - old)
+
+    def seconds(self, num_tokens: float) -> float:
+        return super().seconds(num_tokens) if self.known else 0.0
+
+
 class SpeculationController:
     """Owns the choice of k per step from the measured acceptance, the proposer's cost and the
     step cost model (see the module docstring). ``adaptive=False`` always drafts
@@ -168,6 +195,7 @@ class SpeculationController:
         adaptive: bool = True,
         disable_by_batch_size: Optional[int] = None,
         cost: Optional[StepCostModel] = None,
+        propose_cost: Optional[ProposerCostModel] = None,
     ) -> None:
         self.max_num_drafts = max_num_drafts
         self.adaptive = adaptive
@@ -175,8 +203,8 @@ class SpeculationController:
         self.cost = cost if cost is not None else StepCostModel()
         self.acceptance = [_PRIOR_ACCEPTANCE] * max_num_drafts  # conditional, per position
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
-        # The proposer's time per draft position, for the whole batch.
-        self.propose_seconds_per_draft = 0.0
+        # The proposer's time per draft position, for the whole batch, by batch size.
+        self.propose_cost = propose_cost if propose_cost is not None else ProposerCostModel()
         self._seen_accepted: list[int] = []
         self._seen_reached: list[int] = []
         self._steps_since_probe = 0
@@ -208,10 +236,8 @@ class SpeculationController:
         if num_requests:
             self.drafted_fraction += _EMA * (num_with_drafts / num_requests
                                              - self.drafted_fraction)
-        if k:
-            per_position = seconds / k
-            self.propose_seconds_per_draft += _EMA * (per_position
-                                                      - self.propose_seconds_per_draft)
+        if k and num_requests:
+            self.propose_cost.observe(num_requests, seconds / k)
 
     # ---- the choice ----------------------------------------------------------------------
 
@@ -230,7 +256,7 @@ class SpeculationController:
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         base = self.cost.seconds(b)
-        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_seconds_per_draft * k
+        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b) * k
         return (1.0 + f * (self.expected_tokens(k) - 1.0)) * base / step
 
     def num_drafts(self, num_running: int) -> int:

@@ -26,6 +26,7 @@ the chunks; it is not captured in CUDA graphs).
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import numpy as np
@@ -159,6 +160,32 @@ class DraftModelProposer:
                           for _ in range(mc.num_layers)]
         self.serial.fill(-1)
 
+    @torch.inference_mode()
+    def time_steps(self, sizes: list[int], repeats: int = 3) -> list[tuple[int, float]]:
+        """Seconds of one drafting step (one token per request and its argmax, metadata
+        included) over n requests for each n of ``sizes``, each at a context of half
+        max_model_len (at most 512 positions), the best of ``repeats``: the seed of the
+        speculation controller's price of a draft position. Writes nothing to the caches."""
+        bs = self.block_size
+        num_blocks = self.kv_caches[0].shape[1]
+        context = max(1, min(self.max_model_len // 2, 512, num_blocks * bs))
+        blocks = np.arange(-(-context // bs), dtype=np.int64)
+        timings = []
+        for n in sizes:
+            positions = np.full(n, context - 1, dtype=np.int64)
+            table = np.tile(blocks, (n, 1))
+            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            ones = np.ones(n, dtype=np.int64)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self._greedy_last(ids, positions, table, ones, positions + 1, write=False)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            timings.append((n, best))
+        return timings
+
     # ---- proposing -----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -264,12 +291,16 @@ class DraftModelProposer:
             done[sel] += take
 
     def _greedy_last(self, ids: torch.Tensor, positions: np.ndarray, table: np.ndarray,
-                     query_lens: np.ndarray, seq_lens: np.ndarray) -> torch.Tensor:
+                     query_lens: np.ndarray, seq_lens: np.ndarray,
+                     write: bool = True) -> torch.Tensor:
         """One draft forward over a ragged batch (row i: ``query_lens[i]`` tokens ending at
-        context length ``seq_lens[i]``); the argmax at each row's last token."""
+        context length ``seq_lens[i]``); the argmax at each row's last token. ``write=False``
+        keeps the new keys and values out of the caches (a timing run)."""
         device = self.device
         meta, last = ragged_metadata(positions, table, query_lens, seq_lens, self.block_size,
                                      device)
+        if not write:
+            meta.slot_mapping.fill_(-1)
         self.attn.prepare(meta)
         hidden = self.model(ids, torch.from_numpy(positions).to(device), self.kv_caches, meta)
         if len(positions) > len(query_lens):  # some row fed several tokens: its last one
