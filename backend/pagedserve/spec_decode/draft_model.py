@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.layers.linear import LinearBase, UnquantizedLinearMethod, onednn_unpack
@@ -41,6 +42,7 @@ from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.spec_decode.ngram_proposer import PLACEHOLDER_TOKEN_ID
 from pagedserve.spec_decode.paged_drafting import (
+    DecodeSteps,
     PagedBatch,
     ScratchBlocks,
     ragged_arange,
@@ -215,15 +217,24 @@ class DraftModelProposer:
         table = self.scratch.block_table(batch, rows_a, num_tokens + k_rows - 2, self.block_size)
         out = torch.empty(len(rows_a), k, dtype=torch.int64, device=self.device)
         out[:, 0] = self._catch_up(batch, rows_a, start, num_tokens, table)
+        steps: Optional[DecodeSteps] = None
         for j in range(1, k):
             (sel,) = np.nonzero(k_rows > j)
             if not len(sel):
                 break
-            positions = num_tokens[sel] + (j - 1)
-            sel_t = torch.from_numpy(sel).to(self.device)
-            ids = out[sel_t, j - 1]
-            ones = np.ones(len(sel), dtype=np.int64)
-            out[sel_t, j] = self._greedy_last(ids, positions, table[sel], ones, positions + 1)
+            # The rows left only shrink (their room or max_model_len ends): the same count is
+            # the same rows, one position on.
+            if steps is None or len(sel) != len(steps.positions):
+                steps = DecodeSteps(num_tokens[sel] + (j - 1), table[sel], self.block_size,
+                                    self.device)
+            else:
+                steps.advance()
+            if len(sel) == len(rows_a):
+                out[:, j] = self._greedy(out[:, j - 1].contiguous(), steps.positions_t,
+                                         steps.meta)
+            else:
+                sel_t = torch.from_numpy(sel).to(self.device)
+                out[sel_t, j] = self._greedy(out[sel_t, j - 1], steps.positions_t, steps.meta)
         host = out.cpu().numpy()
         drafts[active] = np.where(np.arange(k)[None, :] < k_rows[:, None], host,
                                   PLACEHOLDER_TOKEN_ID)
@@ -301,9 +312,16 @@ class DraftModelProposer:
                                      device)
         if not write:
             meta.slot_mapping.fill_(-1)
+        ragged = len(positions) > len(query_lens)  # some row fed several tokens: its last one
+        return self._greedy(ids, torch.from_numpy(positions).to(device), meta,
+                            torch.from_numpy(last).to(device) if ragged else None)
+
+    def _greedy(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One draft forward; the argmax at each of ``last`` (default: every token)."""
         self.attn.prepare(meta)
-        hidden = self.model(ids, torch.from_numpy(positions).to(device), self.kv_caches, meta)
-        if len(positions) > len(query_lens):  # some row fed several tokens: its last one
-            hidden = hidden[torch.from_numpy(last).to(device)]
+        hidden = self.model(ids, positions, self.kv_caches, meta)
+        if last is not None:
+            hidden = hidden[last]
         return self.model.compute_logits(hidden).argmax(dim=-1)
 
