@@ -34,9 +34,9 @@ _PRIOR_DRAFTED_FRACTION = 1.0
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
 _MIN_GAIN = 1.10
 _PROBE_INTERVAL = 64
-# How far one proposer call moves its price per draft position (see ProposerCostModel).
-_PROPOSER_EMA_UP = 0.02
-_PROPOSER_EMA_DOWN = 0.3
+# How far one measured time moves a cost estimate up, and down (see StepCostModel).
+_COST_EMA_UP = 0.05
+_COST_EMA_DOWN = 0.3
 
 
 @dataclass
@@ -105,11 +105,15 @@ def _tail_sums(hist: list[int]) -> list[int]:
 class StepCostModel:
     """Owns t(n), the seconds of a decode step that computes n tokens, by power-of-two bucket.
 
-    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) replace a
+    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) move a
     bucket's value as they come, and scale the buckets not measured yet by how measured steps
     compare with their start-up figure (real steps also attend to long contexts, sample and
-    prepare inputs). Between known buckets t is linear in n; below the smallest it is flat,
-    above the largest proportional to n (compute-bound)."""
+    prepare inputs). A measured time above the estimate moves it slowly, one below quickly:
+    whatever else runs on the host slows a step and never speeds one up, so the estimate
+    follows the low end of the measured times, which is what the step itself costs (on a
+    shared CPU, times of one step size were seen to vary by 2x, and a plain average made
+    whichever size was measured last look dearest). Between known buckets t is linear in n;
+    below the smallest it is flat, above the largest proportional to n (compute-bound)."""
 
     def __init__(self) -> None:
         self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
@@ -130,11 +134,17 @@ class StepCostModel:
     def observe(self, num_tokens: int, seconds: float) -> None:
         b, scale = self._bucket(num_tokens)
         value = seconds * scale
-        old = self._observed.get(b)
-        self._observed[b] = value if old is None else old + _EMA * (value - old)
         seeded = self._seeded.get(b)
+        old = self._observed.get(b)
+        if old is None and seeded:
+            old = seeded * self._calibration
+        if old is None:
+            new = value
+        else:
+            new = old + (_COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
+        self._observed[b] = new
         if seeded:
-            self._calibration += _EMA * (value / seeded - self._calibration)
+            self._calibration += _EMA * (new / seeded - self._calibration)
 
     @property
     def known(self) -> bool:
@@ -162,22 +172,11 @@ class StepCostModel:
 class ProposerCostModel(StepCostModel):
     """Owns the proposer's seconds per draft position for a batch of n requests, by
     power-of-two bucket: start-up timings of a drafting step (a draft model's; none for a
-    proposer as cheap as n-gram lookup: then 0 until measured), then the measured calls.
-
-    A measured call above the estimate moves it slowly, one below quickly: a draft model that
-    was idle (k = 0 steps, a new request's prompt) first catches up on every token it missed,
-    a call that costs many drafting steps once and says nothing about what drafting costs
-    from then on."""
-
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        b, scale = self._bucket(num_tokens)
-        value = seconds * scale
-        old = self._observed.get(b, self._seeded.get(b))
-        if old is None:
-            self._observed[b] = value
-            return
-        weight = _PROPOSER_EMA_DOWN if value < old else _PROPOSER_EMA_UP
-        self._observed[b] = old + weight * (value - old)
+    proposer as cheap as n-gram lookup: then 0 until measured), then the measured calls, as
+    StepCostModel follows steps. That a call above the estimate moves it slowly matters here
+    twice: a draft model that was idle (k = 0 steps, a new request's prompt) first catches up
+    on every token it missed, a call that costs many drafting steps once and says nothing
+    about what drafting costs from then on."""
 
     def seconds(self, num_tokens: float) -> float:
         return super().seconds(num_tokens) if self.known else 0.0
