@@ -156,8 +156,12 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     _observe(controller, 4, 0, 200)
     assert controller.acceptance[0] < 0.05
     assert controller.num_drafts(1) == 0
-    # ...but looks again now and then, in case the workload changed.
+    # ...but looks again now and then, in case the workload changed: soon where drafting
+    # would pay at the prior acceptance (a small batch), rarely where not even then.
     choices = [controller.num_drafts(1) for _ in range(200)]
+    assert 200 // 16 < sum(1 for c in choices if c) <= 200 // 8
+    assert controller.num_drafts(256) == 0
+    choices = [controller.num_drafts(256) for _ in range(200)]
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
 
 

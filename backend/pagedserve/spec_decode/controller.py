@@ -16,6 +16,8 @@ and drafts nothing when no k beats plain decoding, so a large batch runs as if s
 off. Every ``_PROBE_INTERVAL`` steps it takes the other side once: a step with one draft while
 it drafts none (nothing is learnt about acceptance otherwise, and the workload may have
 changed), a plain step while it drafts (so that the cost of both is measured, not estimated).
+Drafting probes come every ``_QUICK_PROBE_INTERVAL`` steps where drafting would pay at the
+prior acceptance (see ``_probe_interval``).
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ from typing import Optional
 
 # Weight of a new observation in the running averages.
 _EMA = 0.1
-# Prior acceptance per position before anything is measured: speculate, then learn.
-_PRIOR_ACCEPTANCE = 0.7
+# Prior acceptance per position before anything is measured: speculate where that pays
+# even at an even chance per draft, then learn. Not more: a draft model that starts drafting
+# must first catch up on every prompt, which at a large batch costs several steps for a gain
+# that is not there.
+_PRIOR_ACCEPTANCE = 0.5
 _PRIOR_DRAFTED_FRACTION = 1.0
 # Speculate only when the best k is estimated at least this much faster than k = 0: the
 # estimate of a step size not measured lately (start-up timings, calibrated) was seen off by up
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
 _MIN_GAIN = 1.10
 _PROBE_INTERVAL = 64
+_QUICK_PROBE_INTERVAL = 8
 # How far one measured time moves a cost estimate up, and down (see StepCostModel).
 _COST_EMA_UP = 0.05
 _COST_EMA_DOWN = 0.3
@@ -200,7 +206,8 @@ class SpeculationController:
         self.adaptive = adaptive
         self.disable_by_batch_size = disable_by_batch_size
         self.cost = cost if cost is not None else StepCostModel()
-        self.acceptance = [_PRIOR_ACCEPTANCE] * max_num_drafts  # conditional, per position
+        self._prior = [_PRIOR_ACCEPTANCE] * max_num_drafts
+        self.acceptance = list(self._prior)  # conditional, per position
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
         # The proposer's time per draft position, for the whole batch, by batch size.
         self.propose_cost = propose_cost if propose_cost is not None else ProposerCostModel()
@@ -240,23 +247,26 @@ class SpeculationController:
 
     # ---- the choice ----------------------------------------------------------------------
 
-    def expected_tokens(self, k: int) -> float:
-        """Tokens a drafted request emits per step with k drafts: 1 + a0 + a0 a1 + ..."""
+    def expected_tokens(self, k: int, acceptance: Optional[list[float]] = None) -> float:
+        """Tokens a drafted request emits per step with k drafts: 1 + a0 + a0 a1 + ...
+        (``acceptance``: the measured one unless given)."""
         total, reach = 1.0, 1.0
-        for a in self.acceptance[:k]:
+        for a in (self.acceptance if acceptance is None else acceptance)[:k]:
             reach *= a
             total += reach
         return total
 
-    def speedup(self, num_running: int, k: int) -> float:
-        """Estimated tokens per second with k drafts over tokens per second without."""
+    def speedup(self, num_running: int, k: int,
+                acceptance: Optional[list[float]] = None) -> float:
+        """Estimated tokens per second with k drafts over tokens per second without (at the
+        measured acceptance unless ``acceptance`` is given)."""
         if k == 0:
             return 1.0
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         base = self.cost.seconds(b)
         step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b) * k
-        return (1.0 + f * (self.expected_tokens(k) - 1.0)) * base / step
+        return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
     def num_drafts(self, num_running: int) -> int:
         """How many tokens to draft per request for the next step of ``num_running``."""
@@ -273,11 +283,22 @@ class SpeculationController:
         # steps: one drafting step while drafting does not pay (has the workload changed?),
         # one plain step while it does (what does a step without drafts cost now?).
         self._steps_since_probe += 1
-        if self._steps_since_probe >= _PROBE_INTERVAL:
+        if self._steps_since_probe >= self._probe_interval(num_running, best_k):
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
         self.last_choice = best_k
         return best_k
+
+    def _probe_interval(self, num_running: int, best_k: int) -> int:
+        """Steps between probes. While drafting is off where it would pay at the prior's
+        acceptance (a small batch: the last requests' drafts were poor, the next ones' may
+        not be), a drafting probe comes soon: one every 64 steps would leave a whole request
+        undrafted, and learn a changed acceptance only over many requests. Where even that
+        would not pay (a large batch), probes stay rare: each one costs a draft model the
+        catch-up on every token it skipped."""
+        if best_k == 0 and self.speedup(num_running, 1, self._prior) > _MIN_GAIN:
+            return _QUICK_PROBE_INTERVAL
+        return _PROBE_INTERVAL
 
 
 def _at(values: list[int], j: int) -> int:
