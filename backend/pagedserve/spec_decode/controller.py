@@ -16,8 +16,9 @@ and drafts nothing when no k beats plain decoding, so a large batch runs as if s
 off. Every ``_PROBE_INTERVAL`` steps it takes the other side once: a step with one draft while
 it drafts none (nothing is learnt about acceptance otherwise, and the workload may have
 changed), a plain step while it drafts (so that the cost of both is measured, not estimated).
-Drafting probes come every ``_QUICK_PROBE_INTERVAL`` steps where drafting would pay at the
-prior acceptance (see ``_probe_interval``).
+Every ``_QUICK_PROBE_INTERVAL`` steps it drafts every position once while it drafts fewer
+(the acceptance of the positions it skips is learnt too), or while it drafts none where
+drafting would pay at the prior acceptance (see ``_worth_probing_soon``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ _PRIOR_DRAFTED_FRACTION = 1.0
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
 _MIN_GAIN = 1.10
 _PROBE_INTERVAL = 64
+# Every this many steps, a step with every draft while fewer pay (so that the acceptance at
+# every position stays measured), or while none pay where drafting would at the prior
+# acceptance, at least _QUICK_PROBE_GAIN faster (see _worth_probing_soon).
 _QUICK_PROBE_INTERVAL = 8
+_QUICK_PROBE_GAIN = 1.05
 # How far one measured time moves a cost estimate up, and down (see StepCostModel).
 _COST_EMA_UP = 0.05
 _COST_EMA_DOWN = 0.3
@@ -214,6 +219,8 @@ class SpeculationController:
         self._seen_accepted: list[int] = []
         self._seen_reached: list[int] = []
         self._steps_since_probe = 0
+        self._steps_since_deep_probe = 0
+        self._catch_up_calls = 0
         self.last_choice = max_num_drafts
 
     # ---- what was measured ---------------------------------------------------------------
@@ -242,7 +249,9 @@ class SpeculationController:
         if num_requests:
             self.drafted_fraction += _EMA * (num_with_drafts / num_requests
                                              - self.drafted_fraction)
-        if k and num_requests:
+        if self._catch_up_calls:
+            self._catch_up_calls -= 1
+        elif k and num_requests:
             self.propose_cost.observe(num_requests, seconds / k)
 
     # ---- the choice ----------------------------------------------------------------------
@@ -283,22 +292,30 @@ class SpeculationController:
         # steps: one drafting step while drafting does not pay (has the workload changed?),
         # one plain step while it does (what does a step without drafts cost now?).
         self._steps_since_probe += 1
-        if self._steps_since_probe >= self._probe_interval(num_running, best_k):
+        self._steps_since_deep_probe += 1
+        if (best_k < self.max_num_drafts
+                and self._steps_since_deep_probe >= _QUICK_PROBE_INTERVAL
+                and (best_k > 0 or self._worth_probing_soon(num_running))):
+            self._steps_since_deep_probe = 0
+            best_k = self.max_num_drafts
+        elif self._steps_since_probe >= _PROBE_INTERVAL:
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
+        if best_k and not self.last_choice:
+            # The proposer's next call first catches up on the tokens of the steps without
+            # drafts: not what a draft position costs.
+            self._catch_up_calls += 1
         self.last_choice = best_k
         return best_k
 
-    def _probe_interval(self, num_running: int, best_k: int) -> int:
-        """Steps between probes. While drafting is off where it would pay at the prior's
-        acceptance (a small batch: the last requests' drafts were poor, the next ones' may
-        not be), a drafting probe comes soon: one every 64 steps would leave a whole request
-        undrafted, and learn a changed acceptance only over many requests. Where even that
-        would not pay (a large batch), probes stay rare: each one costs a draft model the
-        catch-up on every token it skipped."""
-        if best_k == 0 and self.speedup(num_running, 1, self._prior) > _MIN_GAIN:
-            return _QUICK_PROBE_INTERVAL
-        return _PROBE_INTERVAL
+    def _worth_probing_soon(self, num_running: int) -> bool:
+        """Whether drafting would pay here at the prior acceptance, though not at the
+        measured one (a small batch: the last requests' drafts were poor, the next ones' may
+        not be). Then probes with every draft come soon: one every 64 steps would leave whole
+        requests undrafted and learn a changed acceptance only over many requests. Where not
+        (a large batch), probes stay rare: each costs a draft model the catch-up on every
+        token it skipped."""
+        return self.speedup(num_running, 1, self._prior) > _QUICK_PROBE_GAIN
 
 
 def _at(values: list[int], j: int) -> int:
