@@ -166,8 +166,11 @@ class LLMEngine:
             return None
         cost, propose_cost = StepCostModel(), ProposerCostModel()
         if spec.adaptive:
-            for num_tokens, seconds in self.runner.time_forwards():
-                cost.seed(num_tokens, seconds)
+            # The best of two rounds: a step size timed while the host was busy with other
+            # work made the next size look nearly free.
+            rounds = [self.runner.time_forwards() for _ in range(2)]
+            for timings in zip(*rounds):
+                cost.seed(timings[0][0], min(seconds for _, seconds in timings))
             if self.runner.draft_model is not None:  # a drafting step's price, before measured
                 sizes = [1 << i for i in range(self.config.max_num_seqs.bit_length())]
                 for num_requests, seconds in self.runner.draft_model.time_steps(sizes):

@@ -170,6 +170,10 @@ class StepCostModel:
         n = max(num_tokens, 1.0)
         sizes = [2.0**b for b, _ in points]
         times = [t for _, t in points]
+        # A step of fewer tokens never costs more than one of more: a time above a larger
+        # size's is noise (a start-up timing or a measurement slowed by other work).
+        for i in range(len(times) - 2, -1, -1):
+            times[i] = min(times[i], times[i + 1])
         if n <= sizes[0]:
             return times[0]
         if n >= sizes[-1]:
@@ -295,7 +299,7 @@ class SpeculationController:
         self._steps_since_deep_probe += 1
         if (best_k < self.max_num_drafts
                 and self._steps_since_deep_probe >= _QUICK_PROBE_INTERVAL
-                and (best_k > 0 or self._worth_probing_soon(num_running))):
+                and self._worth_probing_soon(num_running)):
             self._steps_since_deep_probe = 0
             best_k = self.max_num_drafts
         elif self._steps_since_probe >= _PROBE_INTERVAL:
@@ -309,12 +313,13 @@ class SpeculationController:
         return best_k
 
     def _worth_probing_soon(self, num_running: int) -> bool:
-        """Whether drafting would pay here at the prior acceptance, though not at the
-        measured one (a small batch: the last requests' drafts were poor, the next ones' may
-        not be). Then probes with every draft come soon: one every 64 steps would leave whole
-        requests undrafted and learn a changed acceptance only over many requests. Where not
-        (a large batch), probes stay rare: each costs a draft model the catch-up on every
-        token it skipped."""
+        """Whether drafting would pay here at the prior acceptance (a small batch). Then
+        probes with every draft come soon: while drafting is off (the last requests' drafts
+        were poor, the next ones' may not be: one probe every 64 steps would leave whole
+        requests undrafted), and while fewer drafts pay (the later positions' acceptance is
+        learnt too). Where not (a large batch), probes stay rare: a probe there costs a
+        verification of every row's drafts, and a draft model the catch-up on every token it
+        skipped."""
         return self.speedup(num_running, 1, self._prior) > _QUICK_PROBE_GAIN
 
 
