@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,6 +101,11 @@ class TorchAttentionBackend(AttentionBackend):
             seq_lens = metadata.seq_lens.cpu()
         q_lens = qsl[1 : n + 1] - qsl[:n]
         seq_lens = seq_lens[:n]
+        if metadata.max_query_len <= _MAX_DECODE_ROWS:
+            q_np, lens_np = q_lens.numpy(), seq_lens.numpy()
+            if ((q_np > 0) & ((q_np == 1) | (lens_np > q_np))).all():
+                self._prepare_verifications(metadata, q_np, lens_np)
+                return
         # A few query rows that continue a cached context (a decode; a decode verifying
         # drafts) are decodes each: row j of a request attends to its first
         # seq_len - q_len + j + 1 positions, which the cache holds once this layer's keys are
@@ -158,6 +164,28 @@ class TorchAttentionBackend(AttentionBackend):
             lens = lens.to(torch.int32)
         slots = metadata.slot_mapping[:n]
         metadata.plan = _Plan(None, n, lens, tables, [], slots_valid=bool((slots >= 0).all()))
+
+    def _prepare_verifications(self, metadata: AttentionMetadata, q_lens: np.ndarray,
+                               seq_lens: np.ndarray) -> None:
+        """The plan of a forward whose every request is decodes (a decode, or a decode
+        verifying drafts, or a drafter's catch-up of a few tokens): the general plan's decode
+        rows, computed on the host in numpy (a few microseconds where torch's small ops on
+        the CPU take ~100)."""
+        bs, n = self.block_size, metadata.num_reqs
+        total = int(metadata.num_actual_tokens)
+        owner = np.repeat(np.arange(n), q_lens)
+        starts = np.cumsum(q_lens) - q_lens
+        within = np.arange(total) - starts[owner]
+        lens_np = (seq_lens[owner] - q_lens[owner] + within + 1).astype(np.int32)
+        table = metadata.block_table
+        device = table.device
+        width = (int(lens_np.max()) + bs - 1) // bs
+        tables = table.index_select(0, torch.from_numpy(owner).to(device))[:, :width]
+        if tables.dtype != torch.int32:
+            tables = tables.to(torch.int32)
+        slots = metadata.slot_mapping[:total]
+        metadata.plan = _Plan(None, total, torch.from_numpy(lens_np).to(device), tables, [],
+                              slots_valid=bool((slots >= 0).all()))
 
     def forward(
         self,
