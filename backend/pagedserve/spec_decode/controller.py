@@ -2,14 +2,16 @@
 
 A step that verifies k drafts per request computes up to B(1 + k) tokens where plain decoding
 computes B, and emits 1 + (accepted drafts) tokens per request where plain decoding emits 1.
-Whether that pays depends on two measured things:
+Whether that pays depends on three measured things:
 
 - the acceptance: per draft position j, how often draft j is accepted once drafts 0..j-1 were
   (so E(k) = 1 + a0 + a0 a1 + ... tokens per drafted request), and how many requests get drafts
   at all (an n-gram proposer finds none without a match);
 - the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
   (small batches), growing with n once it is bound by compute (large batches). It is seeded by
-  timing forwards at start-up and then follows the measured steps.
+  timing forwards at start-up and then follows the measured steps;
+- the proposer's cost per draft position at a batch of B requests (a draft model's k drafts
+  are k forwards over the batch), seeded likewise by timing a drafting step at start-up.
 
 Each step the controller picks the k (0..num_speculative_tokens) with the most tokens per second
 and drafts nothing when no k beats plain decoding, so a large batch runs as if speculation were
