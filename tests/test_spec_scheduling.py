@@ -10,6 +10,7 @@ from pagedserve.core.request import RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.controller import (
+    ProposerCostModel,
     SpecDecodingStats,
     SpeculationController,
     StepCostModel,
@@ -187,10 +188,27 @@ def test_controller_does_not_price_the_catch_up_after_steps_without_drafts():
     while controller.num_drafts(1) == 0:  # a probe after steps without drafts
         pass
     controller.observe_proposal(1, 1, 4, seconds=4 * 50e-3)  # catching up on them
-    assert controller.propose_cost.seconds(1) == 0.0  # nothing measured yet
+    assert controller.propose_cost.seconds(1, 4) == 0.0  # nothing measured yet
     controller.num_drafts(1)
     controller.observe_proposal(1, 1, 4, seconds=4 * 1e-4)
-    assert controller.propose_cost.seconds(1) == pytest.approx(1e-4)
+    assert controller.propose_cost.seconds(1, 4) == pytest.approx(4e-4)
+
+
+def test_proposer_cost_prices_each_k_as_measured():
+    """A draft model's first forward of a call costs more than its one-token steps: the calls
+    measured at each k price it, the others are priced from the nearest, a position apart
+    each."""
+    cost = ProposerCostModel()
+    cost.seed(1, 1e-3)  # a one-token step at start-up
+    assert cost.seconds(1, 3) == pytest.approx(3e-3)
+    for _ in range(150):
+        cost.observe(1, 1, 2.0e-3)  # catch-up forward only
+        cost.observe(1, 3, 4.0e-3)  # catch-up forward, then two steps
+    assert cost.seconds(1, 1) == pytest.approx(2.0e-3, rel=0.01)
+    assert cost.seconds(1, 3) == pytest.approx(4.0e-3, rel=0.01)
+    step = cost.per_position.seconds(1)
+    assert cost.seconds(1, 4) == pytest.approx(4.0e-3 + step, rel=0.01)
+    assert cost.seconds(1, 2) == pytest.approx(2.0e-3 + step, rel=0.01)  # nearest: k 1
 
 
 def test_controller_prices_the_proposer():

@@ -10,7 +10,7 @@ Whether that pays depends on three measured things:
 - the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
   (small batches), growing with n once it is bound by compute (large batches). It is seeded by
   timing forwards at start-up and then follows the measured steps;
-- the proposer's cost per draft position at a batch of B requests (a draft model's k drafts
+- the proposer's cost at a batch of B requests and k drafts each (a draft model's k drafts
   are k forwards over the batch), seeded likewise by timing a drafting step at start-up.
 
 Each step the controller picks the k (0..num_speculative_tokens) with the most tokens per second
@@ -186,17 +186,52 @@ class StepCostModel:
         return times[-1]  # unreachable
 
 
-class ProposerCostModel(StepCostModel):
-    """Owns the proposer's seconds per draft position for a batch of n requests, by
-    power-of-two bucket: start-up timings of a drafting step (a draft model's; none for a
-    proposer as cheap as n-gram lookup: then 0 until measured), then the measured calls, as
-    StepCostModel follows steps. That a call above the estimate moves it slowly matters here
+class ProposerCostModel:
+    """Owns the proposer's seconds per call for a batch of n requests and k drafts each.
+
+    Per draft position (a draft model's k drafts are k forwards over the batch), as
+    StepCostModel follows steps: seeded by start-up timings of a drafting step (a draft
+    model's; none for a proposer as cheap as n-gram lookup: then 0 until measured), then the
+    measured calls divided by k. And per call at each k measured, by power-of-two bucket of
+    n: a draft model's first forward of a call also catches up on the tokens the last step
+    accepted and costs more than its one-token steps, so k x (a position) underprices small k;
+    a k not measured yet at that batch size is priced from the nearest one measured, plus or
+    minus that many positions. That a time above the estimate moves it slowly matters here
     twice: a draft model that was idle (k = 0 steps, a new request's prompt) first catches up
     on every token it missed, a call that costs many drafting steps once and says nothing
     about what drafting costs from then on."""
 
-    def seconds(self, num_tokens: float) -> float:
-        return super().seconds(num_tokens) if self.known else 0.0
+    def __init__(self) -> None:
+        self.per_position = StepCostModel()
+        self._calls: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds at its size
+
+    @property
+    def known(self) -> bool:
+        return self.per_position.known
+
+    def seed(self, num_requests: int, seconds: float) -> None:
+        self.per_position.seed(num_requests, seconds)
+
+    def observe(self, num_requests: int, k: int, seconds: float) -> None:
+        b, scale = StepCostModel._bucket(num_requests)
+        old = self._calls.get((b, k))
+        if old is None and self.known:  # from the estimate, not from one call's figure
+            old = self.seconds(num_requests, k) * scale
+        value = seconds * scale
+        self._calls[(b, k)] = value if old is None else old + (
+            _COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
+        self.per_position.observe(num_requests, seconds / k)
+
+    def seconds(self, num_requests: float, k: int) -> float:
+        if not self.known:
+            return 0.0
+        b, scale = StepCostModel._bucket(round(num_requests))
+        measured = [j for (bucket, j) in self._calls if bucket == b]
+        if not measured:
+            return k * self.per_position.seconds(num_requests)
+        nearest = min(measured, key=lambda j: (abs(j - k), j))  # a tie: a step added
+        call = self._calls[(b, nearest)] / scale
+        return max(call + (k - nearest) * self.per_position.seconds(num_requests), 0.0)
 
 
 class SpeculationController:
@@ -258,7 +293,7 @@ class SpeculationController:
         if self._catch_up_calls:
             self._catch_up_calls -= 1
         elif k and num_requests:
-            self.propose_cost.observe(num_requests, seconds / k)
+            self.propose_cost.observe(num_requests, k, seconds)
 
     # ---- the choice ----------------------------------------------------------------------
 
@@ -280,7 +315,7 @@ class SpeculationController:
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         base = self.cost.seconds(b)
-        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b) * k
+        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b, k)
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
     def num_drafts(self, num_running: int) -> int:
