@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -219,13 +220,13 @@ def test_draft_recomputes_only_what_it_must(target, drafts, draft, monkeypatch):
     from pagedserve.spec_decode.draft_model import DraftModelProposer
 
     query_lens: list[int] = []
-    greedy_last = DraftModelProposer._greedy_last
+    greedy = DraftModelProposer._greedy
 
-    def recording(self, ids, positions, table, q_lens, seq_lens):
-        query_lens.append(int(q_lens.max()))
-        return greedy_last(self, ids, positions, table, q_lens, seq_lens)
+    def recording(self, ids, positions, meta, last=None):
+        query_lens.append(meta.max_query_len)
+        return greedy(self, ids, positions, meta, last)
 
-    monkeypatch.setattr(DraftModelProposer, "_greedy_last", recording)
+    monkeypatch.setattr(DraftModelProposer, "_greedy", recording)
     llm = LLM(str(target), max_model_len=128, block_size=8, kv_cache_memory_bytes=KV,
               speculative_config=spec(drafts[draft], k=4))
     params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True)
@@ -297,3 +298,70 @@ def test_a_draft_that_cannot_serve_fails_at_start(target, tiny_model_dir, tmp_pa
     with pytest.raises(ValueError, match=message):
         LLM(str(target), max_model_len=128, kv_cache_memory_bytes=KV,
             speculative_config=spec(draft))
+
+
+def test_decode_steps_advance_as_rebuilt_metadata():
+    """A drafter's one-token steps, moved on in place, carry the metadata ragged_metadata
+    builds for the next position, across a block boundary into another block."""
+    from pagedserve.spec_decode.paged_drafting import DecodeSteps, ragged_metadata
+
+    table = np.array([[4, 9, 2], [7, 1, 30]])
+    steps = DecodeSteps(np.array([6, 13]), table, block_size=8, device=torch.device("cpu"))
+    for position in ([7, 14], [8, 15], [9, 16]):
+        steps.advance()
+        positions = np.array(position)
+        ones = np.ones(2, dtype=np.int64)
+        expected, _ = ragged_metadata(positions, table, ones, positions + 1, 8,
+                                      torch.device("cpu"))
+        got = steps.meta
+        assert steps.positions_t.tolist() == position
+        for field in ("slot_mapping", "seq_lens", "seq_lens_cpu", "query_start_loc",
+                      "block_table"):
+            assert torch.equal(getattr(got, field), getattr(expected, field)), field
+        assert (got.max_seq_len, got.max_query_len) == (expected.max_seq_len, 1)
+
+
+def test_reused_step_metadata_gives_the_drafts_of_rebuilt_metadata(target, drafts,
+                                                                 monkeypatch):
+    """Every proposal equals the one made with each step's metadata built afresh."""
+    from pagedserve.spec_decode import paged_drafting
+    from pagedserve.spec_decode.draft_model import DraftModelProposer
+
+    def proposals() -> list:
+        made: list = []
+        propose = DraftModelProposer.propose
+
+        def recording(self, batch, rows, k):
+            drafts_, counts = propose(self, batch, rows, k)
+            made.append((drafts_.tolist(), counts.tolist()))
+            return drafts_, counts
+
+        with monkeypatch.context() as m:
+            m.setattr(DraftModelProposer, "propose", recording)
+            run(target, spec(drafts["lookalike"], k=4), **SCENARIOS["plain"][0])
+        return made
+
+    reused = proposals()
+
+    def rebuild(self):  # what advance() replaces: the next position's metadata from scratch
+        self.positions += 1
+        self.meta, _ = paged_drafting.ragged_metadata(
+            self.positions, self.table, np.ones(len(self.positions), dtype=np.int64),
+            self.positions + 1, self.block_size, torch.device("cpu"))
+        self.positions_t = torch.from_numpy(self.positions.copy())
+
+    monkeypatch.setattr(paged_drafting.DecodeSteps, "advance", rebuild)
+    rebuilt = proposals()
+    assert len(reused) > 20 and reused == rebuilt
+    assert any(max(counts) == 4 for _, counts in reused)
+
+
+def test_draft_runs_dense_linears_with_the_packed_weights():
+    """The draft's linear layers run as dense matmuls of exactly the weights oneDNN held."""
+    from pagedserve.layers.linear import onednn_pack, onednn_unpack
+
+    weight = torch.randn(40, 24)
+    packed = onednn_pack(weight)
+    if packed is None:
+        pytest.skip("oneDNN packing does not apply here")
+    assert torch.equal(onednn_unpack(packed, 24, torch.float32), weight)

@@ -10,6 +10,7 @@ from pagedserve.core.request import RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.controller import (
+    ProposerCostModel,
     SpecDecodingStats,
     SpeculationController,
     StepCostModel,
@@ -156,8 +157,13 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     _observe(controller, 4, 0, 200)
     assert controller.acceptance[0] < 0.05
     assert controller.num_drafts(1) == 0
-    # ...but looks again now and then, in case the workload changed.
+    # ...but looks again now and then, in case the workload changed: soon where drafting
+    # would pay at the prior acceptance (a small batch), rarely where not even then.
     choices = [controller.num_drafts(1) for _ in range(200)]
+    assert 200 // 16 < sum(1 for c in choices if c) <= 200 // 8 + 200 // 64
+    assert choices.count(4) >= 200 // 16  # every position, so that each one is measured
+    assert controller.num_drafts(256) == 0
+    choices = [controller.num_drafts(256) for _ in range(200)]
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
 
 
@@ -166,6 +172,43 @@ def test_controller_measures_a_plain_step_now_and_then_while_it_drafts():
     _observe(controller, 4, 3, 200)
     choices = [controller.num_drafts(1) for _ in range(200)]
     assert 0 < choices.count(0) <= 200 // 32 and choices.count(4) > 190
+
+
+def test_controller_measures_every_position_while_it_drafts_fewer():
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    controller.acceptance = [0.8, 0.8, 0.2, 0.2]
+    controller.observe_proposal(1, 1, 4, seconds=4 * 0.3e-3)  # a third of a step: k 2 pays best
+    choices = [controller.num_drafts(1) for _ in range(64)]
+    assert choices.count(2) > 48 and 64 // 16 <= choices.count(4) <= 64 // 8
+
+
+def test_controller_does_not_price_the_catch_up_after_steps_without_drafts():
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 0, 200)
+    while controller.num_drafts(1) == 0:  # a probe after steps without drafts
+        pass
+    controller.observe_proposal(1, 1, 4, seconds=4 * 50e-3)  # catching up on them
+    assert controller.propose_cost.seconds(1, 4) == 0.0  # nothing measured yet
+    controller.num_drafts(1)
+    controller.observe_proposal(1, 1, 4, seconds=4 * 1e-4)
+    assert controller.propose_cost.seconds(1, 4) == pytest.approx(4e-4)
+
+
+def test_proposer_cost_prices_each_k_as_measured():
+    """A draft model's first forward of a call costs more than its one-token steps: the calls
+    measured at each k price it, the others are priced from the nearest, a position apart
+    each."""
+    cost = ProposerCostModel()
+    cost.seed(1, 1e-3)  # a one-token step at start-up
+    assert cost.seconds(1, 3) == pytest.approx(3e-3)
+    for _ in range(150):
+        cost.observe(1, 1, 2.0e-3)  # catch-up forward only
+        cost.observe(1, 3, 4.0e-3)  # catch-up forward, then two steps
+    assert cost.seconds(1, 1) == pytest.approx(2.0e-3, rel=0.01)
+    assert cost.seconds(1, 3) == pytest.approx(4.0e-3, rel=0.01)
+    step = cost.per_position.seconds(1)
+    assert cost.seconds(1, 4) == pytest.approx(4.0e-3 + step, rel=0.01)
+    assert cost.seconds(1, 2) == pytest.approx(2.0e-3 + step, rel=0.01)  # nearest: k 1
 
 
 def test_controller_prices_the_proposer():

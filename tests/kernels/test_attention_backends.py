@@ -196,3 +196,35 @@ def test_torch_backend_runs_short_continuations_as_decodes(use_kernel, monkeypat
         outs.append(backend.forward(b.query, key, value, b.kv_cache.clone(), m))
     n = b.num_actual_tokens
     assert_close(outs[0][:n], outs[1][:n], torch.float32, what="decode rows")
+
+
+@pytest.mark.parametrize("q_lens,ctx_lens", [
+    ([1, 5, 17, 4, 2], [40, 31, 100, 9, 3]),  # decodes verifying drafts, a drafter's catch-up
+    ([1, 1, 1, 1], [0, 17, 300, 64]),  # plain decodes
+], ids=["verifying", "decoding"])
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["cpp-kernel", "gather"])
+def test_torch_backend_plans_all_decode_forwards_on_the_host(q_lens, ctx_lens, use_kernel,
+                                                            monkeypatch):
+    """A forward of decodes only (the host-side plan that skips the general analysis) gives
+    what the same rows give through causal SDPA over their context."""
+    from pagedserve.attention import torch_backend
+
+    b, key, value, meta = _step(q_lens, ctx_lens, (8, 2), 32, 16, torch.float32, 0)
+    outs, caches = [], []
+    for max_rows in (torch_backend._MAX_DECODE_ROWS, 0):  # 0: every row through SDPA
+        monkeypatch.setattr(torch_backend, "_MAX_DECODE_ROWS", max_rows)
+        backend = TorchAttentionBackend(8, 2, 32, 32 ** -0.5, 16)
+        if not use_kernel:
+            monkeypatch.setattr(backend, "_kernel_for", lambda cache, dtype: None)
+        m = AttentionMetadata(**{**meta.__dict__, "plan": None})
+        backend.prepare(m)
+        if max_rows:
+            assert m.plan.num_decodes == sum(q_lens) and not m.plan.prefills
+        else:  # single rows stay decodes
+            assert m.plan.num_decodes == q_lens.count(1)
+        cache = b.kv_cache.clone()
+        outs.append(backend.forward(b.query, key, value, cache, m))
+        caches.append(cache)
+    n = b.num_actual_tokens
+    assert torch.equal(caches[0], caches[1])
+    assert_close(outs[0][:n], outs[1][:n], torch.float32, what="decode rows")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +88,10 @@ class TorchAttentionBackend(AttentionBackend):
         return self._decode_kernel
 
     def prepare(self, metadata: AttentionMetadata) -> None:
+        n = metadata.num_reqs
+        if metadata.max_query_len == 1 and metadata.num_actual_tokens == n:
+            self._prepare_decodes(metadata)
+            return
         bs = self.block_size
         qsl = metadata.query_start_loc_cpu
         if qsl is None:
@@ -94,9 +99,13 @@ class TorchAttentionBackend(AttentionBackend):
         seq_lens = metadata.seq_lens_cpu
         if seq_lens is None:
             seq_lens = metadata.seq_lens.cpu()
-        n = metadata.num_reqs
         q_lens = qsl[1 : n + 1] - qsl[:n]
         seq_lens = seq_lens[:n]
+        if metadata.max_query_len <= _MAX_DECODE_ROWS:
+            q_np, lens_np = q_lens.numpy(), seq_lens.numpy()
+            if ((q_np > 0) & ((q_np == 1) | (lens_np > q_np))).all():
+                self._prepare_verifications(metadata, q_np, lens_np)
+                return
         # A few query rows that continue a cached context (a decode; a decode verifying
         # drafts) are decodes each: row j of a request attends to its first
         # seq_len - q_len + j + 1 positions, which the cache holds once this layer's keys are
@@ -138,6 +147,44 @@ class TorchAttentionBackend(AttentionBackend):
             )
         slots = metadata.slot_mapping[: metadata.num_actual_tokens]
         metadata.plan = _Plan(rows, num_decodes, lens, tables, prefills,
+                              slots_valid=bool((slots >= 0).all()))
+
+    def _prepare_decodes(self, metadata: AttentionMetadata) -> None:
+        """The plan of a forward of one token per request (plain decoding; each step of a
+        drafter after its first): every row a decode, in order, read from the metadata as it
+        is. Per-forward host work is most of a small model's step on the CPU, so this skips
+        the general plan's query-length analysis."""
+        n = metadata.num_reqs
+        width = (metadata.max_seq_len + self.block_size - 1) // self.block_size
+        tables = metadata.block_table[:, :width]
+        if tables.dtype != torch.int32:
+            tables = tables.to(torch.int32)
+        lens = metadata.seq_lens[:n]
+        if lens.dtype != torch.int32:
+            lens = lens.to(torch.int32)
+        slots = metadata.slot_mapping[:n]
+        metadata.plan = _Plan(None, n, lens, tables, [], slots_valid=bool((slots >= 0).all()))
+
+    def _prepare_verifications(self, metadata: AttentionMetadata, q_lens: np.ndarray,
+                               seq_lens: np.ndarray) -> None:
+        """The plan of a forward whose every request is decodes (a decode, or a decode
+        verifying drafts, or a drafter's catch-up of a few tokens): the general plan's decode
+        rows, computed on the host in numpy (a few microseconds where torch's small ops on
+        the CPU take ~100)."""
+        bs, n = self.block_size, metadata.num_reqs
+        total = int(metadata.num_actual_tokens)
+        owner = np.repeat(np.arange(n), q_lens)
+        starts = np.cumsum(q_lens) - q_lens
+        within = np.arange(total) - starts[owner]
+        lens_np = (seq_lens[owner] - q_lens[owner] + within + 1).astype(np.int32)
+        table = metadata.block_table
+        device = table.device
+        width = (int(lens_np.max()) + bs - 1) // bs
+        tables = table.index_select(0, torch.from_numpy(owner).to(device))[:, :width]
+        if tables.dtype != torch.int32:
+            tables = tables.to(torch.int32)
+        slots = metadata.slot_mapping[:total]
+        metadata.plan = _Plan(None, total, torch.from_numpy(lens_np).to(device), tables, [],
                               slots_valid=bool((slots >= 0).all()))
 
     def forward(

@@ -31,6 +31,7 @@ from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode.controller import (
+    ProposerCostModel,
     SpecDecodingStats,
     SpeculationController,
     StepCostModel,
@@ -163,12 +164,20 @@ class LLMEngine:
         spec = self.config.speculative
         if spec is None:
             return None
-        cost = StepCostModel()
+        cost, propose_cost = StepCostModel(), ProposerCostModel()
         if spec.adaptive:
-            for num_tokens, seconds in self.runner.time_forwards():
-                cost.seed(num_tokens, seconds)
+            # The best of two rounds: a step size timed while the host was busy with other
+            # work made the next size look nearly free.
+            rounds = [self.runner.time_forwards() for _ in range(2)]
+            for timings in zip(*rounds):
+                cost.seed(timings[0][0], min(seconds for _, seconds in timings))
+            if self.runner.draft_model is not None:  # a drafting step's price, before measured
+                sizes = [1 << i for i in range(self.config.max_num_seqs.bit_length())]
+                for num_requests, seconds in self.runner.draft_model.time_steps(sizes):
+                    propose_cost.seed(num_requests, seconds)
         return SpeculationController(
-            spec.num_speculative_tokens, spec.adaptive, spec.disable_by_batch_size, cost
+            spec.num_speculative_tokens, spec.adaptive, spec.disable_by_batch_size, cost,
+            propose_cost,
         )
 
     # ---- requests ------------------------------------------------------------------------

@@ -84,6 +84,13 @@ def onednn_pack(weight: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+def onednn_unpack(packed: torch.Tensor, input_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [out, in] weight that ``packed`` (from ``onednn_pack``) holds: oneDNN's product
+    with the identity, exact (each output is one weight times 1.0 plus zeros)."""
+    eye = torch.eye(input_size, dtype=dtype, device=packed.device)
+    return torch.ops.mkldnn._linear_pointwise(eye, packed, None, "none", [], "").t().contiguous()
+
+
 def onednn_rows(rows: int) -> int:
     """The row count a oneDNN matmul of ``rows`` rows is run with: a power of two up to 8, a
     multiple of 8 up to 64, then 8 sizes per octave (at most 12.5% padding there).

@@ -2,20 +2,25 @@
 
 A step that verifies k drafts per request computes up to B(1 + k) tokens where plain decoding
 computes B, and emits 1 + (accepted drafts) tokens per request where plain decoding emits 1.
-Whether that pays depends on two measured things:
+Whether that pays depends on three measured things:
 
 - the acceptance: per draft position j, how often draft j is accepted once drafts 0..j-1 were
   (so E(k) = 1 + a0 + a0 a1 + ... tokens per drafted request), and how many requests get drafts
   at all (an n-gram proposer finds none without a match);
 - the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
   (small batches), growing with n once it is bound by compute (large batches). It is seeded by
-  timing forwards at start-up and then follows the measured steps.
+  timing forwards at start-up and then follows the measured steps;
+- the proposer's cost at a batch of B requests and k drafts each (a draft model's k drafts
+  are k forwards over the batch), seeded likewise by timing a drafting step at start-up.
 
 Each step the controller picks the k (0..num_speculative_tokens) with the most tokens per second
 and drafts nothing when no k beats plain decoding, so a large batch runs as if speculation were
 off. Every ``_PROBE_INTERVAL`` steps it takes the other side once: a step with one draft while
 it drafts none (nothing is learnt about acceptance otherwise, and the workload may have
 changed), a plain step while it drafts (so that the cost of both is measured, not estimated).
+Every ``_QUICK_PROBE_INTERVAL`` steps it drafts every position once while it drafts fewer
+(the acceptance of the positions it skips is learnt too), or while it drafts none where
+drafting would pay at the prior acceptance (see ``_worth_probing_soon``).
 """
 
 from __future__ import annotations
@@ -26,14 +31,25 @@ from typing import Optional
 
 # Weight of a new observation in the running averages.
 _EMA = 0.1
-# Prior acceptance per position before anything is measured: speculate, then learn.
-_PRIOR_ACCEPTANCE = 0.7
+# Prior acceptance per position before anything is measured: speculate where that pays
+# even at an even chance per draft, then learn. Not more: a draft model that starts drafting
+# must first catch up on every prompt, which at a large batch costs several steps for a gain
+# that is not there.
+_PRIOR_ACCEPTANCE = 0.5
 _PRIOR_DRAFTED_FRACTION = 1.0
 # Speculate only when the best k is estimated at least this much faster than k = 0: the
 # estimate of a step size not measured lately (start-up timings, calibrated) was seen off by up
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
 _MIN_GAIN = 1.10
 _PROBE_INTERVAL = 64
+# Every this many steps, a step with every draft while fewer pay (so that the acceptance at
+# every position stays measured), or while none pay where drafting would at the prior
+# acceptance, at least _QUICK_PROBE_GAIN faster (see _worth_probing_soon).
+_QUICK_PROBE_INTERVAL = 8
+_QUICK_PROBE_GAIN = 1.05
+# How far one measured time moves a cost estimate up, and down (see StepCostModel).
+_COST_EMA_UP = 0.05
+_COST_EMA_DOWN = 0.3
 
 
 @dataclass
@@ -102,11 +118,15 @@ def _tail_sums(hist: list[int]) -> list[int]:
 class StepCostModel:
     """Owns t(n), the seconds of a decode step that computes n tokens, by power-of-two bucket.
 
-    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) replace a
+    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) move a
     bucket's value as they come, and scale the buckets not measured yet by how measured steps
     compare with their start-up figure (real steps also attend to long contexts, sample and
-    prepare inputs). Between known buckets t is linear in n; below the smallest it is flat,
-    above the largest proportional to n (compute-bound)."""
+    prepare inputs). A measured time above the estimate moves it slowly, one below quickly:
+    whatever else runs on the host slows a step and never speeds one up, so the estimate
+    follows the low end of the measured times, which is what the step itself costs (on a
+    shared CPU, times of one step size were seen to vary by 2x, and a plain average made
+    whichever size was measured last look dearest). Between known buckets t is linear in n;
+    below the smallest it is flat, above the largest proportional to n (compute-bound)."""
 
     def __init__(self) -> None:
         self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
@@ -127,11 +147,17 @@ class StepCostModel:
     def observe(self, num_tokens: int, seconds: float) -> None:
         b, scale = self._bucket(num_tokens)
         value = seconds * scale
-        old = self._observed.get(b)
-        self._observed[b] = value if old is None else old + _EMA * (value - old)
         seeded = self._seeded.get(b)
+        old = self._observed.get(b)
+        if old is None and seeded:
+            old = seeded * self._calibration
+        if old is None:
+            new = value
+        else:
+            new = old + (_COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
+        self._observed[b] = new
         if seeded:
-            self._calibration += _EMA * (value / seeded - self._calibration)
+            self._calibration += _EMA * (new / seeded - self._calibration)
 
     @property
     def known(self) -> bool:
@@ -146,6 +172,10 @@ class StepCostModel:
         n = max(num_tokens, 1.0)
         sizes = [2.0**b for b, _ in points]
         times = [t for _, t in points]
+        # A step of fewer tokens never costs more than one of more: a time above a larger
+        # size's is noise (a start-up timing or a measurement slowed by other work).
+        for i in range(len(times) - 2, -1, -1):
+            times[i] = min(times[i], times[i + 1])
         if n <= sizes[0]:
             return times[0]
         if n >= sizes[-1]:
@@ -154,6 +184,54 @@ class StepCostModel:
             if n <= n1:
                 return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
         return times[-1]  # unreachable
+
+
+class ProposerCostModel:
+    """Owns the proposer's seconds per call for a batch of n requests and k drafts each.
+
+    Per draft position (a draft model's k drafts are k forwards over the batch), as
+    StepCostModel follows steps: seeded by start-up timings of a drafting step (a draft
+    model's; none for a proposer as cheap as n-gram lookup: then 0 until measured), then the
+    measured calls divided by k. And per call at each k measured, by power-of-two bucket of
+    n: a draft model's first forward of a call also catches up on the tokens the last step
+    accepted and costs more than its one-token steps, so k x (a position) underprices small k;
+    a k not measured yet at that batch size is priced from the nearest one measured, plus or
+    minus that many positions. That a time above the estimate moves it slowly matters here
+    twice: a draft model that was idle (k = 0 steps, a new request's prompt) first catches up
+    on every token it missed, a call that costs many drafting steps once and says nothing
+    about what drafting costs from then on."""
+
+    def __init__(self) -> None:
+        self.per_position = StepCostModel()
+        self._calls: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds at its size
+
+    @property
+    def known(self) -> bool:
+        return self.per_position.known
+
+    def seed(self, num_requests: int, seconds: float) -> None:
+        self.per_position.seed(num_requests, seconds)
+
+    def observe(self, num_requests: int, k: int, seconds: float) -> None:
+        b, scale = StepCostModel._bucket(num_requests)
+        old = self._calls.get((b, k))
+        if old is None and self.known:  # from the estimate, not from one call's figure
+            old = self.seconds(num_requests, k) * scale
+        value = seconds * scale
+        self._calls[(b, k)] = value if old is None else old + (
+            _COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
+        self.per_position.observe(num_requests, seconds / k)
+
+    def seconds(self, num_requests: float, k: int) -> float:
+        if not self.known:
+            return 0.0
+        b, scale = StepCostModel._bucket(round(num_requests))
+        measured = [j for (bucket, j) in self._calls if bucket == b]
+        if not measured:
+            return k * self.per_position.seconds(num_requests)
+        nearest = min(measured, key=lambda j: (abs(j - k), j))  # a tie: a step added
+        call = self._calls[(b, nearest)] / scale
+        return max(call + (k - nearest) * self.per_position.seconds(num_requests), 0.0)
 
 
 class SpeculationController:
@@ -168,18 +246,22 @@ class SpeculationController:
         adaptive: bool = True,
         disable_by_batch_size: Optional[int] = None,
         cost: Optional[StepCostModel] = None,
+        propose_cost: Optional[ProposerCostModel] = None,
     ) -> None:
         self.max_num_drafts = max_num_drafts
         self.adaptive = adaptive
         self.disable_by_batch_size = disable_by_batch_size
         self.cost = cost if cost is not None else StepCostModel()
-        self.acceptance = [_PRIOR_ACCEPTANCE] * max_num_drafts  # conditional, per position
+        self._prior = [_PRIOR_ACCEPTANCE] * max_num_drafts
+        self.acceptance = list(self._prior)  # conditional, per position
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
-        # The proposer's time per draft position, for the whole batch.
-        self.propose_seconds_per_draft = 0.0
+        # The proposer's time per draft position, for the whole batch, by batch size.
+        self.propose_cost = propose_cost if propose_cost is not None else ProposerCostModel()
         self._seen_accepted: list[int] = []
         self._seen_reached: list[int] = []
         self._steps_since_probe = 0
+        self._steps_since_deep_probe = 0
+        self._catch_up_calls = 0
         self.last_choice = max_num_drafts
 
     # ---- what was measured ---------------------------------------------------------------
@@ -208,30 +290,33 @@ class SpeculationController:
         if num_requests:
             self.drafted_fraction += _EMA * (num_with_drafts / num_requests
                                              - self.drafted_fraction)
-        if k:
-            per_position = seconds / k
-            self.propose_seconds_per_draft += _EMA * (per_position
-                                                      - self.propose_seconds_per_draft)
+        if self._catch_up_calls:
+            self._catch_up_calls -= 1
+        elif k and num_requests:
+            self.propose_cost.observe(num_requests, k, seconds)
 
     # ---- the choice ----------------------------------------------------------------------
 
-    def expected_tokens(self, k: int) -> float:
-        """Tokens a drafted request emits per step with k drafts: 1 + a0 + a0 a1 + ..."""
+    def expected_tokens(self, k: int, acceptance: Optional[list[float]] = None) -> float:
+        """Tokens a drafted request emits per step with k drafts: 1 + a0 + a0 a1 + ...
+        (``acceptance``: the measured one unless given)."""
         total, reach = 1.0, 1.0
-        for a in self.acceptance[:k]:
+        for a in (self.acceptance if acceptance is None else acceptance)[:k]:
             reach *= a
             total += reach
         return total
 
-    def speedup(self, num_running: int, k: int) -> float:
-        """Estimated tokens per second with k drafts over tokens per second without."""
+    def speedup(self, num_running: int, k: int,
+                acceptance: Optional[list[float]] = None) -> float:
+        """Estimated tokens per second with k drafts over tokens per second without (at the
+        measured acceptance unless ``acceptance`` is given)."""
         if k == 0:
             return 1.0
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         base = self.cost.seconds(b)
-        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_seconds_per_draft * k
-        return (1.0 + f * (self.expected_tokens(k) - 1.0)) * base / step
+        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b, k)
+        return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
     def num_drafts(self, num_running: int) -> int:
         """How many tokens to draft per request for the next step of ``num_running``."""
@@ -248,11 +333,31 @@ class SpeculationController:
         # steps: one drafting step while drafting does not pay (has the workload changed?),
         # one plain step while it does (what does a step without drafts cost now?).
         self._steps_since_probe += 1
-        if self._steps_since_probe >= _PROBE_INTERVAL:
+        self._steps_since_deep_probe += 1
+        if (best_k < self.max_num_drafts
+                and self._steps_since_deep_probe >= _QUICK_PROBE_INTERVAL
+                and self._worth_probing_soon(num_running)):
+            self._steps_since_deep_probe = 0
+            best_k = self.max_num_drafts
+        elif self._steps_since_probe >= _PROBE_INTERVAL:
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
+        if best_k and not self.last_choice:
+            # The proposer's next call first catches up on the tokens of the steps without
+            # drafts: not what a draft position costs.
+            self._catch_up_calls += 1
         self.last_choice = best_k
         return best_k
+
+    def _worth_probing_soon(self, num_running: int) -> bool:
+        """Whether drafting would pay here at the prior acceptance (a small batch). Then
+        probes with every draft come soon: while drafting is off (the last requests' drafts
+        were poor, the next ones' may not be: one probe every 64 steps would leave whole
+        requests undrafted), and while fewer drafts pay (the later positions' acceptance is
+        learnt too). Where not (a large batch), probes stay rare: a probe there costs a
+        verification of every row's drafts, and a draft model the catch-up on every token it
+        skipped."""
+        return self.speedup(num_running, 1, self._prior) > _QUICK_PROBE_GAIN
 
 
 def _at(values: list[int], j: int) -> int:

@@ -26,19 +26,23 @@ the chunks; it is not captured in CUDA graphs).
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import numpy as np
 import torch
 
+from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
+from pagedserve.layers.linear import LinearBase, UnquantizedLinearMethod, onednn_unpack
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.spec_decode.ngram_proposer import PLACEHOLDER_TOKEN_ID
 from pagedserve.spec_decode.paged_drafting import (
+    DecodeSteps,
     PagedBatch,
     ScratchBlocks,
     ragged_arange,
@@ -75,6 +79,25 @@ def load_draft_config(
     return draft
 
 
+def use_dense_linears(model: torch.nn.Module) -> None:
+    """Runs ``model``'s unquantized linear layers and LM head as plain dense matmuls (MKL)
+    instead of oneDNN's packed ones. At a draft model's sizes (hidden 96 here) oneDNN's fixed
+    cost per call (~30 us on this project's CPUs) is several times the matmul's: dense is as
+    fast or faster at every row count up to 512, and a drafting forward makes ~9 such calls."""
+    for module in model.modules():
+        packed = getattr(module, "onednn_weight", None)
+        if packed is None:
+            continue
+        if isinstance(module, LinearBase):
+            if not isinstance(module.linear_method, UnquantizedLinearMethod):
+                continue
+            module.weight = torch.nn.Parameter(
+                onednn_unpack(packed, module.input_size, packed.dtype), requires_grad=False)
+        elif getattr(module, "weight", None) is None:  # an LM head keeps its dense weight
+            continue
+        module.onednn_weight = None
+
+
 class DraftModelProposer:
     """Owns the draft model, its attention backend, its per-layer KV caches (on the target's
     block ids, plus per-row scratch blocks) and, per batch row, which positions of those caches
@@ -104,6 +127,7 @@ class DraftModelProposer:
             scale=mc.head_dim ** -0.5, block_size=bs, kv_cache_dtype=kv_cache_dtype,
         )
         self.model = load_model(mc, dtype, device, self.attn, mc.quant_config)
+        use_dense_linears(self.model)
         self.max_model_len = config.max_model_len
         # The draft's catch-up forwards stay within the target's largest step, which the
         # memory profile measured.
@@ -138,6 +162,32 @@ class DraftModelProposer:
                           for _ in range(mc.num_layers)]
         self.serial.fill(-1)
 
+    @torch.inference_mode()
+    def time_steps(self, sizes: list[int], repeats: int = 3) -> list[tuple[int, float]]:
+        """Seconds of one drafting step (one token per request and its argmax, metadata
+        included) over n requests for each n of ``sizes``, each at a context of half
+        max_model_len (at most 512 positions), the best of ``repeats``: the seed of the
+        speculation controller's price of a draft position. Writes nothing to the caches."""
+        bs = self.block_size
+        num_blocks = self.kv_caches[0].shape[1]
+        context = max(1, min(self.max_model_len // 2, 512, num_blocks * bs))
+        blocks = np.arange(-(-context // bs), dtype=np.int64)
+        timings = []
+        for n in sizes:
+            positions = np.full(n, context - 1, dtype=np.int64)
+            table = np.tile(blocks, (n, 1))
+            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
+            ones = np.ones(n, dtype=np.int64)
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self._greedy_last(ids, positions, table, ones, positions + 1, write=False)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - start)
+            timings.append((n, best))
+        return timings
+
     # ---- proposing -----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -167,15 +217,24 @@ class DraftModelProposer:
         table = self.scratch.block_table(batch, rows_a, num_tokens + k_rows - 2, self.block_size)
         out = torch.empty(len(rows_a), k, dtype=torch.int64, device=self.device)
         out[:, 0] = self._catch_up(batch, rows_a, start, num_tokens, table)
+        steps: Optional[DecodeSteps] = None
         for j in range(1, k):
             (sel,) = np.nonzero(k_rows > j)
             if not len(sel):
                 break
-            positions = num_tokens[sel] + (j - 1)
-            sel_t = torch.from_numpy(sel).to(self.device)
-            ids = out[sel_t, j - 1]
-            ones = np.ones(len(sel), dtype=np.int64)
-            out[sel_t, j] = self._greedy_last(ids, positions, table[sel], ones, positions + 1)
+            # The rows left only shrink (their room or max_model_len ends): the same count is
+            # the same rows, one position on.
+            if steps is None or len(sel) != len(steps.positions):
+                steps = DecodeSteps(num_tokens[sel] + (j - 1), table[sel], self.block_size,
+                                    self.device)
+            else:
+                steps.advance()
+            if len(sel) == len(rows_a):
+                out[:, j] = self._greedy(out[:, j - 1].contiguous(), steps.positions_t,
+                                         steps.meta)
+            else:
+                sel_t = torch.from_numpy(sel).to(self.device)
+                out[sel_t, j] = self._greedy(out[sel_t, j - 1], steps.positions_t, steps.meta)
         host = out.cpu().numpy()
         drafts[active] = np.where(np.arange(k)[None, :] < k_rows[:, None], host,
                                   PLACEHOLDER_TOKEN_ID)
@@ -243,15 +302,26 @@ class DraftModelProposer:
             done[sel] += take
 
     def _greedy_last(self, ids: torch.Tensor, positions: np.ndarray, table: np.ndarray,
-                     query_lens: np.ndarray, seq_lens: np.ndarray) -> torch.Tensor:
+                     query_lens: np.ndarray, seq_lens: np.ndarray,
+                     write: bool = True) -> torch.Tensor:
         """One draft forward over a ragged batch (row i: ``query_lens[i]`` tokens ending at
-        context length ``seq_lens[i]``); the argmax at each row's last token."""
+        context length ``seq_lens[i]``); the argmax at each row's last token. ``write=False``
+        keeps the new keys and values out of the caches (a timing run)."""
         device = self.device
         meta, last = ragged_metadata(positions, table, query_lens, seq_lens, self.block_size,
                                      device)
+        if not write:
+            meta.slot_mapping.fill_(-1)
+        ragged = len(positions) > len(query_lens)  # some row fed several tokens: its last one
+        return self._greedy(ids, torch.from_numpy(positions).to(device), meta,
+                            torch.from_numpy(last).to(device) if ragged else None)
+
+    def _greedy(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                last: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One draft forward; the argmax at each of ``last`` (default: every token)."""
         self.attn.prepare(meta)
-        hidden = self.model(ids, torch.from_numpy(positions).to(device), self.kv_caches, meta)
-        if len(positions) > len(query_lens):  # some row fed several tokens: its last one
-            hidden = hidden[torch.from_numpy(last).to(device)]
+        hidden = self.model(ids, positions, self.kv_caches, meta)
+        if last is not None:
+            hidden = hidden[last]
         return self.model.compute_logits(hidden).argmax(dim=-1)
 

@@ -93,3 +93,37 @@ def ragged_metadata(positions: np.ndarray, table: np.ndarray, query_lens: np.nda
 def ragged_arange(counts: np.ndarray) -> np.ndarray:
     """0..counts[0]-1, 0..counts[1]-1, ... concatenated."""
     return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+class DecodeSteps:
+    """Owns the inputs and attention metadata of a drafter's one-token steps over a fixed set
+    of rows (row i's first step at ``positions[i]``, its KV at ``table[i]``, which covers its
+    last step): built once by ``ragged_metadata``, then moved one position on per step in place
+    (positions, context lengths, slots), since every such step has the same shape."""
+
+    def __init__(self, positions: np.ndarray, table: np.ndarray, block_size: int,
+                 device: torch.device) -> None:
+        n = len(positions)
+        self.block_size = block_size
+        self.table = table
+        self.positions = positions.astype(np.int64)  # a copy: advanced in place
+        ones = np.ones(n, dtype=np.int64)
+        self.meta, _ = ragged_metadata(self.positions, table, ones, self.positions + 1,
+                                       block_size, device)
+        self.positions_t = torch.from_numpy(self.positions).to(device)
+        self._positions_shared = self.positions_t.device.type == "cpu"  # a view of positions
+        self._rows = np.arange(n)
+
+    def advance(self) -> None:
+        """The next step: every row one position further."""
+        meta, bs = self.meta, self.block_size
+        self.positions += 1
+        positions = self.positions
+        slots = self.table[self._rows, positions // bs] * bs + positions % bs
+        meta.slot_mapping.copy_(torch.from_numpy(slots))
+        if not self._positions_shared:
+            self.positions_t.copy_(torch.from_numpy(positions))
+        meta.seq_lens_cpu.add_(1)
+        if meta.seq_lens is not meta.seq_lens_cpu:
+            meta.seq_lens.add_(1)
+        meta.max_seq_len += 1
