@@ -2,7 +2,8 @@
 with and without speculation at batch 1, 4 and 32, side by side, as a Markdown table.
 
     python benchmarks/spec_decode.py [--repeat N] [--max-tokens T] [--batches 1 4 32]
-        [--methods ngram draft_model] [--ngram-k K] [--draft-k K] [--profile [BATCH ...]]
+        [--methods ngram draft_model eagle3] [--ngram-k K] [--draft-k K] [--eagle3-k K]
+        [--profile [BATCH ...]]
         [--threads N] [--smoke]
 
 Two workloads, both fixed by the repository and the running Python:
@@ -15,7 +16,8 @@ Two workloads, both fixed by the repository and the running Python:
   same code, with one change": it repeated 0.2 of the code after one.) How much the answer
   repeats C is measured on the base engine's greedy output and reported ("repeats": the share
   of generated tokens that lie in blocks matching C, by difflib over token ids).
-- **held-out code** (method ``draft_model``, the trained ``draft_model``): each prompt is the
+- **held-out code** (methods ``draft_model`` and ``eagle3``: the trained ``draft_model``, the
+  trained ``eagle3_head``): each prompt is the
   beginning of a file of the trained models' held-out split (``stdlib_corpus``).
 
 At batch B the first max(B, --min-requests) prompts run, B submitted at once. Every request is
@@ -53,6 +55,7 @@ from offline_throughput import PhaseTimer  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET = REPO_ROOT / "model_repository" / "llm" / "1" / "default_model"
 DRAFT = REPO_ROOT / "model_repository" / "llm" / "1" / "draft_model"
+EAGLE3_HEAD = REPO_ROOT / "model_repository" / "llm" / "1" / "eagle3_head"
 EDIT_MARKER = "\n\n"  # between the code and its start again
 # The issue's targets: speedup at batch 1 per method; no method below this at batch 32.
 TARGET_SPEEDUP = {"ngram": 2.0, "draft_model": 1.3}
@@ -256,7 +259,7 @@ def speculative_configs(method: str, k: int, ngram_lookup: tuple[int, int]
     if method == "ngram":
         config["prompt_lookup_min"], config["prompt_lookup_max"] = ngram_lookup
     else:
-        config["model"] = str(DRAFT)
+        config["model"] = str(EAGLE3_HEAD if method == "eagle3" else DRAFT)
     return [(False, {**config, "adaptive": False}), (True, {**config, "adaptive": True})]
 
 
@@ -335,8 +338,8 @@ def profile_step(base: Engine, engine: Engine, prompts: list[list[int]], batch: 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--methods", nargs="+", choices=["ngram", "draft_model"],
-                        default=["ngram", "draft_model"])
+    parser.add_argument("--methods", nargs="+", choices=["ngram", "draft_model", "eagle3"],
+                        default=["ngram", "draft_model", "eagle3"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 4, 32])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -346,6 +349,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ngram-lookup", nargs=2, type=int, default=[2, 5],
                         metavar=("MIN", "MAX"))
     parser.add_argument("--draft-k", type=int, default=3)
+    parser.add_argument("--eagle3-k", type=int, default=3)
     parser.add_argument("--code-tokens", type=int, default=150,
                         help="tokens of code in a code-editing prompt")
     parser.add_argument("--prompt-tokens", type=int, default=128,
@@ -371,7 +375,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     tokenizer = load_tokenizer(str(TARGET))
     count = max(max(args.batches), args.min_requests)
     max_num_seqs = max(args.batches)
-    print(f"target {TARGET.name}, draft {DRAFT.name}; float32 on the CPU; greedy, "
+    print(f"target {TARGET.name}, draft {DRAFT.name}, EAGLE-3 head {EAGLE3_HEAD.name}; "
+          "float32 on the CPU; greedy, "
           f"{args.max_tokens} tokens per request (ignore_eos); median of {args.repeat}; "
           f"{torch.get_num_threads()} torch thread(s)",
           flush=True)
@@ -386,7 +391,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             k = args.ngram_k
         else:
             workload = heldout_code_workload(tokenizer, count, args.prompt_tokens)
-            k = args.draft_k
+            k = args.eagle3_k if method == "eagle3" else args.draft_k
         configs = speculative_configs(method, k, tuple(args.ngram_lookup))
         engines, unavailable = load_speculative(method, configs, max_num_seqs, args.max_tokens,
                                                 workload.prompts[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "spec_decode.py"
-ROW = re.compile(r"^\| (ngram|draft_model) \| (on|off) \| (\d+) \| (\d+) \| ([\d.]+) \| "
+ROW = re.compile(r"^\| (ngram|draft_model|eagle3) \| (on|off) \| (\d+) \| (\d+) \| ([\d.]+) \| "
                  r"([\d.]+) \| ([\d.]+)x( MISMATCH)? \| ([\d.]+|-) \| ([\d.]+) \| ([\d. /]+) \|$",
                  re.MULTILINE)
 
@@ -52,8 +52,9 @@ def test_smoke_prints_the_table_with_accepted_drafts_and_matching_outputs():
     # Tokens were drafted and some accepted: the comparison of outputs is not vacuous.
     assert all(r[8] != "-" and float(r[8]) > 1.0 for r in ngram if r[1] == "off"), run.stdout
     assert re.search(r"repeat the code: [\d.]+ of their tokens", run.stdout)
-    drafted = [r for r in rows if r[0] == "draft_model"]
-    assert drafted or "draft_model: unavailable" in run.stdout, run.stdout
+    for method in ("draft_model", "eagle3"):
+        drafted = [r for r in rows if r[0] == method]
+        assert drafted or f"{method}: unavailable" in run.stdout, run.stdout
 
 
 def test_code_editing_prompts_hold_the_code_the_answer_repeats(bench, tokenizer):
