@@ -52,7 +52,8 @@ BROKEN = [
     ("backend/pagedserve/worker/cuda_graphs.py",
      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
      "    from pagedserve.worker.model_runner import ModelRunner",
-     "import cycle among pagedserve.worker.cuda_graphs, pagedserve.worker.model_runner"),
+     "import cycle among pagedserve.worker.cuda_graphs, pagedserve.worker.draft_graphs, "
+     "pagedserve.worker.model_runner"),
 ]
 
 

@@ -146,3 +146,28 @@ def test_eagle3_graphs_equal_eager(tiny_model_dir, tmp_path):
     assert [o.outputs[0].token_ids for o in outs] == eager == plain
     assert any(q == 4 for _, q in replays), replays
     assert llm.engine.get_stats().spec_decoding.num_draft_tokens > 0
+
+
+def test_draft_model_graphs_equal_eager(tiny_model_dir):
+    """A draft model's one-token steps replay its own graphs: the drafts are those of eager
+    steps (the target drafting for itself: every draft accepted) and the output plain
+    decoding's."""
+    model = tiny_model_dir("llama")
+    spec = {"method": "draft_model", "model": str(model), "num_speculative_tokens": 4,
+            "adaptive": False}
+    prompts = [[4 + (i % 6) for i in range(48)], [9 + (i % 4) for i in range(30)],
+               [20 + (i % 5) for i in range(64)]]
+    plain = generate(model, prompts, dtype="float32", enforce_eager=True)
+    llm = LLM(str(model), dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
+              speculative_config=spec)
+    draft_graphs = llm.engine.runner.draft_model.graphs
+    assert draft_graphs is not None
+    replays = []
+    original = draft_graphs.graphs.replay
+    draft_graphs.graphs.replay = lambda size, q=1: replays.append(size) or original(size, q)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == plain
+    assert replays
+    s = llm.engine.get_stats().spec_decoding
+    assert s.num_draft_tokens > 0 and s.num_accepted_tokens == s.num_draft_tokens

@@ -20,14 +20,15 @@ Room. Drafting writes KV up to position ``num_tokens + k - 2``, which may lie pa
 blocks: those positions go to the row's scratch blocks (see paged_drafting), and ``computed``
 never counts them, so the next call recomputes them in real blocks.
 
-The draft runs eagerly, on the CPU and on CUDA (its steps are small and their shapes vary with
-the chunks; it is not captured in CUDA graphs).
+Graphs. On CUDA (where the target's decode graphs are used) the k - 1 one-token steps replay
+the draft's own CUDA graphs (draft_graphs); its catch-up, whose shape follows the chunks, runs
+eagerly, as everything does on the CPU.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -98,6 +99,15 @@ def use_dense_linears(model: torch.nn.Module) -> None:
         module.onednn_weight = None
 
 
+class DecodeGraphs(Protocol):
+    """Replays a drafter's one-token steps (worker.draft_graphs.DraftDecodeGraphs)."""
+
+    def holds(self, num_rows: int) -> bool: ...
+
+    def run(self, ids: torch.Tensor, positions: np.ndarray,
+            table: np.ndarray) -> torch.Tensor: ...
+
+
 class DraftModelProposer:
     """Owns the draft model, its attention backend, its per-layer KV caches (on the target's
     block ids, plus per-row scratch blocks) and, per batch row, which positions of those caches
@@ -129,6 +139,8 @@ class DraftModelProposer:
         self.model = load_model(mc, dtype, device, self.attn, mc.quant_config)
         use_dense_linears(self.model)
         self.max_model_len = config.max_model_len
+        # The runner's, on CUDA: graphs of the one-token drafting steps (worker/draft_graphs).
+        self.graphs: Optional[DecodeGraphs] = None
         # The draft's catch-up forwards stay within the target's largest step, which the
         # memory profile measured.
         self.max_tokens_per_forward = config.max_num_batched_tokens
@@ -218,23 +230,33 @@ class DraftModelProposer:
         out = torch.empty(len(rows_a), k, dtype=torch.int64, device=self.device)
         out[:, 0] = self._catch_up(batch, rows_a, start, num_tokens, table)
         steps: Optional[DecodeSteps] = None
+        # The rows left only shrink: if a graph holds them all, one holds every step.
+        graphs = self.graphs
+        if graphs is not None and not graphs.holds(len(rows_a)):
+            graphs = None
         for j in range(1, k):
             (sel,) = np.nonzero(k_rows > j)
             if not len(sel):
                 break
-            # The rows left only shrink (their room or max_model_len ends): the same count is
-            # the same rows, one position on.
-            if steps is None or len(sel) != len(steps.positions):
-                steps = DecodeSteps(num_tokens[sel] + (j - 1), table[sel], self.block_size,
-                                    self.device)
+            every = len(sel) == len(rows_a)
+            sel_t = None if every else torch.from_numpy(sel).to(self.device)
+            ids = out[:, j - 1].contiguous() if every else out[sel_t, j - 1]
+            if graphs is not None:
+                hidden = graphs.run(ids, num_tokens[sel] + (j - 1), table[sel])
+                greedy = self.model.compute_logits(hidden).argmax(dim=-1)
             else:
-                steps.advance()
-            if len(sel) == len(rows_a):
-                out[:, j] = self._greedy(out[:, j - 1].contiguous(), steps.positions_t,
-                                         steps.meta)
+                # The same count is the same rows (their room or max_model_len ends), one
+                # position on.
+                if steps is None or len(sel) != len(steps.positions):
+                    steps = DecodeSteps(num_tokens[sel] + (j - 1), table[sel],
+                                        self.block_size, self.device)
+                else:
+                    steps.advance()
+                greedy = self._greedy(ids, steps.positions_t, steps.meta)
+            if every:
+                out[:, j] = greedy
             else:
-                sel_t = torch.from_numpy(sel).to(self.device)
-                out[sel_t, j] = self._greedy(out[sel_t, j - 1], steps.positions_t, steps.meta)
+                out[sel_t, j] = greedy
         host = out.cpu().numpy()
         drafts[active] = np.where(np.arange(k)[None, :] < k_rows[:, None], host,
                                   PLACEHOLDER_TOKEN_ID)

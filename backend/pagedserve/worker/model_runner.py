@@ -28,6 +28,7 @@ from pagedserve.spec_decode.draft_model import DraftModelProposer
 from pagedserve.spec_decode.eagle3_proposer import Eagle3Proposer, StepFeatures
 from pagedserve.spec_decode.proposer import NgramBatchProposer, Proposer
 from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
+from pagedserve.worker.draft_graphs import capture_draft_graphs
 from pagedserve.worker.dummy_forwards import profile_run, time_forwards
 from pagedserve.worker.host_memory import keep_large_buffers_mapped
 from pagedserve.worker.input_batch import InputBatch
@@ -589,3 +590,5 @@ class ModelRunner:
             self.config.max_num_seqs, self.config.max_model_len, query_lens,
         )
         self.graphs.capture()
+        if self.draft_model is not None:
+            self.draft_model.graphs = capture_draft_graphs(self.draft_model, self.config)

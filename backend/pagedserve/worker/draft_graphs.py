@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from pagedserve.attention.base import AttentionBackend
-from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes
+from pagedserve.config import EngineConfig
+from pagedserve.spec_decode.draft_model import DraftModelProposer
+from pagedserve.worker.cuda_graphs import CudaGraphRunner, capture_sizes, graphs_unusable
 from pagedserve.worker.step_buffers import StepBuffers
 
 
 class DraftDecodeGraphs:
     """Owns a drafter's step buffers and its captured one-token graphs (one per batch size of
-    worker.cuda_graphs.capture_sizes); ``run`` replays the smallest that fits, or says None."""
+    worker.cuda_graphs.capture_sizes); ``run`` replays the smallest that holds its rows."""
 
     def __init__(
         self,
@@ -40,15 +42,16 @@ class DraftDecodeGraphs:
     def capture(self) -> None:
         self.graphs.capture()
 
-    def run(self, ids: torch.Tensor, positions: np.ndarray,
-            table: np.ndarray) -> Optional[torch.Tensor]:
+    def holds(self, num_rows: int) -> bool:
+        return self.graphs.size_for(num_rows, 1) is not None
+
+    def run(self, ids: torch.Tensor, positions: np.ndarray, table: np.ndarray) -> torch.Tensor:
         """The hidden states of one token per row (row i: ``ids[i]`` at ``positions[i]``, its
-        blocks ``table[i]``, attending to positions up to its own), or None when no graph
-        holds that many rows."""
+        blocks ``table[i]``, attending to positions up to its own); ``holds(rows)`` must be
+        true."""
         n = len(positions)
         size = self.graphs.size_for(n, 1)
-        if size is None:
-            return None
+        assert size is not None, f"no draft graph holds {n} rows"
         buf, bs = self.buffers, self.block_size
         buf.wait_for_upload()  # the last step's copies must have left the host buffers
         host = buf.host
@@ -67,3 +70,16 @@ class DraftDecodeGraphs:
         buf.input_ids[1][:n].copy_(ids)
         buf.input_ids[1][n:size].zero_()
         return self.graphs.replay(size, 1)[:n]
+
+
+def capture_draft_graphs(draft: DraftModelProposer,
+                         config: EngineConfig) -> Optional[DraftDecodeGraphs]:
+    """The draft model's one-token graphs, captured (after its KV caches exist), or None where
+    its attention backend cannot be replayed."""
+    if graphs_unusable(draft.device, config.args.enforce_eager, draft.attn) is not None:
+        return None
+    graphs = DraftDecodeGraphs(
+        draft.model, draft.attn, draft.kv_caches, config.max_num_seqs, config.max_model_len,
+        config.max_blocks_per_req + draft.scratch.per_row, draft.block_size, draft.device)
+    graphs.capture()
+    return graphs
