@@ -36,7 +36,6 @@ import torch
 from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
-from pagedserve.layers.linear import LinearBase, UnquantizedLinearMethod, onednn_unpack
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig
@@ -48,6 +47,7 @@ from pagedserve.spec_decode.paged_drafting import (
     ScratchBlocks,
     ragged_arange,
     ragged_metadata,
+    use_dense_linears,
 )
 
 
@@ -78,25 +78,6 @@ def load_draft_config(
         raise bad(f"serves {limit} positions (max_position_embeddings / sliding_window), fewer "
                   f"than max_model_len ({max_model_len}); lower max_model_len")
     return draft
-
-
-def use_dense_linears(model: torch.nn.Module) -> None:
-    """Runs ``model``'s unquantized linear layers and LM head as plain dense matmuls (MKL)
-    instead of oneDNN's packed ones. At a draft model's sizes (hidden 96 here) oneDNN's fixed
-    cost per call (~30 us on this project's CPUs) is several times the matmul's: dense is as
-    fast or faster at every row count up to 512, and a drafting forward makes ~9 such calls."""
-    for module in model.modules():
-        packed = getattr(module, "onednn_weight", None)
-        if packed is None:
-            continue
-        if isinstance(module, LinearBase):
-            if not isinstance(module.linear_method, UnquantizedLinearMethod):
-                continue
-            module.weight = torch.nn.Parameter(
-                onednn_unpack(packed, module.input_size, packed.dtype), requires_grad=False)
-        elif getattr(module, "weight", None) is None:  # an LM head keeps its dense weight
-            continue
-        module.onednn_weight = None
 
 
 class DecodeGraphs(Protocol):

@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.models.eagle3 import Eagle3Config, Eagle3LlamaForCausalLM
@@ -37,10 +38,12 @@ from pagedserve.models.loader import load_eagle3_head
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.spec_decode.ngram_proposer import PLACEHOLDER_TOKEN_ID
 from pagedserve.spec_decode.paged_drafting import (
+    DecodeSteps,
     PagedBatch,
     ScratchBlocks,
     ragged_arange,
     ragged_metadata,
+    use_dense_linears,
 )
 
 
@@ -104,6 +107,7 @@ class Eagle3Proposer:
         )
         self.head: Eagle3LlamaForCausalLM = load_eagle3_head(
             self.head_config, target, dtype, device, self.attn)
+        use_dense_linears(self.head)  # as a draft model's: small matmuls, per-call costs
         target.set_aux_hidden_state_layers(self.head_config.aux_layer_ids)
         self.max_model_len = config.max_model_len
         self.scratch = ScratchBlocks.for_drafts(spec.num_speculative_tokens, bs)
@@ -195,17 +199,25 @@ class Eagle3Proposer:
         if k > 1:
             table = self.scratch.block_table(batch, rows_a, num_tokens + k_rows - 3,
                                              self.block_size)
+        steps: Optional[DecodeSteps] = None
         for j in range(1, k):
             (sel,) = np.nonzero(k_rows > j)
             if not len(sel):
                 break
-            positions = num_tokens[sel] + (j - 2)
-            sel_t = torch.from_numpy(sel).to(self.device)
-            ones = np.ones(len(sel), dtype=np.int64)
-            hidden_j, draft_j = self._step(out[sel_t, j - 1], positions, hidden[sel_t],
-                                           table[sel], ones, positions + 1)
-            hidden[sel_t] = hidden_j
-            out[sel_t, j] = draft_j
+            # The rows left only shrink: the same count is the same rows, one position on.
+            if steps is None or len(sel) != len(steps.positions):
+                steps = DecodeSteps(num_tokens[sel] + (j - 2), table[sel], self.block_size,
+                                    self.device)
+            else:
+                steps.advance()
+            if len(sel) == len(rows_a):
+                hidden, out[:, j] = self._forward(out[:, j - 1].contiguous(), steps.positions_t,
+                                                  hidden, steps.meta)
+            else:
+                sel_t = torch.from_numpy(sel).to(self.device)
+                hidden_j, out[sel_t, j] = self._forward(out[sel_t, j - 1], steps.positions_t,
+                                                        hidden[sel_t], steps.meta)
+                hidden[sel_t] = hidden_j
         host = out.cpu().numpy()
         drafts[active] = np.where(np.arange(k)[None, :] < k_rows[:, None], host,
                                   PLACEHOLDER_TOKEN_ID)
@@ -220,12 +232,19 @@ class Eagle3Proposer:
         target id of its draft there."""
         meta, last = ragged_metadata(positions, table, query_lens, seq_lens, self.block_size,
                                      self.device)
+        ragged = len(positions) > len(query_lens)
+        return self._forward(ids, torch.from_numpy(positions).to(self.device), hidden, meta,
+                             torch.from_numpy(last).to(self.device) if ragged else None)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
+                 meta: AttentionMetadata,
+                 last: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One head forward; next_hidden and the draft (a target id) at each of ``last``
+        (default: every token)."""
         self.attn.prepare(meta)
-        out = self.head(ids, torch.from_numpy(positions).to(self.device), hidden,
-                        self.kv_caches, meta)
+        out = self.head(ids, positions, hidden, self.kv_caches, meta)
         next_hidden, logits_hidden = out.next_hidden, out.logits_hidden
-        if len(positions) > len(query_lens):
-            last_t = torch.from_numpy(last).to(self.device)
-            next_hidden, logits_hidden = next_hidden[last_t], logits_hidden[last_t]
+        if last is not None:
+            next_hidden, logits_hidden = next_hidden[last], logits_hidden[last]
         draft = self.head.compute_draft_logits(logits_hidden).argmax(dim=-1)
         return next_hidden, self.head.map_to_target(draft)
