@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.attention.torch_backend import kv_cache_writer
+from pagedserve_kernels import reference
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,17 @@ class Attention(nn.Module):
                     f"got {value}"
                 )
         self.k_scale_float, self.v_scale_float = scales
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """Stores keys and values in their slots without attending (positions whose outputs
+        nobody reads, but whose keys later queries do)."""
+        if kv_cache.device.type == "cuda":
+            write = kv_cache_writer()
+        else:
+            write = reference.reshape_and_cache
+        write(key, value, kv_cache, slot_mapping, k_scale=self.k_scale_float,
+              v_scale=self.v_scale_float)
 
     def forward(
         self,

@@ -171,9 +171,10 @@ class LLMEngine:
             rounds = [self.runner.time_forwards() for _ in range(2)]
             for timings in zip(*rounds):
                 cost.seed(timings[0][0], min(seconds for _, seconds in timings))
-            if self.runner.draft_model is not None:  # a drafting step's price, before measured
+            drafter = self.runner.paged_proposer  # a drafting step's price, before measured
+            if drafter is not None:
                 sizes = [1 << i for i in range(self.config.max_num_seqs.bit_length())]
-                for num_requests, seconds in self.runner.draft_model.time_steps(sizes):
+                for num_requests, seconds in drafter.time_steps(sizes):
                     propose_cost.seed(num_requests, seconds)
         return SpeculationController(
             spec.num_speculative_tokens, spec.adaptive, spec.disable_by_batch_size, cost,

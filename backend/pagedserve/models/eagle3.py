@@ -185,6 +185,13 @@ class Eagle3DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
+    def write_kv(self, positions: torch.Tensor, embeds: torch.Tensor, hidden: torch.Tensor,
+                 kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Only the keys and values forward would store at these positions."""
+        x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        _, k, v = self.self_attn.project(positions, x)
+        self.self_attn.attn.write_kv(k, v, kv_cache, slot_mapping)
+
 
 class Eagle3LlamaForCausalLM(nn.Module):
     """An EAGLE-3 head: owns fc, the midlayer (one layer of paged KV cache), the final norm,
@@ -255,6 +262,17 @@ class Eagle3LlamaForCausalLM(nn.Module):
         x, residual = self.midlayer(positions, embeds, hidden_states, kv_caches[0], metadata)
         logits_hidden, next_hidden = self.norm(x, residual)
         return Eagle3Hidden(next_hidden, logits_hidden)
+
+    def write_kv(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 hidden_states: torch.Tensor, kv_caches: list[torch.Tensor],
+                 slot_mapping: torch.Tensor) -> None:
+        """What forward writes to the cache at these positions, and nothing else: the cheap
+        part of a step whose outputs are not read (no attention, MLP or logits)."""
+        if self.embed_tokens is None:
+            raise RuntimeError("the EAGLE-3 head has no token embedding: call "
+                               "share_embedding(target embedding) first")
+        self.midlayer.write_kv(positions, self.embed_tokens(input_ids), hidden_states,
+                               kv_caches[0], slot_mapping)
 
     def compute_draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[tokens, draft_vocab_size]`` fp32 logits over the draft vocabulary."""

@@ -85,6 +85,14 @@ class LlamaAttention(nn.Module):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
+        q, k, v = self.project(positions, hidden)
+        out = self.attn(q, k, v, kv_cache, metadata)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+    def project(self, positions: torch.Tensor,
+                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [tokens, heads, head_dim] and k, v [tokens, kv_heads, head_dim], normed (qk_norm)
+        and rotated: what attention reads and the KV cache stores."""
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -93,8 +101,7 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q, k, v, kv_cache, metadata)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v
 
 
 class LlamaMLP(nn.Module):

@@ -27,7 +27,6 @@ eagerly, as everything does on the CPU.
 
 from __future__ import annotations
 
-import time
 from typing import Optional, Protocol
 
 import numpy as np
@@ -47,6 +46,7 @@ from pagedserve.spec_decode.paged_drafting import (
     ScratchBlocks,
     ragged_arange,
     ragged_metadata,
+    time_drafting_steps,
     use_dense_linears,
 )
 
@@ -156,30 +156,16 @@ class DraftModelProposer:
         self.serial.fill(-1)
 
     @torch.inference_mode()
-    def time_steps(self, sizes: list[int], repeats: int = 3) -> list[tuple[int, float]]:
-        """Seconds of one drafting step (one token per request and its argmax, metadata
-        included) over n requests for each n of ``sizes``, each at a context of half
-        max_model_len (at most 512 positions), the best of ``repeats``: the seed of the
-        speculation controller's price of a draft position. Writes nothing to the caches."""
-        bs = self.block_size
-        num_blocks = self.kv_caches[0].shape[1]
-        context = max(1, min(self.max_model_len // 2, 512, num_blocks * bs))
-        blocks = np.arange(-(-context // bs), dtype=np.int64)
-        timings = []
-        for n in sizes:
-            positions = np.full(n, context - 1, dtype=np.int64)
-            table = np.tile(blocks, (n, 1))
-            ids = torch.zeros(n, dtype=torch.int64, device=self.device)
-            ones = np.ones(n, dtype=np.int64)
-            best = float("inf")
-            for _ in range(repeats):
-                start = time.perf_counter()
-                self._greedy_last(ids, positions, table, ones, positions + 1, write=False)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - start)
-            timings.append((n, best))
-        return timings
+    def time_steps(self, sizes: list[int]) -> list[tuple[int, float]]:
+        """Start-up timings of a drafting step over n requests, n in ``sizes`` (see
+        paged_drafting.time_drafting_steps)."""
+        def step(positions: np.ndarray, table: np.ndarray) -> None:
+            n = len(positions)
+            self._greedy_last(torch.zeros(n, dtype=torch.int64, device=self.device), positions,
+                              table, np.ones(n, dtype=np.int64), positions + 1, write=False)
+
+        return time_drafting_steps(step, sizes, self.max_model_len, self.kv_caches[0].shape[1],
+                                   self.block_size, self.device)
 
     # ---- proposing -----------------------------------------------------------------------
 

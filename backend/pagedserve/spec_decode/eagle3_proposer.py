@@ -4,19 +4,18 @@ to target ids: a point-mass draft, which the rejection sampler verifies lossless
 head predicts).
 
 The target returns, beside its hidden states, the residual streams entering three of its layers
-(``aux``, set_aux_hidden_state_layers). After a step, for every position p the target computed
-whose next token is now known and whose input was an actual token (not a rejected draft), the
-head is fed ``token[p + 1]`` with ``fc(aux[p])`` at p, writing its KV at p's slot: its catch-up.
-A row's last such position p = num_tokens - 2 gives draft 0; then k - 1 one-token steps feed each
-draft with the head's own ``next_hidden`` at the next position (N - 1, N, ...). Those steps'
-KV is speculative: the target computes those positions in a later step and the catch-up then
-overwrites it, so the head needs no record of which positions are valid, as a draft model does.
-Positions past a row's blocks go to its scratch blocks (see paged_drafting).
-
-The catch-up runs only on steps after which the head drafts: while the adaptive controller
-(or disable_by_batch_size) keeps speculation off, the engine runs as if it were off, and the
-positions computed meanwhile keep whatever head KV their slots held. That costs acceptance
-once drafting resumes, never correctness.
+(``aux``, set_aux_hidden_state_layers). After every step, drafting or not, the head catches up:
+for every position p the target computed whose next token is now known and whose input was an
+actual token (not a rejected draft), it writes the KV it would store at p when fed
+``token[p + 1]`` with ``fc(aux[p])``; only keys and values, no attention, MLP or logits, which
+is cheap enough that while the adaptive controller drafts nothing the engine runs as if
+speculation were off, yet the head's KV has no gaps when drafting resumes. Drafting then runs k
+one-token head steps per row: the first at p = num_tokens - 2 (fed the last known token with
+the target's features there) gives draft 0, each later one feeds the draft before with the
+head's own ``next_hidden`` at the next position (N - 1, N, ...). Those steps' KV past N - 2 is
+speculative: the target computes those positions in a later step and the catch-up then
+overwrites it, so the head needs no record of which positions are valid, as a draft model
+does. Positions past a row's blocks go to its scratch blocks (see paged_drafting).
 
 The head runs eagerly, on the CPU and on CUDA.
 """
@@ -29,7 +28,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.models.eagle3 import Eagle3Config, Eagle3LlamaForCausalLM
@@ -42,7 +40,7 @@ from pagedserve.spec_decode.paged_drafting import (
     PagedBatch,
     ScratchBlocks,
     ragged_arange,
-    ragged_metadata,
+    time_drafting_steps,
     use_dense_linears,
 )
 
@@ -97,7 +95,7 @@ class Eagle3Proposer:
         self.head_config = load_eagle3_config(spec.model, target_config,
                                               download_dir=config.args.download_dir)
         mc = self.model_config = self.head_config.model_config
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.block_size = bs = config.block_size
         self.kv_cache_dtype = kv_cache_dtype
         self.attn = get_attention_backend(
@@ -113,11 +111,10 @@ class Eagle3Proposer:
         self.scratch = ScratchBlocks.for_drafts(spec.num_speculative_tokens, bs)
         self.kv_caches: list[torch.Tensor] = []
         self.max_rows = config.max_num_seqs
-        # After catch_up: per batch row, its index in the tensors below (-1: nothing to draft
-        # from), the head's next_hidden at its last known position and draft 0.
+        # After a drafting catch_up: per batch row, its index in _hidden (-1: nothing to draft
+        # from), and fc of the target's features at its position num_tokens - 2.
         self._index = np.full(self.max_rows, -1, dtype=np.int64)
         self._hidden: Optional[torch.Tensor] = None
-        self._first: Optional[torch.Tensor] = None
 
     # ---- KV cache ------------------------------------------------------------------------
 
@@ -134,14 +131,31 @@ class Eagle3Proposer:
         shape = (2, total, self.block_size, mc.num_kv_heads, mc.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)]
 
+    @torch.inference_mode()
+    def time_steps(self, sizes: list[int]) -> list[tuple[int, float]]:
+        """Start-up timings of a drafting step over n requests, n in ``sizes`` (see
+        paged_drafting.time_drafting_steps)."""
+        width = self.model_config.hidden_size
+
+        def step(positions: np.ndarray, table: np.ndarray) -> None:
+            n = len(positions)
+            steps = DecodeSteps(positions, table, self.block_size, self.device)
+            steps.meta.slot_mapping.fill_(-1)  # writes nothing
+            self._forward(torch.zeros(n, dtype=torch.int64, device=self.device),
+                          torch.zeros(n, width, dtype=self.dtype, device=self.device), steps)
+
+        return time_drafting_steps(step, sizes, self.max_model_len, self.kv_caches[0].shape[1],
+                                   self.block_size, self.device)
+
     # ---- catch-up ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def catch_up(self, batch: PagedBatch, step: StepFeatures) -> None:
-        """Feeds the head every position of ``step`` whose next token ``batch`` now knows and
-        keeps, for each row whose known tokens it reached, draft 0 and the head's state."""
+    def catch_up(self, batch: PagedBatch, step: StepFeatures, drafting: bool) -> None:
+        """Writes the head's KV at every position of ``step`` whose next token ``batch`` now
+        knows. ``drafting``: except, for each row whose known tokens it reached, the last one
+        (num_tokens - 2), whose features it keeps: the drafting steps start there."""
         self._index[:] = -1
-        self._hidden = self._first = None
+        self._hidden = None
         alive = batch.serial[step.rows] == step.serials
         num_tokens = batch.num_tokens[step.rows].astype(np.int64)
         ends = np.minimum(step.starts + step.query_lens, num_tokens - 1)
@@ -150,29 +164,39 @@ class Eagle3Proposer:
         if not len(keep):
             return
         rows, starts, ends, fed = step.rows[keep], step.starts[keep], ends[keep], fed[keep]
-        flat_first = (np.cumsum(step.query_lens) - step.query_lens)[keep]
+        flat = np.repeat((np.cumsum(step.query_lens) - step.query_lens)[keep], fed)
         offsets = ragged_arange(fed)
         positions = np.repeat(starts, fed) + offsets
-        ids = torch.from_numpy(batch.token_ids[np.repeat(rows, fed), positions + 1]
-                               .astype(np.int64)).to(self.device)
-        features = step.aux[torch.from_numpy(np.repeat(flat_first, fed) + offsets)
-                            .to(self.device)]
-        # Every position fed lies below the row's num_tokens - 1: in its own blocks.
-        table = batch.block_table[rows, : int(ends.max() - 1) // self.block_size + 1]
-        hidden, first = self._step(ids, positions, self.head.combine_hidden_states(features),
-                                   table.astype(np.int64), fed, ends)
-        (reached,) = np.nonzero(ends == num_tokens[keep] - 1)
-        self._index[rows[reached]] = np.arange(len(reached))
-        picked = torch.from_numpy(reached).to(self.device)
-        self._hidden, self._first = hidden[picked], first[picked]
+        owner = np.repeat(np.arange(len(rows)), fed)
+        reached = ends == num_tokens[keep] - 1
+        write = ~(drafting & reached[owner] & (positions == ends[owner] - 1))
+        if drafting and reached.any():
+            self._index[rows[reached]] = np.arange(int(reached.sum()))
+            last = torch.from_numpy(flat[~write] + offsets[~write]).to(self.device)
+            self._hidden = self.head.combine_hidden_states(step.aux[last])
+        if not write.any():
+            return
+        positions, flat, owner = positions[write], flat[write] + offsets[write], owner[write]
+        rows_w = rows[owner]
+        ids = torch.from_numpy(batch.token_ids[rows_w, positions + 1].astype(np.int64))
+        bs = self.block_size
+        # Every position written lies below the row's num_tokens - 1: in its own blocks.
+        slots = batch.block_table[rows_w, positions // bs].astype(np.int64) * bs + positions % bs
+        device = self.device
+        features = step.aux[torch.from_numpy(flat).to(device)]
+        self.head.write_kv(ids.to(device), torch.from_numpy(positions).to(device),
+                           self.head.combine_hidden_states(features), self.kv_caches,
+                           torch.from_numpy(slots).to(device))
 
     # ---- proposing -----------------------------------------------------------------------
 
     @torch.inference_mode()
     def propose(self, batch: PagedBatch, rows: np.ndarray,
                 k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``k`` greedy drafts for each of ``rows``, from the state the last catch_up
-        left (a row it did not reach gets none)."""
+        """Up to ``k`` greedy drafts for each of ``rows``, from the state the last drafting
+        catch_up left (a row it did not reach gets none): k one-token head steps, the first at
+        num_tokens - 2 feeding the last known token with the target's features there, each
+        later one the draft before with the head's own next_hidden."""
         n = len(rows)
         drafts = np.full((n, k), PLACEHOLDER_TOKEN_ID, dtype=np.int64)
         counts = np.zeros(n, dtype=np.int64)
@@ -182,8 +206,8 @@ class Eagle3Proposer:
         index = self._index[rows]
         num_tokens = batch.num_tokens[rows].astype(np.int64)
         alloc_end = batch.num_blocks[rows].astype(np.int64) * self.block_size
-        # Draft j goes to position N + j (below max_model_len); the step feeding draft j - 1
-        # writes position N - 2 + j, in the row's blocks or its scratch.
+        # Draft j goes to position N + j (below max_model_len); step j writes position
+        # N - 2 + j, in the row's blocks or its scratch.
         k_rows = np.minimum(k, self.max_model_len - num_tokens)
         k_rows = np.minimum(k_rows, alloc_end + self.scratch.per_row * self.block_size
                             - num_tokens + 2)
@@ -192,59 +216,40 @@ class Eagle3Proposer:
             return drafts, counts
         rows_a, index, num_tokens, k_rows = (a[active] for a in (rows, index, num_tokens,
                                                                  k_rows))
-        picked = torch.from_numpy(index).to(self.device)
-        out = torch.empty(len(rows_a), k, dtype=torch.int64, device=self.device)
-        out[:, 0] = self._first[picked]
-        hidden = self._hidden[picked]
-        if k > 1:
-            table = self.scratch.block_table(batch, rows_a, num_tokens + k_rows - 3,
-                                             self.block_size)
+        device = self.device
+        hidden = self._hidden[torch.from_numpy(index).to(device)]
+        table = self.scratch.block_table(batch, rows_a, num_tokens + k_rows - 3,
+                                         self.block_size)
+        out = torch.empty(len(rows_a), k + 1, dtype=torch.int64, device=device)
+        out[:, 0] = torch.from_numpy(batch.token_ids[rows_a, num_tokens - 1].astype(np.int64))
         steps: Optional[DecodeSteps] = None
-        for j in range(1, k):
+        for j in range(k):
             (sel,) = np.nonzero(k_rows > j)
             if not len(sel):
                 break
             # The rows left only shrink: the same count is the same rows, one position on.
             if steps is None or len(sel) != len(steps.positions):
                 steps = DecodeSteps(num_tokens[sel] + (j - 2), table[sel], self.block_size,
-                                    self.device)
+                                    device)
             else:
                 steps.advance()
             if len(sel) == len(rows_a):
-                hidden, out[:, j] = self._forward(out[:, j - 1].contiguous(), steps.positions_t,
-                                                  hidden, steps.meta)
+                hidden, out[:, j + 1] = self._forward(out[:, j].contiguous(), hidden, steps)
             else:
-                sel_t = torch.from_numpy(sel).to(self.device)
-                hidden_j, out[sel_t, j] = self._forward(out[sel_t, j - 1], steps.positions_t,
-                                                        hidden[sel_t], steps.meta)
+                sel_t = torch.from_numpy(sel).to(device)
+                hidden_j, out[sel_t, j + 1] = self._forward(out[sel_t, j], hidden[sel_t],
+                                                            steps)
                 hidden[sel_t] = hidden_j
-        host = out.cpu().numpy()
+        host = out[:, 1:].cpu().numpy()
         drafts[active] = np.where(np.arange(k)[None, :] < k_rows[:, None], host,
                                   PLACEHOLDER_TOKEN_ID)
         counts[active] = k_rows
         return drafts, counts
 
-    def _step(self, ids: torch.Tensor, positions: np.ndarray, hidden: torch.Tensor,
-              table: np.ndarray, query_lens: np.ndarray,
-              seq_lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """One head forward over a ragged batch (row i: ``query_lens[i]`` tokens ending at
-        context length ``seq_lens[i]``); each row's next_hidden at its last token and the
-        target id of its draft there."""
-        meta, last = ragged_metadata(positions, table, query_lens, seq_lens, self.block_size,
-                                     self.device)
-        ragged = len(positions) > len(query_lens)
-        return self._forward(ids, torch.from_numpy(positions).to(self.device), hidden, meta,
-                             torch.from_numpy(last).to(self.device) if ragged else None)
-
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, hidden: torch.Tensor,
-                 meta: AttentionMetadata,
-                 last: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One head forward; next_hidden and the draft (a target id) at each of ``last``
-        (default: every token)."""
-        self.attn.prepare(meta)
-        out = self.head(ids, positions, hidden, self.kv_caches, meta)
-        next_hidden, logits_hidden = out.next_hidden, out.logits_hidden
-        if last is not None:
-            next_hidden, logits_hidden = next_hidden[last], logits_hidden[last]
-        draft = self.head.compute_draft_logits(logits_hidden).argmax(dim=-1)
-        return next_hidden, self.head.map_to_target(draft)
+    def _forward(self, ids: torch.Tensor, hidden: torch.Tensor,
+                 steps: DecodeSteps) -> tuple[torch.Tensor, torch.Tensor]:
+        """One one-token head step; each row's next_hidden and draft (a target id)."""
+        self.attn.prepare(steps.meta)
+        out = self.head(ids, steps.positions_t, hidden, self.kv_caches, steps.meta)
+        draft = self.head.compute_draft_logits(out.logits_hidden).argmax(dim=-1)
+        return out.next_hidden, self.head.map_to_target(draft)

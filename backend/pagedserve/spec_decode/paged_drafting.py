@@ -15,6 +15,8 @@ no write ever lands in a block the row does not own). What is written there is n
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -109,6 +111,30 @@ def ragged_metadata(positions: np.ndarray, table: np.ndarray, query_lens: np.nda
         seq_lens_cpu=seq_lens_cpu,
     )
     return meta, qsl[1:].astype(np.int64) - 1
+
+
+def time_drafting_steps(step: Callable[[np.ndarray, np.ndarray], object], sizes: list[int],
+                        max_model_len: int, num_blocks: int, block_size: int,
+                        device: torch.device, repeats: int = 3) -> list[tuple[int, float]]:
+    """Seconds of one drafting step over n requests for each n of ``sizes`` (``step(positions,
+    table)``: one token per request and its draft, metadata included, writing nothing), each
+    at a context of half max_model_len (at most 512 positions), the best of ``repeats``: the
+    seed of the speculation controller's price of a draft position."""
+    context = max(1, min(max_model_len // 2, 512, num_blocks * block_size))
+    blocks = np.arange(-(-context // block_size), dtype=np.int64)
+    timings = []
+    for n in sizes:
+        positions = np.full(n, context - 1, dtype=np.int64)
+        table = np.tile(blocks, (n, 1))
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            step(positions, table)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+        timings.append((n, best))
+    return timings
 
 
 def ragged_arange(counts: np.ndarray) -> np.ndarray:

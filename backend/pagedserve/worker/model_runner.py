@@ -275,7 +275,7 @@ class ModelRunner:
         logits, prompt_logprobs, aux = self._forward_logits(inputs, prompt_plan)
         self.spec_timing.forward += time.perf_counter() - start
         features = None
-        if aux is not None and sched.num_lookahead_tokens:  # the head drafts after this step
+        if aux is not None:  # for the EAGLE-3 head, which catches up on every step
             features = StepFeatures(rows, batch.num_computed[rows].astype(np.int64),
                                     num_sched.astype(np.int64), batch.serial[rows], aux)
         batch.num_computed[rows] += num_sched
@@ -389,22 +389,26 @@ class ModelRunner:
         rows_tokens = sampled.tolist()
         if sampled.shape[1] > 1:
             rows_tokens = [tokens[:n] for tokens, n in zip(rows_tokens, counts.tolist())]
+        # Its aux may be a CUDA graph's output, which the next step overwrites.
+        features, launched.features = launched.features, None
+        if features is not None and not launched.num_lookahead:
+            self.eagle3.catch_up(self.batch, features, drafting=False)
         launched.output = ModelRunnerOutput(
             launched.req_ids, rows_tokens, logprobs,
             None if launched.prompt_logprobs is None else launched.prompt_logprobs.to_chunks(),
-            self._propose(launched) if launched.num_lookahead else None,
+            self._propose(launched, features) if launched.num_lookahead else None,
         )
         if launched is self._older:
             self._older = None
         return launched.output
 
-    def _propose(self, launched: LaunchedStep) -> list[list[int]]:
+    def _propose(self, launched: LaunchedStep,
+                 features: Optional[StepFeatures]) -> list[list[int]]:
         """Drafts for the next step of each row that sampled (its tokens are all known now)."""
         start = time.perf_counter()
         rows = launched.rows
-        if launched.features is not None:
-            self.eagle3.catch_up(self.batch, launched.features)
-            launched.features = None  # its aux may be a CUDA graph's output, soon overwritten
+        if features is not None:
+            self.eagle3.catch_up(self.batch, features, drafting=True)
         drafts, counts = self.proposer.propose(self.batch, rows, launched.num_lookahead)
         seconds = time.perf_counter() - start
         self.spec_timing.observe_proposal(len(rows), int((counts > 0).sum()),
