@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from spec_workload import KV, SCENARIOS, assert_idle, blocks_written, run
 from traffic import play, random_traffic
 
 from pagedserve import LLM, SamplingParams
@@ -22,7 +23,6 @@ from pagedserve.engine.llm_engine import LLMEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ROOT / "model_repository/llm/1"
-KV = 32 << 20
 
 
 def lookalike_draft(target: Path, out: Path, noise: float, seed: int = 0) -> Path:
@@ -87,55 +87,6 @@ def spec(draft: Path, k: int = 3, **extra) -> dict:
             "adaptive": False, **extra}
 
 
-def workload() -> tuple[list, list[SamplingParams]]:
-    greedy = dict(temperature=0.0, ignore_eos=True)
-    shared = "The same long shared prefix for several requests, then "
-    cases = [
-        ("Once upon a time", SamplingParams(max_tokens=40, **greedy)),
-        (shared + "one", SamplingParams(max_tokens=30, **greedy)),
-        (shared + "one", SamplingParams(max_tokens=30, **greedy)),  # a prefix-cache hit
-        (shared + "two", SamplingParams(n=3, max_tokens=20, **greedy)),
-        ({"prompt_token_ids": list(range(5, 70))}, SamplingParams(max_tokens=33, **greedy)),
-        # max_tokens edges below and at k.
-        ("Short", SamplingParams(max_tokens=1, **greedy)),
-        ("Short two", SamplingParams(max_tokens=2, **greedy)),
-        ("Short three", SamplingParams(max_tokens=4, **greedy)),
-        # Runs into max_model_len (128).
-        ({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=None, **greedy)),
-        ("Until the end of the model", SamplingParams(max_tokens=None, **greedy)),
-    ]
-    return [p for p, _ in cases], [s for _, s in cases]
-
-
-def run(model: Path, speculative_config=None, **kwargs) -> tuple[list, LLM]:
-    llm = LLM(str(model), max_model_len=128, block_size=8, speculative_config=speculative_config,
-              **kwargs)
-    prompts, params = workload()
-    results = [(c.token_ids, c.finish_reason)
-               for out in llm.generate(prompts, params, use_tqdm=False) for c in out.outputs]
-    return results, llm
-
-
-def assert_idle(llm: LLM) -> None:
-    stats = llm.engine.get_stats()
-    assert stats.num_free_kv_blocks == stats.num_kv_blocks
-    assert stats.num_running == stats.num_waiting == 0
-
-
-# name: (engine arguments, speculative_config additions)
-SCENARIOS: dict[str, tuple[dict, dict]] = {
-    "plain": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=False), {}),
-    "prefix-caching": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=True), {}),
-    # A 16-token budget chunks every longer prompt (and the draft's catch-up with it).
-    "chunked": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16), {}),
-    # 18 blocks of 8 tokens, one 128-token request needs 16: requests are preempted.
-    "preempting": (dict(num_kv_blocks=18, max_num_batched_tokens=16, max_num_seqs=6), {}),
-    # No drafts while more than 2 requests run: the draft's KV falls behind for many steps
-    # and catches up in long chunks (over several forwards: 16 tokens each) once drafting
-    # resumes.
-    "intermittent": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16),
-                     dict(disable_by_batch_size=2)),
-}
 _reference: dict[str, list] = {}
 
 
@@ -200,13 +151,7 @@ def test_draft_writes_only_blocks_its_rows_own(target, drafts):
     draft = runner.draft_model
     num_blocks = draft.scratch.first
 
-    def written(caches: list[torch.Tensor]) -> set[int]:
-        used = torch.zeros(caches[0].shape[1], dtype=torch.bool)
-        for cache in caches:
-            used |= cache.abs().flatten(2).amax(dim=(0, 2)) > 0
-        return set(torch.nonzero(used).flatten().tolist())
-
-    by_draft, by_target = written(draft.kv_caches), written(runner.kv_caches)
+    by_draft, by_target = blocks_written(draft.kv_caches), blocks_written(runner.kv_caches)
     assert by_draft and {b for b in by_draft if b < num_blocks} <= by_target
     assert max(by_draft) < num_blocks + llm.engine.config.max_num_seqs * draft.scratch.per_row
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from hf_reference import load_hf_model
+from spec_workload import KV, SCENARIOS, assert_idle, blocks_written, run
 from test_eagle3_head import _reference_weights, reference_head
 from traffic import play, random_traffic
 
@@ -24,7 +25,6 @@ from pagedserve.devtools.eagle3_head import build_eagle3_head
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.spec_decode.eagle3_proposer import Eagle3Proposer
 
-KV = 32 << 20
 AUX_LAYERS = [0, 1, 1]  # the tiny target has two layers
 
 
@@ -53,51 +53,6 @@ def spec(head: Path, k: int = 3, **extra) -> dict:
             "adaptive": False, **extra}
 
 
-def workload() -> tuple[list, list[SamplingParams]]:
-    greedy = dict(temperature=0.0, ignore_eos=True)
-    shared = "The same long shared prefix for several requests, then "
-    cases = [
-        ("Once upon a time", SamplingParams(max_tokens=40, **greedy)),
-        (shared + "one", SamplingParams(max_tokens=30, **greedy)),
-        (shared + "one", SamplingParams(max_tokens=30, **greedy)),  # a prefix-cache hit
-        (shared + "two", SamplingParams(n=3, max_tokens=20, **greedy)),
-        ({"prompt_token_ids": list(range(5, 70))}, SamplingParams(max_tokens=33, **greedy)),
-        # max_tokens edges below and at k.
-        ("Short", SamplingParams(max_tokens=1, **greedy)),
-        ("Short two", SamplingParams(max_tokens=2, **greedy)),
-        ("Short three", SamplingParams(max_tokens=4, **greedy)),
-        # Runs into max_model_len (128).
-        ({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=None, **greedy)),
-    ]
-    return [p for p, _ in cases], [s for _, s in cases]
-
-
-def run(model: Path, speculative_config=None, **kwargs) -> tuple[list, LLM]:
-    llm = LLM(str(model), max_model_len=128, block_size=8, speculative_config=speculative_config,
-              **kwargs)
-    prompts, params = workload()
-    results = [(c.token_ids, c.finish_reason)
-               for out in llm.generate(prompts, params, use_tqdm=False) for c in out.outputs]
-    return results, llm
-
-
-def assert_idle(llm: LLM) -> None:
-    stats = llm.engine.get_stats()
-    assert stats.num_free_kv_blocks == stats.num_kv_blocks
-    assert stats.num_running == stats.num_waiting == 0
-
-
-# name: (engine arguments, speculative_config additions)
-SCENARIOS: dict[str, tuple[dict, dict]] = {
-    "plain": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=False), {}),
-    "prefix-caching": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=True), {}),
-    "chunked": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16), {}),
-    # 18 blocks of 8 tokens, one 128-token request needs 16: requests are preempted.
-    "preempting": (dict(num_kv_blocks=18, max_num_batched_tokens=16, max_num_seqs=6), {}),
-    # No drafts while more than 2 requests run: the head only writes its KV on those steps.
-    "intermittent": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16),
-                     dict(disable_by_batch_size=2)),
-}
 _reference: dict[str, list] = {}
 
 
@@ -220,13 +175,7 @@ def test_head_writes_only_blocks_its_rows_own(target, heads):
     proposer = runner.eagle3
     num_blocks = proposer.scratch.first
 
-    def written(caches: list[torch.Tensor]) -> set[int]:
-        used = torch.zeros(caches[0].shape[1], dtype=torch.bool)
-        for cache in caches:
-            used |= cache.abs().flatten(2).amax(dim=(0, 2)) > 0
-        return set(torch.nonzero(used).flatten().tolist())
-
-    by_head, by_target = written(proposer.kv_caches), written(runner.kv_caches)
+    by_head, by_target = blocks_written(proposer.kv_caches), blocks_written(runner.kv_caches)
     assert by_head and {b for b in by_head if b < num_blocks} <= by_target
     assert max(by_head) < num_blocks + llm.engine.config.max_num_seqs * proposer.scratch.per_row
 

@@ -1,0 +1,73 @@
+"""What the draft-model and EAGLE-3 speculative-decoding tests share: a greedy workload over
+the length edges, prefix-cache hits and n>1, the engine set-ups it runs under, and checks
+on the KV cache afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pagedserve import LLM, SamplingParams
+
+KV = 32 << 20
+
+
+def workload() -> tuple[list, list[SamplingParams]]:
+    greedy = dict(temperature=0.0, ignore_eos=True)
+    shared = "The same long shared prefix for several requests, then "
+    cases = [
+        ("Once upon a time", SamplingParams(max_tokens=40, **greedy)),
+        (shared + "one", SamplingParams(max_tokens=30, **greedy)),
+        (shared + "one", SamplingParams(max_tokens=30, **greedy)),  # a prefix-cache hit
+        (shared + "two", SamplingParams(n=3, max_tokens=20, **greedy)),
+        ({"prompt_token_ids": list(range(5, 70))}, SamplingParams(max_tokens=33, **greedy)),
+        # max_tokens edges below and at k.
+        ("Short", SamplingParams(max_tokens=1, **greedy)),
+        ("Short two", SamplingParams(max_tokens=2, **greedy)),
+        ("Short three", SamplingParams(max_tokens=4, **greedy)),
+        # Runs into max_model_len (128).
+        ({"prompt_token_ids": list(range(100, 200))}, SamplingParams(max_tokens=None, **greedy)),
+        ("Until the end of the model", SamplingParams(max_tokens=None, **greedy)),
+    ]
+    return [p for p, _ in cases], [s for _, s in cases]
+
+
+def run(model: Path, speculative_config=None, **kwargs) -> tuple[list, LLM]:
+    """The workload's (token ids, finish reason) per output, and the LLM that ran it."""
+    llm = LLM(str(model), max_model_len=128, block_size=8, speculative_config=speculative_config,
+              **kwargs)
+    prompts, params = workload()
+    results = [(c.token_ids, c.finish_reason)
+               for out in llm.generate(prompts, params, use_tqdm=False) for c in out.outputs]
+    return results, llm
+
+
+def assert_idle(llm: LLM) -> None:
+    stats = llm.engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    assert stats.num_running == stats.num_waiting == 0
+
+
+def blocks_written(caches: list[torch.Tensor]) -> set[int]:
+    """The block ids any of these (zero-initialised) caches holds a nonzero value in."""
+    used = torch.zeros(caches[0].shape[1], dtype=torch.bool)
+    for cache in caches:
+        used |= cache.abs().flatten(2).amax(dim=(0, 2)) > 0
+    return set(torch.nonzero(used).flatten().tolist())
+
+
+# name: (engine arguments, speculative_config additions)
+SCENARIOS: dict[str, tuple[dict, dict]] = {
+    "plain": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=False), {}),
+    "prefix-caching": (dict(kv_cache_memory_bytes=KV, enable_prefix_caching=True), {}),
+    # A 16-token budget chunks every longer prompt (and the drafter's catch-up with it).
+    "chunked": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16), {}),
+    # 18 blocks of 8 tokens, one 128-token request needs 16: requests are preempted.
+    "preempting": (dict(num_kv_blocks=18, max_num_batched_tokens=16, max_num_seqs=6), {}),
+    # No drafts while more than 2 requests run: a draft model's KV falls behind for many
+    # steps and catches up in long chunks (over several forwards: 16 tokens each) once
+    # drafting resumes; an EAGLE-3 head only writes its KV on those steps.
+    "intermittent": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16),
+                     dict(disable_by_batch_size=2)),
+}
