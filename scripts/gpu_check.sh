@@ -15,8 +15,9 @@
 #      offline throughput vs HF generate); printed last and appended to docs/benchmarks.md
 #   6. quantized paths: W4A16 and FP8 GEMMs vs bf16 (% of bandwidth), decode tok/s of the same
 #      model in bf16, W4A16, FP8, FP8 + FP8 KV; appended to docs/benchmarks.md
-#   7. speculative decoding on CUDA (CUDA graphs for 1 + k-token decodes): the CPU table's
-#      benchmark, n-gram and draft model, batch 1/4/32, one run each
+#   7. speculative decoding on CUDA (CUDA graphs for 1 + k-token decodes, the draft model's
+#      own): the CPU table's benchmark, n-gram, draft model and EAGLE-3, batch 1/32, one run
+#      each
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -66,7 +67,7 @@ run gpu_bench 145 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
 # rewritten after each table, so a stop at the limit keeps the GEMM figures.
 run gpu_quant_bench 85 "$PY" benchmarks/gpu_quant_bench.py --json "$OUT/gpu_quant_bench.json" \
     --markdown docs/benchmarks.md
-run spec_decode 45 "$PY" benchmarks/spec_decode.py --repeat 1 --max-tokens 32
+run spec_decode 45 "$PY" benchmarks/spec_decode.py --repeat 1 --max-tokens 32 --batches 1 32
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 
 echo "=== summary"
