@@ -102,3 +102,5 @@ def test_ngram_speculation_serves_the_same_text_and_counts_drafts(triton_server)
         finally:
             for name in models:
                 http.post(f"{repository}/{name}/unload", timeout=600)
+                # Not loaded again by a restart of the shared server.
+                shutil.rmtree(triton_server.repository / name, ignore_errors=True)
