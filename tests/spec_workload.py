@@ -11,6 +11,8 @@ import torch
 from pagedserve import LLM, SamplingParams
 
 KV = 32 << 20
+ROOT = Path(__file__).resolve().parents[1]
+TRAINED = ROOT / "model_repository/llm/1"  # the shipped target, draft model and EAGLE-3 head
 
 
 def workload() -> tuple[list, list[SamplingParams]]:
@@ -41,6 +43,22 @@ def run(model: Path, speculative_config=None, **kwargs) -> tuple[list, LLM]:
     results = [(c.token_ids, c.finish_reason)
                for out in llm.generate(prompts, params, use_tqdm=False) for c in out.outputs]
     return results, llm
+
+
+def trained_target_run(speculative_config) -> tuple[list, list, LLM]:
+    """Greedy tokens of the shipped target on two of this repository's source excerpts,
+    without and with ``speculative_config``, and the speculating LLM."""
+    prompts = [(ROOT / "backend/pagedserve" / f).read_text()[:600]
+               for f in ("core/block_pool.py", "outputs.py")]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    kwargs = dict(dtype="float32", kv_cache_memory_bytes=KV, max_num_batched_tokens=64)
+
+    def tokens(llm: LLM) -> list:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = tokens(LLM(str(TRAINED / "default_model"), **kwargs))
+    llm = LLM(str(TRAINED / "default_model"), **kwargs, speculative_config=speculative_config)
+    return expected, tokens(llm), llm
 
 
 def assert_idle(llm: LLM) -> None:

@@ -14,15 +14,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from spec_workload import KV, SCENARIOS, assert_idle, blocks_written, run
+from spec_workload import (
+    KV,
+    SCENARIOS,
+    TRAINED,
+    assert_idle,
+    blocks_written,
+    run,
+    trained_target_run,
+)
 from traffic import play, random_traffic
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import LLMEngine
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAINED = ROOT / "model_repository/llm/1"
 
 
 def lookalike_draft(target: Path, out: Path, noise: float, seed: int = 0) -> Path:
@@ -126,18 +131,8 @@ def test_adaptive_speculation_keeps_the_output(target, drafts):
 
 @pytest.mark.parametrize("k", [2, 4])
 def test_trained_pair_greedy_output_equals_no_speculation(k):
-    prompts = [(ROOT / "backend/pagedserve" / f).read_text()[:600]
-               for f in ("core/block_pool.py", "outputs.py")]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    kwargs = dict(dtype="float32", kv_cache_memory_bytes=KV, max_num_batched_tokens=64)
-
-    def tokens(llm: LLM) -> list:
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-    expected = tokens(LLM(str(TRAINED / "default_model"), **kwargs))
-    llm = LLM(str(TRAINED / "default_model"), **kwargs,
-              speculative_config=spec(TRAINED / "draft_model", k))
-    assert tokens(llm) == expected
+    expected, got, llm = trained_target_run(spec(TRAINED / "draft_model", k))
+    assert got == expected
     s = llm.engine.get_stats().spec_decoding
     assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0
 

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 from hf_reference import load_hf_model
-from spec_workload import KV, SCENARIOS, assert_idle, blocks_written, run
+from spec_workload import (
+    KV,
+    SCENARIOS,
+    TRAINED,
+    assert_idle,
+    blocks_written,
+    run,
+    trained_target_run,
+)
 from test_eagle3_head import _reference_weights, reference_head
 from traffic import play, random_traffic
 
@@ -238,18 +246,7 @@ def test_a_head_that_cannot_serve_fails_at_start(target, tiny_model_dir, tmp_pat
 @pytest.mark.parametrize("k", [2, 4])
 def test_trained_head_greedy_output_equals_no_speculation(k):
     """The shipped head on the shipped target: the same tokens, most drafts accepted."""
-    root = Path(__file__).resolve().parents[1] / "model_repository/llm/1"
-    prompts = [(root.parents[2] / "backend/pagedserve" / f).read_text()[:600]
-               for f in ("core/block_pool.py", "outputs.py")]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    kwargs = dict(dtype="float32", kv_cache_memory_bytes=KV, max_num_batched_tokens=64)
-
-    def tokens(llm: LLM) -> list:
-        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-
-    expected = tokens(LLM(str(root / "default_model"), **kwargs))
-    llm = LLM(str(root / "default_model"), **kwargs,
-              speculative_config=spec(root / "eagle3_head", k))
-    assert tokens(llm) == expected
+    expected, got, llm = trained_target_run(spec(TRAINED / "eagle3_head", k))
+    assert got == expected
     s = llm.engine.get_stats().spec_decoding
     assert s.num_accepted_tokens > 0.3 * s.num_draft_tokens

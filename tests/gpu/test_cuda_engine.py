@@ -63,14 +63,7 @@ def test_graph_runner_captures_and_replays(tiny_model_dir):
     graphs = llm.engine.runner.graphs
     assert graphs is not None
     assert graphs.sizes == [1, 2, 4, 8, 16, 24]
-    replays = []
-    original = graphs.replay
-
-    def counting(size):
-        replays.append(size)
-        return original(size)
-
-    graphs.replay = counting
+    replays = _recording_replays(graphs)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts_of([4] * 5, 1)], params,
                  use_tqdm=False)
@@ -96,14 +89,9 @@ def test_fp8_kv_cache_graphs_equal_eager(tiny_model_dir, kv_cache_dtype):
     assert blocks[kv_cache_dtype] == 2 * blocks["auto"]
 
 
-def test_speculative_decoding_graphs_equal_eager(tiny_model_dir):
-    """Decodes that verify k drafts each replay graphs captured for 1 + k tokens per request,
-    with the tokens of eager steps (and of plain decoding)."""
-    model = tiny_model_dir("llama")
-    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
-            "prompt_lookup_max": 3, "adaptive": False}
-    prompts = [[4 + (i % 6) for i in range(48)], [9 + (i % 4) for i in range(30)],
-               [20 + (i % 5) for i in range(64)]]
+def _speculative_graphs_equal_eager(model, spec: dict, prompts: list) -> LLM:
+    """Greedy output with ``spec`` replaying graphs equals eager speculation's and plain
+    decoding's, and some step replayed a graph of 1 + 3 tokens per request; the LLM that ran."""
     plain = generate(model, prompts, dtype="float32", enforce_eager=True)
     eager = generate(model, prompts, dtype="float32", enforce_eager=True,
                      speculative_config=spec)
@@ -118,6 +106,26 @@ def test_speculative_decoding_graphs_equal_eager(tiny_model_dir):
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == eager == plain
     assert any(q == 4 for _, q in replays), replays
+    return llm
+
+
+def _recording_replays(graphs) -> list:
+    """Makes ``graphs`` (a CudaGraphRunner) record each replay's batch size."""
+    replays: list = []
+    original = graphs.replay
+    graphs.replay = lambda size, q=1: replays.append(size) or original(size, q)
+    return replays
+
+
+def test_speculative_decoding_graphs_equal_eager(tiny_model_dir):
+    """Decodes that verify k drafts each replay graphs captured for 1 + k tokens per request,
+    with the tokens of eager steps (and of plain decoding)."""
+    model = tiny_model_dir("llama")
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
+            "prompt_lookup_max": 3, "adaptive": False}
+    prompts = [[4 + (i % 6) for i in range(48)], [9 + (i % 4) for i in range(30)],
+               [20 + (i % 5) for i in range(64)]]
+    llm = _speculative_graphs_equal_eager(model, spec, prompts)
     assert llm.engine.get_stats().spec_decoding.num_accepted_tokens > 0
 
 
@@ -131,20 +139,7 @@ def test_eagle3_graphs_equal_eager(tiny_model_dir, tmp_path):
     spec = {"method": "eagle3", "model": str(head), "num_speculative_tokens": 3,
             "adaptive": False}
     prompts = [[4 + (i % 6) for i in range(48)], [9 + (i % 4) for i in range(30)]]
-    plain = generate(model, prompts, dtype="float32", enforce_eager=True)
-    eager = generate(model, prompts, dtype="float32", enforce_eager=True,
-                     speculative_config=spec)
-    llm = LLM(str(model), dtype="float32", max_num_seqs=8, kv_cache_memory_bytes=256 << 20,
-              speculative_config=spec)
-    graphs = llm.engine.runner.graphs
-    assert graphs is not None and graphs.query_lens == (1, 4)
-    replays = []
-    original = graphs.replay
-    graphs.replay = lambda size, q=1: replays.append((size, q)) or original(size, q)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == eager == plain
-    assert any(q == 4 for _, q in replays), replays
+    llm = _speculative_graphs_equal_eager(model, spec, prompts)
     assert llm.engine.get_stats().spec_decoding.num_draft_tokens > 0
 
 
@@ -162,9 +157,7 @@ def test_draft_model_graphs_equal_eager(tiny_model_dir):
               speculative_config=spec)
     draft_graphs = llm.engine.runner.draft_model.graphs
     assert draft_graphs is not None
-    replays = []
-    original = draft_graphs.graphs.replay
-    draft_graphs.graphs.replay = lambda size, q=1: replays.append(size) or original(size, q)
+    replays = _recording_replays(draft_graphs.graphs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == plain

@@ -31,6 +31,22 @@ def kv_cache_torch_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
     return _FP8_CACHE_DTYPES.get(name, model_dtype)
 
 
+def kv_cache_block_bytes(num_kv_heads: int, head_dim: int, num_layers: int, block_size: int,
+                        dtype: torch.dtype) -> int:
+    """Bytes of one block of a model's paged KV cache (K and V, every layer)."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * block_size * num_kv_heads * head_dim * element * num_layers
+
+
+def allocate_kv_caches(num_kv_heads: int, head_dim: int, num_layers: int, num_blocks: int,
+                       block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """A model's paged KV cache: per layer ``[2, num_blocks, block_size, kv_heads, head_dim]``,
+    zeroed."""
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
 def fp8_cache_name(dtype: torch.dtype) -> str:
     """The kv_cache_dtype name of an fp8 cache dtype."""
     return next(name for name, d in _FP8_CACHE_DTYPES.items() if d == dtype)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from pagedserve.attention.base import AttentionMetadata
-from pagedserve.attention.selector import get_attention_backend
+from pagedserve.attention.layer import allocate_kv_caches, kv_cache_block_bytes
 from pagedserve.config import EngineConfig
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.loader import load_model
@@ -44,6 +44,7 @@ from pagedserve.spec_decode.paged_drafting import (
     DecodeSteps,
     PagedBatch,
     ScratchBlocks,
+    drafter_attention,
     ragged_arange,
     ragged_metadata,
     time_drafting_steps,
@@ -112,11 +113,7 @@ class DraftModelProposer:
         self.device = device
         self.block_size = bs = config.block_size
         self.kv_cache_dtype = kv_cache_dtype
-        self.attn = get_attention_backend(
-            args.attention_backend, device,
-            num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            scale=mc.head_dim ** -0.5, block_size=bs, kv_cache_dtype=kv_cache_dtype,
-        )
+        self.attn = drafter_attention(config, mc, device, kv_cache_dtype)
         self.model = load_model(mc, dtype, device, self.attn, mc.quant_config)
         use_dense_linears(self.model)
         self.max_model_len = config.max_model_len
@@ -141,8 +138,8 @@ class DraftModelProposer:
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
-        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
+        return kv_cache_block_bytes(mc.num_kv_heads, mc.head_dim, mc.num_layers, self.block_size,
+                                    self.kv_cache_dtype)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """The draft's caches: the target's ``num_blocks`` block ids, then each batch row's
@@ -150,9 +147,8 @@ class DraftModelProposer:
         blocks)."""
         mc = self.model_config
         total = self.scratch.total_blocks(num_blocks, len(self.serial))
-        shape = (2, total, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
-                          for _ in range(mc.num_layers)]
+        self.kv_caches = allocate_kv_caches(mc.num_kv_heads, mc.head_dim, mc.num_layers, total,
+                                            self.block_size, self.kv_cache_dtype, self.device)
         self.serial.fill(-1)
 
     @torch.inference_mode()

@@ -28,7 +28,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pagedserve.attention.selector import get_attention_backend
+from pagedserve.attention.layer import allocate_kv_caches, kv_cache_block_bytes
 from pagedserve.config import EngineConfig
 from pagedserve.models.eagle3 import Eagle3Config, Eagle3LlamaForCausalLM
 from pagedserve.models.hub import resolve_checkpoint
@@ -39,6 +39,7 @@ from pagedserve.spec_decode.paged_drafting import (
     DecodeSteps,
     PagedBatch,
     ScratchBlocks,
+    drafter_attention,
     ragged_arange,
     time_drafting_steps,
     use_dense_linears,
@@ -98,11 +99,7 @@ class Eagle3Proposer:
         self.device, self.dtype = device, dtype
         self.block_size = bs = config.block_size
         self.kv_cache_dtype = kv_cache_dtype
-        self.attn = get_attention_backend(
-            config.args.attention_backend, device,
-            num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            scale=mc.head_dim ** -0.5, block_size=bs, kv_cache_dtype=kv_cache_dtype,
-        )
+        self.attn = drafter_attention(config, mc, device, kv_cache_dtype)
         self.head: Eagle3LlamaForCausalLM = load_eagle3_head(
             self.head_config, target, dtype, device, self.attn)
         use_dense_linears(self.head)  # as a draft model's: small matmuls, per-call costs
@@ -120,16 +117,16 @@ class Eagle3Proposer:
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
-        return 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element
+        return kv_cache_block_bytes(mc.num_kv_heads, mc.head_dim, mc.num_layers, self.block_size,
+                                    self.kv_cache_dtype)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """The head's one layer of cache: the target's ``num_blocks`` block ids, then each
         batch row's scratch blocks (outside the KV budget)."""
         mc = self.model_config
         total = self.scratch.total_blocks(num_blocks, self.max_rows)
-        shape = (2, total, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)]
+        self.kv_caches = allocate_kv_caches(mc.num_kv_heads, mc.head_dim, mc.num_layers, total,
+                                            self.block_size, self.kv_cache_dtype, self.device)
 
     @torch.inference_mode()
     def time_steps(self, sizes: list[int]) -> list[tuple[int, float]]:

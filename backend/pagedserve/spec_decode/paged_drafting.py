@@ -23,8 +23,11 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pagedserve.attention.base import AttentionMetadata
+from pagedserve.attention.base import AttentionBackend, AttentionMetadata
+from pagedserve.attention.selector import get_attention_backend
+from pagedserve.config import EngineConfig
 from pagedserve.layers.linear import LinearBase, UnquantizedLinearMethod, onednn_unpack
+from pagedserve.models.model_config import ModelConfig
 
 
 def use_dense_linears(model: torch.nn.Module) -> None:
@@ -44,6 +47,18 @@ def use_dense_linears(model: torch.nn.Module) -> None:
         elif getattr(module, "weight", None) is None:  # an LM head keeps its dense weight
             continue
         module.onednn_weight = None
+
+
+def drafter_attention(config: EngineConfig, model_config: ModelConfig, device: torch.device,
+                      kv_cache_dtype: torch.dtype) -> AttentionBackend:
+    """The attention backend of a drafting model (its own heads and head_dim; the engine's
+    backend choice, block size and KV-cache dtype)."""
+    mc = model_config
+    return get_attention_backend(
+        config.args.attention_backend, device,
+        num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+        scale=mc.head_dim ** -0.5, block_size=config.block_size, kv_cache_dtype=kv_cache_dtype,
+    )
 
 
 class PagedBatch(Protocol):

@@ -11,7 +11,11 @@ import numpy as np
 import torch
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
-from pagedserve.attention.layer import kv_cache_torch_dtype
+from pagedserve.attention.layer import (
+    allocate_kv_caches,
+    kv_cache_block_bytes,
+    kv_cache_torch_dtype,
+)
 from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import (
@@ -174,8 +178,8 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        element = torch.tensor([], dtype=self.kv_cache_dtype).element_size()
-        target = 2 * self.block_size * mc.num_kv_heads * mc.head_dim * element * mc.num_layers
+        target = kv_cache_block_bytes(mc.num_kv_heads, mc.head_dim, mc.num_layers,
+                                      self.block_size, self.kv_cache_dtype)
         paged = self.paged_proposer
         return target + (paged.bytes_per_block() if paged is not None else 0)
 
@@ -222,11 +226,9 @@ class ModelRunner:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
-        shape = (2, num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
-        self.kv_caches = [
-            torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
-            for _ in range(mc.num_layers)
-        ]
+        self.kv_caches = allocate_kv_caches(mc.num_kv_heads, mc.head_dim, mc.num_layers,
+                                            num_blocks, self.block_size, self.kv_cache_dtype,
+                                            self.device)
         if self.paged_proposer is not None:
             self.paged_proposer.initialize_kv_cache(num_blocks)
 
