@@ -1,6 +1,7 @@
-"""Speculative decoding over Triton: a model.json with ``speculative_config`` serves the same
-greedy text as one without, and vLLM's spec_decode counters appear on the metrics endpoint,
-for that model only, adding up.
+"""Speculative decoding over Triton: a model.json with ``speculative_config`` (n-gram, or the
+shipped EAGLE-3 head named relative to model.json) serves the same greedy text as one without,
+and vLLM's spec_decode counters appear on the metrics endpoint, for those models only, adding
+up.
 
 The models are loaded into the shared server with the shipped trained checkpoint (the tiny
 random one never repeats itself, so n-gram lookup would find nothing to draft)."""
@@ -17,7 +18,8 @@ from serving_client import metrics, wait_for_metrics
 
 pytestmark = pytest.mark.triton_server
 
-TRAINED_MODEL = Path(__file__).resolve().parents[2] / "model_repository/llm/1/default_model"
+TRAINED = Path(__file__).resolve().parents[2] / "model_repository/llm/1"
+TRAINED_MODEL = TRAINED / "default_model"
 MAX_TOKENS = 48
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2,
         "prompt_lookup_max": 4, "adaptive": False}
@@ -34,12 +36,17 @@ def _add_model(triton_server, name: str, engine_args: dict) -> None:
     shutil.copytree(triton_server.repository / "llm", target,
                     ignore=shutil.ignore_patterns("default_model"))
     shutil.copytree(TRAINED_MODEL, target / "1" / "default_model")
+    shutil.copytree(TRAINED / "eagle3_head", target / "1" / "eagle3_head")
     (target / "1" / "model.json").write_text(json.dumps(engine_args))
 
 
 def test_ngram_speculation_serves_the_same_text_and_counts_drafts(triton_server):
     base = {"model": "default_model", "kv_cache_memory_bytes": 1 << 24}
-    models = {"llm_spec": {**base, "speculative_config": SPEC}, "llm_no_spec": base}
+    # The EAGLE-3 head named relative to model.json, as the README shows.
+    eagle3 = {"method": "eagle3", "model": "eagle3_head", "num_speculative_tokens": 3,
+              "adaptive": False}
+    models = {"llm_spec": {**base, "speculative_config": SPEC}, "llm_no_spec": base,
+              "llm_eagle3": {**base, "speculative_config": eagle3}}
     repository = f"{triton_server.http_url}/v2/repository/models"
     texts = {}
     with requests.Session() as http:
@@ -58,7 +65,7 @@ def test_ngram_speculation_serves_the_same_text_and_counts_drafts(triton_server)
                 )
                 assert r.status_code == 200, r.text
                 texts[name] = r.json()["text_output"]
-            assert texts["llm_spec"] == texts["llm_no_spec"]
+            assert texts["llm_spec"] == texts["llm_no_spec"] == texts["llm_eagle3"]
             assert "return a + b" in texts["llm_spec"], texts  # it did repeat the prompt
 
             # One snapshot with nothing running holds the request's final counts.
@@ -80,6 +87,12 @@ def test_ngram_speculation_serves_the_same_text_and_counts_drafts(triton_server)
             # 1 + its accepted drafts.
             assert values["vllm:generation_tokens_total"] == MAX_TOKENS
             assert drafts + accepted <= MAX_TOKENS - 1
+
+            eagle3_values = wait_for_metrics(
+                triton_server.metrics_url,
+                lambda m: m.get("vllm:num_requests_running") == 0 and m.get(DRAFTS, 0) > 0,
+                timeout=30, model="llm_eagle3")
+            assert 0 < eagle3_values[ACCEPTED] <= eagle3_values[DRAFT_TOKENS]
 
             # Models that do not speculate have no spec_decode series, as in vLLM.
             for name in ("llm_no_spec", "llm"):

@@ -3,14 +3,19 @@ when the server cannot start. (What it does after faults: test_faults.py.)"""
 
 from __future__ import annotations
 
+import http.server
+import json
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from pagedserve.serving.launcher import supervised_args
-from pagedserve.serving.supervisor import SupervisorConfig
+from pagedserve.serving.stubs import StubProcess
+from pagedserve.serving.supervisor import ServerSupervisor, SupervisorConfig
 
 
 def test_no_control_mode_means_explicit_with_every_model_loaded():
@@ -58,3 +63,47 @@ def test_a_server_that_cannot_start_ends_serve_with_its_status(tmp_path):
     assert result.returncode != 0, result.stderr
     assert "starting it again" not in result.stderr
     assert time.monotonic() - started < 120
+
+
+@pytest.fixture
+def ready_index():
+    """An HTTP server that answers Triton's repository index with model 'llm' READY."""
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server name
+            body = json.dumps([{"name": "llm", "version": "1", "state": "READY"}]).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_stub_missing_from_the_listing_but_alive_is_not_a_crash(ready_index):
+    # /proc's children lists can skip a child while the process tree changes; a stub the
+    # listing missed must not make the supervisor kill the server. One that is really gone
+    # (here: its pid's start time no longer matches) while its model is READY is a crash.
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        supervisor = ServerSupervisor([], {}, SupervisorConfig(ready_index, False))
+        state = Path(f"/proc/{process.pid}/stat").read_text()
+        start_time = int(state[state.rindex(")") + 2:].split()[19])
+        live = StubProcess(process.pid, start_time, 1, "llm", "llm_0_0", "")
+        supervisor._stubs = {process.pid: live}
+        listed: dict[int, StubProcess] = {}
+        assert supervisor._crashed_stubs(listed) == []
+        assert listed == {process.pid: live}  # still watched
+
+        gone = StubProcess(process.pid, start_time + 1, 1, "llm", "llm_0_0", "")
+        supervisor._stubs = {process.pid: gone}
+        assert supervisor._crashed_stubs({}) == [gone]
+    finally:
+        process.kill()
+        process.wait()

@@ -257,7 +257,17 @@ class ServerSupervisor:
         """Instance stubs that are gone while their model is READY, with no newer stub of the
         same instance (a reload starts the new stub before the old one exits). Gone stubs
         stay undecided while the server does not say, up to ``undecided_s``."""
-        gone = [s for pid, s in self._stubs.items() if pid not in stubs and s.serves]
+        gone = []
+        for pid, stub in self._stubs.items():
+            if pid in stubs or not stub.serves:
+                continue
+            if stub.alive():
+                # Missing from the server's children lists, yet alive: those lists can skip a
+                # child while the process tree changes (a load starting stubs, a thread that
+                # forked one ending), and a load in progress once made a live stub look dead.
+                stubs[pid] = stub
+                continue
+            gone.append(stub)
         if not gone:
             return []
         states = self.http.model_states()
