@@ -158,10 +158,13 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     assert controller.acceptance[0] < 0.05
     assert controller.num_drafts(1) == 0
     # ...but looks again now and then, in case the workload changed: soon where drafting
-    # would pay at the prior acceptance (a small batch), rarely where not even then.
-    choices = [controller.num_drafts(1) for _ in range(200)]
-    assert 200 // 16 < sum(1 for c in choices if c) <= 200 // 8 + 200 // 64
-    assert choices.count(4) >= 200 // 16  # every position, so that each one is measured
+    # would pay at the prior acceptance (a small batch), then less and less often while the
+    # probes keep finding nothing (8, 16, 32, 64, 64... steps apart), rarely where not even
+    # then.
+    choices = [controller.num_drafts(1) for _ in range(248)]
+    probes = [i for i, c in enumerate(choices) if c == 4]  # every position: each is measured
+    assert [b - a for a, b in zip(probes, probes[1:])] == [16, 32, 64, 64, 64]
+    assert probes[0] < 8 and sum(1 for c in choices if c) <= len(probes) + 248 // 64
     assert controller.num_drafts(256) == 0
     choices = [controller.num_drafts(256) for _ in range(200)]
     assert 0 < sum(1 for c in choices if c) <= 200 // 32

@@ -20,7 +20,8 @@ it drafts none (nothing is learnt about acceptance otherwise, and the workload m
 changed), a plain step while it drafts (so that the cost of both is measured, not estimated).
 Every ``_QUICK_PROBE_INTERVAL`` steps it drafts every position once while it drafts fewer
 (the acceptance of the positions it skips is learnt too), or while it drafts none where
-drafting would pay at the prior acceptance (see ``_worth_probing_soon``).
+drafting would pay at the prior acceptance (see ``_worth_probing_soon``); each such probe that
+finds drafting still not paying doubles the wait for the next, up to ``_PROBE_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -261,6 +262,9 @@ class SpeculationController:
         self._seen_reached: list[int] = []
         self._steps_since_probe = 0
         self._steps_since_deep_probe = 0
+        # Steps between probes with every draft: doubled by each one made while drafting
+        # did not pay, back to the quickest once it does (see num_drafts).
+        self._deep_probe_interval = _QUICK_PROBE_INTERVAL
         self._catch_up_calls = 0
         self.last_choice = max_num_drafts
 
@@ -334,10 +338,18 @@ class SpeculationController:
         # one plain step while it does (what does a step without drafts cost now?).
         self._steps_since_probe += 1
         self._steps_since_deep_probe += 1
+        if best_k:
+            self._deep_probe_interval = _QUICK_PROBE_INTERVAL
         if (best_k < self.max_num_drafts
-                and self._steps_since_deep_probe >= _QUICK_PROBE_INTERVAL
+                and self._steps_since_deep_probe >= self._deep_probe_interval
                 and self._worth_probing_soon(num_running)):
             self._steps_since_deep_probe = 0
+            if not best_k:
+                # A workload whose drafts do not pay here (a batch too large for this
+                # proposer, drafts that miss) would otherwise pay for a probe every few steps
+                # for good.
+                self._deep_probe_interval = min(2 * self._deep_probe_interval,
+                                                _PROBE_INTERVAL)
             best_k = self.max_num_drafts
         elif self._steps_since_probe >= _PROBE_INTERVAL:
             self._steps_since_probe = 0
