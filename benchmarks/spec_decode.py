@@ -118,17 +118,12 @@ def code_editing_workload(
 def heldout_code_workload(tokenizer: Any, count: int, prompt_tokens: int) -> Workload:
     """``count`` prompts: the first ``prompt_tokens`` tokens (after BOS) of held-out files long
     enough, evenly spaced over the split in path order."""
-    from pagedserve.devtools.stdlib_corpus import source_files
+    from pagedserve.devtools.distill_draft import heldout_prompts
 
-    files = source_files("heldout")
-    encoded = tokenizer([f.text for f in files], add_special_tokens=False).input_ids
-    long_enough = [ids for ids in encoded if len(ids) >= prompt_tokens]
-    if len(long_enough) < count:
-        raise SystemExit(f"the held-out split has {len(long_enough)} files of {prompt_tokens} "
-                         f"tokens, fewer than the {count} needed")
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
-    picks = [i * len(long_enough) // count for i in range(count)]
-    return Workload("held-out code", [bos + long_enough[i][:prompt_tokens] for i in picks])
+    try:
+        return Workload("held-out code", heldout_prompts(tokenizer, count, prompt_tokens))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def repeat_fraction(output: list[int], expected: list[int]) -> float:
