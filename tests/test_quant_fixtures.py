@@ -314,18 +314,28 @@ def test_producer_logits_match_transformers_on_the_dequantized_weights(name, bas
     config = AutoConfig.from_pretrained(FIXTURES / "base")
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.load_state_dict(dequantized_state_dict(name, base_weights))
+    quantizes_activations = False
     for module_name, module in model.named_modules():
         quantize = module_name.startswith("model.layers.") and isinstance(
             module, torch.nn.Linear) and activation_quantizer(q, tensors, module_name)
         if quantize:
+            quantizes_activations = True
             module.register_forward_pre_hook(lambda _m, args, f=quantize: (f(args[0]),))
     reference = load_file(str(FIXTURES / name / "reference_logits.safetensors"))
     # GPTQModel's torch kernel computes in fp16 only: its activations carry fp16 rounding.
     bound = {"float32": 1e-3, "float16": 2e-2}[MANIFEST["fixtures"][name][
         "reference_logits_dtype"]]
+    # Rounding activations is not continuous: an activation on a rounding boundary lands on
+    # either side as fp32 sums are ordered by this CPU's kernels (AVX2 against the producer's
+    # AVX-512), and one such flip moved one position's logits by 0.7%. So one position per
+    # input may be off, by a flip's size at most; a wrong reading moves every position (with
+    # no activation quantization at all, 17 of 17 by 4-22%).
+    positions_off, flip_bound = (1, 2e-2) if quantizes_activations else (0, bound)
     for key in (k for k in reference if k.startswith("input_ids_")):
         with torch.no_grad():
             logits = model(input_ids=reference[key].long()[None]).logits[0]
         expected = reference[key.replace("input_ids_", "logits_")]
-        error = float((logits - expected).abs().max() / expected.abs().max())
-        assert error < bound, f"{key}: max error {error:.5f}"
+        error = (logits - expected).abs().amax(-1) / expected.abs().max()
+        assert int((error >= bound).sum()) <= positions_off, \
+            f"{key}: max error {float(error.max()):.5f} at {int((error >= bound).sum())} positions"
+        assert float(error.max()) < flip_bound, f"{key}: max error {float(error.max()):.5f}"

@@ -361,21 +361,16 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> tuple[TrainConfig,
 def main(argv: Optional[Sequence[str]] = None) -> RunReport | Dict[str, float]:
     import sys
 
+    from pagedserve.layers.linear import onednn_bf16_supported
+
     argv = list(sys.argv[1:] if argv is None else argv)
     config, args = config_from_args(argv)
-    if config.bf16 and not _bf16_supported():
+    if config.bf16 and not onednn_bf16_supported():
         _log("this CPU has no bf16 support: training in fp32")
         config = replace(config, bf16=False)
     if args.bench:
         return bench(config, args.bench, args.bench_steps)
     return run(config)
-
-
-def _bf16_supported() -> bool:
-    import torch
-
-    return bool(torch.backends.mkldnn.is_available()
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 if __name__ == "__main__":

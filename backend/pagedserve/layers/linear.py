@@ -72,16 +72,25 @@ class UnquantizedLinearMethod(LinearMethod):
 
 def onednn_pack(weight: torch.Tensor) -> Optional[torch.Tensor]:
     """``weight`` [out, in] in oneDNN's blocked layout, or None where oneDNN does not apply
-    (not the CPU, not fp32/bf16, or a torch without the op; PAGEDSERVE_ONEDNN=0 turns it off)."""
+    (not the CPU, not fp32/bf16, bf16 on a CPU without oneDNN's bf16 instructions, or a torch
+    without the op; PAGEDSERVE_ONEDNN=0 turns it off)."""
     if (
         weight.device.type != "cpu"
         or weight.dtype not in (torch.float32, torch.bfloat16)
         or os.environ.get("PAGEDSERVE_ONEDNN", "1") == "0"
         or not torch.backends.mkldnn.is_available()
         or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        or (weight.dtype == torch.bfloat16 and not onednn_bf16_supported())
     ):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN runs bf16 on this CPU: it needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, and
+    refuses to pack bf16 weights elsewhere (an AVX2-only CPU); there bf16 takes torch's own path."""
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def onednn_unpack(packed: torch.Tensor, input_size: int, dtype: torch.dtype) -> torch.Tensor:
