@@ -170,6 +170,23 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
 
 
+def test_controller_needs_a_larger_gain_to_start_drafting_than_to_go_on():
+    """Hysteresis: a gain estimated between _KEEP_GAIN and _MIN_GAIN starts no drafting but
+    keeps it going (each stop and restart costs a draft model a catch-up)."""
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    marginal, poor = [0.05, 0.0, 0.0, 0.0], [0.01, 0.0, 0.0, 0.0]  # 1.05x and 1.01x at k 1
+    controller.acceptance = list(marginal)
+    assert controller.num_drafts(1) == 0
+    controller.acceptance = [0.9] * 4
+    assert controller.num_drafts(1) == 4
+    controller.acceptance = list(marginal)
+    assert [controller.num_drafts(1) for _ in range(2)] == [1] * 2  # (no probe yet: 8 steps)
+    controller.acceptance = list(poor)
+    assert controller.num_drafts(1) == 0
+    controller.acceptance = list(marginal)
+    assert controller.num_drafts(1) == 0
+
+
 def test_controller_measures_a_plain_step_now_and_then_while_it_drafts():
     controller = SpeculationController(4, cost=_cost(flat_until=16))
     _observe(controller, 4, 3, 200)

@@ -14,10 +14,11 @@ Whether that pays depends on three measured things:
   are k forwards over the batch), seeded likewise by timing a drafting step at start-up.
 
 Each step the controller picks the k (0..num_speculative_tokens) with the most tokens per second
-and drafts nothing when no k beats plain decoding, so a large batch runs as if speculation were
-off. Every ``_PROBE_INTERVAL`` steps it takes the other side once: a step with one draft while
-it drafts none (nothing is learnt about acceptance otherwise, and the workload may have
-changed), a plain step while it drafts (so that the cost of both is measured, not estimated).
+and drafts nothing when no k beats plain decoding by ``_MIN_GAIN`` (by ``_KEEP_GAIN`` while it
+drafts already), so a large batch runs as if speculation were off. Every ``_PROBE_INTERVAL``
+steps it takes the other side once: a step with one draft while it drafts none (nothing is
+learnt about acceptance otherwise, and the workload may have changed), a plain step while it
+drafts (so that the cost of both is measured, not estimated).
 Every ``_QUICK_PROBE_INTERVAL`` steps it drafts every position once while it drafts fewer
 (the acceptance of the positions it skips is learnt too), or while it drafts none where
 drafting would pay at the prior acceptance (see ``_worth_probing_soon``); each such probe that
@@ -42,6 +43,11 @@ _PRIOR_DRAFTED_FRACTION = 1.0
 # estimate of a step size not measured lately (start-up timings, calibrated) was seen off by up
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
 _MIN_GAIN = 1.10
+# While it drafts, it goes on while the best k is estimated at least this much faster: the
+# drafting step sizes are then the ones being measured, and each stop and restart costs a
+# draft model a catch-up on the tokens it skipped (at batch 1, choices hovering around
+# _MIN_GAIN switched drafting off and on every few steps).
+_KEEP_GAIN = 1.02
 _PROBE_INTERVAL = 64
 # Every this many steps, a step with every draft while fewer pay (so that the acceptance at
 # every position stays measured), or while none pay where drafting would at the prior
@@ -267,6 +273,7 @@ class SpeculationController:
         self._deep_probe_interval = _QUICK_PROBE_INTERVAL
         self._catch_up_calls = 0
         self.last_choice = max_num_drafts
+        self._drafting = False  # whether the last choice, probes aside, was to draft
 
     # ---- what was measured ---------------------------------------------------------------
 
@@ -328,11 +335,12 @@ class SpeculationController:
             return 0
         if not self.adaptive or not self.cost.known:
             return self.max_num_drafts
-        best_k, best = 0, _MIN_GAIN
+        best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
         for k in range(1, self.max_num_drafts + 1):
             gain = self.speedup(num_running, k)
             if gain > best:
                 best_k, best = k, gain
+        self._drafting = best_k > 0  # the choice itself, probes aside
         # Now and then the other choice, so that both sides of the comparison are measured
         # steps: one drafting step while drafting does not pay (has the workload changed?),
         # one plain step while it does (what does a step without drafts cost now?).
