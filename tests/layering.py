@@ -19,6 +19,10 @@ ENGINE = "pagedserve"
 KERNELS = "pagedserve_kernels"
 # What the kernels package may import besides itself and the standard library.
 KERNEL_DEPENDENCIES = frozenset({"torch", "triton", "numpy"})
+# The tensor-parallel collectives: torch.distributed and nothing else of the project, so that
+# any layer (models, worker, a future executor) may use them.
+DISTRIBUTED = f"{ENGINE}.distributed"
+DISTRIBUTED_DEPENDENCIES = frozenset({"torch"})
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,12 @@ def violations(roots: Iterable[Path]) -> list[str]:
                 if not _under(target, KERNELS) and target not in allowed:
                     found.append(f"{name} -> {target} (the kernels import only torch, triton, "
                                  "numpy and themselves)")
+        if _under(name, DISTRIBUTED):
+            allowed = DISTRIBUTED_DEPENDENCIES | set(sys.stdlib_module_names)
+            for target in sorted(graph[name]):
+                if not _under(target, DISTRIBUTED) and target not in allowed:
+                    found.append(f"{name} -> {target} (pagedserve.distributed imports only "
+                                 "torch and itself)")
     found += [f"import cycle among {', '.join(group)}" for group in cycles(graph)]
     return found
 

@@ -49,6 +49,10 @@ BROKEN = [
      "pagedserve_kernels.norm -> pagedserve.layers.norm (the kernels import only"),
     ("kernels/pagedserve_kernels/ops.py", "import transformers",
      "pagedserve_kernels.ops -> transformers (the kernels import only"),
+    ("backend/pagedserve/distributed/group.py", "from pagedserve.config import EngineConfig",
+     "pagedserve.distributed.group -> pagedserve.config (pagedserve.distributed imports only"),
+    ("backend/pagedserve/distributed/group.py", "import numpy",
+     "pagedserve.distributed.group -> numpy (pagedserve.distributed imports only"),
     ("backend/pagedserve/worker/cuda_graphs.py",
      "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
      "    from pagedserve.worker.model_runner import ModelRunner",

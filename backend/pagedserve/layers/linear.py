@@ -7,6 +7,7 @@ arrive through each parameter's ``weight_loader(param, tensor, shard_id)``.
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from typing import Callable, Optional, Union
@@ -15,11 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup, rank_slice
+
 ShardId = Union[int, str, None]
 
 
 class LinearMethod(ABC):
     """How one kind of weights (unquantized, GPTQ, AWQ, FP8...) is stored and multiplied."""
+
+    # Set to the format's name where its loaders do not yet take a rank's part of each tensor:
+    # a tensor-parallel layer with this method is refused, naming it.
+    tensor_parallel_unsupported: Optional[str] = None
 
     @abstractmethod
     def create_weights(
@@ -51,7 +58,7 @@ class UnquantizedLinearMethod(LinearMethod):
         weight = nn.Parameter(
             torch.empty(sum(output_sizes), input_size, dtype=dtype), requires_grad=False
         )
-        weight.weight_loader = layer.shard_loader(dim=0)
+        weight.weight_loader = layer.shard_loader(dim=0, input_dim=1)
         layer.register_parameter("weight", weight)
 
     def apply(
@@ -136,6 +143,13 @@ class LinearBase(nn.Module):
 
     ``shard_names`` map checkpoint shard ids to positions; a single-shard layer uses None.
     ``prefix`` is the layer's module name in the model (for errors and per-layer choices).
+
+    Under tensor parallelism (``tp`` of more than one rank) a ``parallel="column"`` layer holds
+    its rank's share of each shard's outputs (``shard_replicas[i]`` ranks hold the same slice of
+    shard i: KV heads fewer than ranks) and a ``parallel="row"`` layer its share of the inputs,
+    summing the ranks' partial outputs (bias added once, after the sum). ``input_size`` and
+    ``output_sizes`` are then the rank's; ``full_input_size`` and ``full_output_sizes`` the
+    checkpoint's. Each parameter's loader narrows the checkpoint tensor to the rank's part.
     """
 
     def __init__(
@@ -148,42 +162,100 @@ class LinearBase(nn.Module):
         linear_method: Optional[LinearMethod] = None,
         dtype: Optional[torch.dtype] = None,
         prefix: str = "",
+        tp: TensorParallelGroup = SINGLE_RANK,
+        parallel: Optional[str] = None,
+        shard_replicas: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         self.prefix = prefix
-        self.input_size = input_size
-        self.output_sizes = list(output_sizes)
         self.shard_names = list(shard_names) if shard_names is not None else [None]
-        if len(self.shard_names) != len(self.output_sizes):
+        if len(self.shard_names) != len(output_sizes):
             raise ValueError("one shard name per output size is required")
+        if parallel not in (None, "column", "row"):
+            raise ValueError(f"{prefix}: parallel must be 'column', 'row' or None, "
+                             f"got {parallel!r}")
+        self.tp = tp
+        self.parallel = parallel if tp.world_size > 1 else None
+        self.full_input_size = input_size
+        self.full_output_sizes = list(output_sizes)
+        self.shard_replicas = list(shard_replicas or [1] * len(output_sizes))
+        self.input_size, self.output_sizes = self._rank_sizes()
         dtype = dtype or torch.get_default_dtype()
         self.linear_method = linear_method or UnquantizedLinearMethod()
-        self.linear_method.create_weights(self, input_size, self.output_sizes, dtype)
+        unsupported = self.linear_method.tensor_parallel_unsupported
+        if self.parallel is not None and unsupported:
+            raise ValueError(
+                f"{prefix}: {unsupported} weights are not split for tensor parallelism yet "
+                f"(tensor_parallel_size {tp.world_size}); run them with tensor_parallel_size 1"
+            )
+        self.linear_method.create_weights(self, self.input_size, self.output_sizes, dtype)
         if bias:
             self.bias = nn.Parameter(
-                torch.zeros(sum(output_sizes), dtype=dtype), requires_grad=False
+                torch.zeros(sum(self.output_sizes), dtype=dtype), requires_grad=False
             )
             self.bias.weight_loader = self.shard_loader(dim=0)
         else:
             self.register_parameter("bias", None)
 
+    def _rank_sizes(self) -> tuple[int, list[int]]:
+        world = self.tp.world_size
+        if self.parallel == "row":
+            _, size = rank_slice(self.full_input_size, 0, world, f"{self.prefix}'s input size")
+            return size, list(self.full_output_sizes)
+        if self.parallel == "column":
+            sizes = []
+            for name, full, replicas in zip(self.shard_names, self.full_output_sizes,
+                                            self.shard_replicas):
+                what = f"{self.prefix}'s shard {name!r} ({full} outputs, {replicas} rank(s) each)"
+                sizes.append(rank_slice(full * replicas, 0, world, what)[1])
+            return self.full_input_size, sizes
+        return self.full_input_size, list(self.full_output_sizes)
+
     def shard_offset(self, shard_id: ShardId, scale: float = 1.0) -> tuple[int, int]:
         """(start, size) of a shard along the output dimension, scaled for packed layouts."""
+        index = self._shard_index(shard_id)
+        start = sum(self.output_sizes[:index])
+        return int(start * scale), int(self.output_sizes[index] * scale)
+
+    def _shard_index(self, shard_id: ShardId) -> int:
         try:
-            index = self.shard_names.index(shard_id)
+            return self.shard_names.index(shard_id)
         except ValueError:
             raise ValueError(
                 f"unknown shard {shard_id!r} for a layer with shards {self.shard_names}"
             ) from None
-        start = sum(self.output_sizes[:index])
-        return int(start * scale), int(self.output_sizes[index] * scale)
+
+    def checkpoint_shape(self, shard_id: ShardId) -> tuple[int, int]:
+        """The checkpoint's logical [out, in] of a shard (the whole, not the rank's part)."""
+        return self.full_output_sizes[self._shard_index(shard_id)], self.full_input_size
+
+    def rank_part(self, loaded: torch.Tensor, shard_id: ShardId, dim: int, scale: float,
+                  input_dim: Optional[int], input_scale: float) -> torch.Tensor:
+        """This rank's part of checkpoint tensor ``loaded`` (a shard): its outputs along ``dim``
+        (column-parallel) or its inputs along ``input_dim`` (row-parallel), each dimension
+        counted in logical elements times its scale (packed words, groups)."""
+        if self.parallel == "column":
+            index = self._shard_index(shard_id)
+            size = self.output_sizes[index]
+            start = (self.tp.rank // self.shard_replicas[index]) * size
+            return _narrow(loaded, dim, start, size, scale, self.full_output_sizes[index])
+        if self.parallel == "row" and input_dim is not None:
+            size = self.input_size
+            return _narrow(loaded, input_dim, self.tp.rank * size, size, input_scale,
+                           self.full_input_size)
+        return loaded
 
     def shard_loader(
-        self, dim: int, scale: float = 1.0
+        self, dim: int, scale: float = 1.0, input_dim: Optional[int] = None,
+        input_scale: float = 1.0,
     ) -> Callable[[nn.Parameter, torch.Tensor, ShardId], None]:
-        """A loader copying a checkpoint shard into its slice of ``dim`` of the parameter."""
+        """A loader copying a checkpoint shard into its slice of ``dim`` of the parameter.
+        ``input_dim`` (None: the tensor has none, e.g. a bias) is where a row-parallel layer
+        takes its rank's inputs; ``scale`` and ``input_scale`` convert logical sizes to the
+        tensor's (1/8 for 4-bit values packed in int32 words, 1/group for group scales)."""
 
         def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+            loaded = self.rank_part(loaded, shard_id, dim, scale, input_dim, input_scale)
             start, size = self.shard_offset(shard_id, scale)
             target = param.data.narrow(dim, start, size)
             if tuple(target.shape) != tuple(loaded.shape):
@@ -196,4 +268,28 @@ class LinearBase(nn.Module):
         return load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_method.apply(self, x, self.bias)
+        if self.parallel != "row":
+            return self.linear_method.apply(self, x, self.bias)
+        # Each rank's product is a partial sum over its inputs: the bias belongs to the total.
+        out = self.tp.all_reduce(self.linear_method.apply(self, x, None))
+        return out if self.bias is None else out + self.bias
+
+
+def _narrow(loaded: torch.Tensor, dim: int, start: int, size: int, scale: float,
+            full: int) -> torch.Tensor:
+    """``loaded``'s elements [start, start + size) of ``full`` logical ones along ``dim``,
+    where the tensor stores ``scale`` entries per logical element."""
+    expected = full * scale
+    if loaded.shape[dim] != math.ceil(expected):
+        raise ValueError(
+            f"has {loaded.shape[dim]} entries along dim {dim}, expected {math.ceil(expected)} "
+            "(the whole checkpoint tensor, before the rank's part is taken)"
+        )
+    first, length = start * scale, size * scale
+    if not (float(first).is_integer() and float(length).is_integer()):
+        raise ValueError(
+            f"the rank's part [{start}, {start + size}) does not fall on whole entries of a "
+            f"tensor holding {scale:g} per element along dim {dim} (packed values or groups "
+            "split across ranks); this tensor_parallel_size does not fit the layer"
+        )
+    return loaded.narrow(dim, int(first), int(length))

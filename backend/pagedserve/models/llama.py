@@ -16,6 +16,7 @@ from torch import nn
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
 from pagedserve.attention.layer import Attention
+from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedserve.layers.activation import SiluAndMul
 from pagedserve.layers.embedding import LMHead, QuantizedLMHead, VocabEmbedding
 from pagedserve.layers.linear import LinearBase, LinearMethod
@@ -49,26 +50,30 @@ class LlamaAttention(nn.Module):
         dtype: torch.dtype,
         prefix: str,
         input_size: Optional[int] = None,
+        tp: TensorParallelGroup = SINGLE_RANK,
     ) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = config.heads_per_rank
+        self.num_kv_heads = config.kv_heads_per_rank
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        replicas = config.kv_head_replicas
         self.qkv_proj = LinearBase(
             input_size or config.hidden_size,
-            [self.q_size, self.kv_size, self.kv_size],
+            [config.num_heads * self.head_dim, *[config.num_kv_heads * self.head_dim] * 2],
             bias=config.qkv_bias,
             shard_names=["q", "k", "v"],
             linear_method=linear_method(quant_config, f"{prefix}.qkv_proj"),
             dtype=dtype,
             prefix=f"{prefix}.qkv_proj",
+            tp=tp, parallel="column", shard_replicas=[1, replicas, replicas],
         )
         self.o_proj = LinearBase(
-            self.q_size, [config.hidden_size], bias=config.o_proj_bias,
+            config.num_heads * self.head_dim, [config.hidden_size], bias=config.o_proj_bias,
             linear_method=linear_method(quant_config, f"{prefix}.o_proj"), dtype=dtype,
-            prefix=f"{prefix}.o_proj",
+            prefix=f"{prefix}.o_proj", tp=tp, parallel="row",
         )
         self.rotary_emb = RotaryEmbedding(
             self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
@@ -113,18 +118,19 @@ class LlamaMLP(nn.Module):
         quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
         prefix: str,
+        tp: TensorParallelGroup = SINGLE_RANK,
     ) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = LinearBase(
             config.hidden_size, [size, size], bias=config.mlp_bias, shard_names=[0, 1],
             linear_method=linear_method(quant_config, f"{prefix}.gate_up_proj"), dtype=dtype,
-            prefix=f"{prefix}.gate_up_proj",
+            prefix=f"{prefix}.gate_up_proj", tp=tp, parallel="column",
         )
         self.down_proj = LinearBase(
             size, [config.hidden_size], bias=config.mlp_bias,
             linear_method=linear_method(quant_config, f"{prefix}.down_proj"), dtype=dtype,
-            prefix=f"{prefix}.down_proj",
+            prefix=f"{prefix}.down_proj", tp=tp, parallel="row",
         )
         self.act = SiluAndMul()
 
@@ -142,12 +148,14 @@ class LlamaDecoderLayer(nn.Module):
         quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
         prefix: str,
+        tp: TensorParallelGroup = SINGLE_RANK,
     ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(config, attn, quant_config, dtype, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, attn, quant_config, dtype, f"{prefix}.self_attn",
+                                        tp=tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(config, quant_config, dtype, f"{prefix}.mlp")
+        self.mlp = LlamaMLP(config, quant_config, dtype, f"{prefix}.mlp", tp=tp)
 
     def forward(
         self,
@@ -183,11 +191,12 @@ class LlamaModel(nn.Module):
         attn: AttentionBackend,
         quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
+        tp: TensorParallelGroup = SINGLE_RANK,
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype, tp)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, attn, quant_config, dtype, f"model.layers.{i}")
+            LlamaDecoderLayer(config, attn, quant_config, dtype, f"model.layers.{i}", tp)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -267,7 +276,9 @@ def _kv_scale_targets(name: str) -> Optional[list[str]]:
 
 
 class LlamaForCausalLM(nn.Module):
-    """A causal LM of the Llama family: hidden states for a token batch, logits on request."""
+    """A causal LM of the Llama family: hidden states for a token batch, logits on request.
+    With a ``tp`` group of several ranks (``config`` split for as many: with_tensor_parallel)
+    it is this rank's part of the model; every rank gets the whole hidden states and logits."""
 
     def __init__(
         self,
@@ -275,20 +286,27 @@ class LlamaForCausalLM(nn.Module):
         attn: AttentionBackend,
         quant_config: Optional[QuantizationConfig],
         dtype: torch.dtype,
+        tp: TensorParallelGroup = SINGLE_RANK,
     ) -> None:
         super().__init__()
+        if config.tensor_parallel_size != tp.world_size:
+            raise ValueError(
+                f"the model config is split for tensor_parallel_size "
+                f"{config.tensor_parallel_size}, the group has {tp.world_size} rank(s)"
+            )
         self.config = config
-        self.model = LlamaModel(config, attn, quant_config, dtype)
+        self.model = LlamaModel(config, attn, quant_config, dtype, tp)
         head_method = quant_config.lm_head_method() if quant_config is not None else None
         self.lm_head: nn.Module
         # A quantized head is stored on its own, even where config.json ties the embeddings.
         self.tied_head = config.tie_word_embeddings and head_method is None
         if head_method is not None:
             self.lm_head = QuantizedLMHead(config.vocab_size, config.hidden_size, dtype,
-                                           head_method)
+                                           head_method, tp)
         else:
             tied = self.model.embed_tokens if self.tied_head else None
-            self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied_to=tied)
+            self.lm_head = LMHead(config.vocab_size, config.hidden_size, dtype, tied_to=tied,
+                                  tp=tp)
 
     def forward(
         self,

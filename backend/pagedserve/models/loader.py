@@ -13,6 +13,7 @@ from torch import nn
 
 from pagedserve.attention.base import AttentionBackend
 from pagedserve.attention.layer import Attention
+from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedserve.layers.embedding import LMHead
 from pagedserve.layers.linear import LinearBase
 from pagedserve.layers.quantization import QuantizationConfig
@@ -52,12 +53,18 @@ def load_model(
     attn: AttentionBackend,
     quant_config: Optional[QuantizationConfig] = None,
     cls: Optional[type[nn.Module]] = None,
+    tp: TensorParallelGroup = SINGLE_RANK,
 ) -> nn.Module:
     """Instantiates the architecture's class (or ``cls``) on ``device`` and loads every
-    parameter (``quant_config`` chooses each linear layer's method; None: all unquantized)."""
+    parameter (``quant_config`` chooses each linear layer's method; None: all unquantized).
+    With a ``tp`` group of several ranks (``config`` from with_tensor_parallel) the model is
+    this rank's part, and each parameter's loader takes the rank's part of its tensors."""
     cls = cls or model_class(config.architecture)
     with torch.device(device):
-        model = cls(config, attn, quant_config, dtype)
+        if tp.world_size == 1:
+            model = cls(config, attn, quant_config, dtype)
+        else:
+            model = cls(config, attn, quant_config, dtype, tp=tp)
     loaded = model.load_weights(iterate_weights(config.path))
     # A parameter marked optional (GPTQ's g_idx) may be absent from a checkpoint.
     required = {n for n, p in model.named_parameters() if not getattr(p, "optional", False)}

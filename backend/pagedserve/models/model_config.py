@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +58,46 @@ class ModelConfig:
     quant_config: Optional[QuantizationConfig] = None
     # compressed-tensors' kv_cache_scheme: the checkpoint carries fp8 KV-cache scales.
     kv_cache_scheme: Optional[dict[str, Any]] = None
+    # The ranks the model is split over (with_tensor_parallel); the per-rank shapes follow.
+    tensor_parallel_size: int = 1
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def with_tensor_parallel(self, tensor_parallel_size: int) -> ModelConfig:
+        """This config split over ``tensor_parallel_size`` ranks: each rank an equal share of
+        the attention heads and of the MLP's intermediate size, and of the KV heads too where
+        there are at least as many as ranks; fewer KV heads are replicated, each on
+        ``tensor_parallel_size / num_kv_heads`` ranks. Fails naming tensor_parallel_size when
+        the shapes do not divide."""
+        tp = tensor_parallel_size
+        if not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        for name, size in (("num_attention_heads", self.num_heads),
+                           ("intermediate_size", self.intermediate_size)):
+            if size % tp:
+                raise ValueError(f"tensor_parallel_size {tp} does not divide {name} ({size}) "
+                                 f"of {self.path}")
+        kv = self.num_kv_heads
+        if (kv % tp if kv >= tp else tp % kv):
+            raise ValueError(
+                f"tensor_parallel_size {tp} does not fit num_key_value_heads ({kv}) of "
+                f"{self.path}: it must divide them, or (to replicate them) be a multiple of them"
+            )
+        return dataclasses.replace(self, tensor_parallel_size=tp)
+
+    @property
+    def heads_per_rank(self) -> int:
+        """The query heads each tensor-parallel rank computes."""
+        return self.num_heads // self.tensor_parallel_size
+
+    @property
+    def kv_head_replicas(self) -> int:
+        """How many ranks hold each KV head (more than 1 where KV heads are fewer than ranks)."""
+        return max(1, self.tensor_parallel_size // self.num_kv_heads)
+
+    @property
+    def kv_heads_per_rank(self) -> int:
+        """The KV heads each rank stores in its KV cache and attends with."""
+        return max(1, self.num_kv_heads // self.tensor_parallel_size)
 
     @classmethod
     def from_pretrained(

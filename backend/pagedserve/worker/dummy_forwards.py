@@ -26,7 +26,7 @@ def profile_run(runner: Any) -> None:
     ``worst_case_sampling``); with speculation, also the verification of the most drafts
     a step holds, and an EAGLE-3 head's catch-up over the step's tokens."""
     tokens = min(runner.config.max_num_batched_tokens, runner.config.max_model_len)
-    cache = [torch.empty(2, 1, runner.block_size, runner.model_config.num_kv_heads,
+    cache = [torch.empty(2, 1, runner.block_size, runner.model_config.kv_heads_per_rank,
                          runner.model_config.head_dim, dtype=runner.kv_cache_dtype,
                          device=runner.device)
              for _ in range(runner.model_config.num_layers)]

@@ -114,8 +114,8 @@ class ModelRunner:
         self.attn: AttentionBackend = get_attention_backend(
             config.args.attention_backend,
             self.device,
-            num_heads=model_config.num_heads,
-            num_kv_heads=model_config.num_kv_heads,
+            num_heads=model_config.heads_per_rank,
+            num_kv_heads=model_config.kv_heads_per_rank,
             head_dim=model_config.head_dim,
             scale=model_config.head_dim ** -0.5,
             block_size=config.block_size,
@@ -178,7 +178,7 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         mc = self.model_config
-        target = kv_cache_block_bytes(mc.num_kv_heads, mc.head_dim, mc.num_layers,
+        target = kv_cache_block_bytes(mc.kv_heads_per_rank, mc.head_dim, mc.num_layers,
                                       self.block_size, self.kv_cache_dtype)
         paged = self.paged_proposer
         return target + (paged.bytes_per_block() if paged is not None else 0)
@@ -226,7 +226,7 @@ class ModelRunner:
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         mc = self.model_config
-        self.kv_caches = allocate_kv_caches(mc.num_kv_heads, mc.head_dim, mc.num_layers,
+        self.kv_caches = allocate_kv_caches(mc.kv_heads_per_rank, mc.head_dim, mc.num_layers,
                                             num_blocks, self.block_size, self.kv_cache_dtype,
                                             self.device)
         if self.paged_proposer is not None:

@@ -65,6 +65,11 @@ class IntWeightLinearMethod(LinearMethod):
                 )
         layer.int_dtype = dtype
         layer.int_shapes = (input_size, n, group)
+        # A row-parallel rank takes its inputs' rows of the values and its groups of the scales
+        # and zeros; one group over all of K (group_size -1) is every rank's whole.
+        gdim = None if s.group_size == -1 else 0
+        if layer.parallel == "row":
+            _check_row_split(layer, s, input_size, pf)
 
         def add(name: str, shape: tuple[int, ...], kind: torch.dtype, loader) -> None:
             param = nn.Parameter(torch.zeros(shape, dtype=kind), requires_grad=False)
@@ -72,23 +77,27 @@ class IntWeightLinearMethod(LinearMethod):
             layer.register_parameter(name, param)
 
         fmt = s.checkpoint_format
+        sl = layer.shard_loader
         if fmt in ("gptq", "gptq_v2"):
-            add("qweight", (-(-input_size // pf), n), torch.int32, layer.shard_loader(dim=1))
-            add("qzeros", (groups, n // pf), torch.int32, layer.shard_loader(1, 1 / pf))
-            add("scales", (groups, n), torch.float32, layer.shard_loader(dim=1))
-            add("g_idx", (input_size,), torch.int32, _shared_loader(layer, "g_idx"))
+            add("qweight", (-(-input_size // pf), n), torch.int32, sl(1, input_dim=0,
+                                                                     input_scale=1 / pf))
+            add("qzeros", (groups, n // pf), torch.int32, sl(1, 1 / pf, gdim, 1 / group))
+            add("scales", (groups, n), torch.float32, sl(1, 1.0, gdim, 1 / group))
+            add("g_idx", (input_size,), torch.int32, _g_idx_loader(layer, group))
             layer.g_idx.optional = True
         elif fmt == "awq":
-            add("qweight", (input_size, n // pf), torch.int32, layer.shard_loader(1, 1 / pf))
-            add("qzeros", (groups, n // pf), torch.int32, layer.shard_loader(1, 1 / pf))
-            add("scales", (groups, n), torch.float32, layer.shard_loader(dim=1))
+            add("qweight", (input_size, n // pf), torch.int32, sl(1, 1 / pf, input_dim=0))
+            add("qzeros", (groups, n // pf), torch.int32, sl(1, 1 / pf, gdim, 1 / group))
+            add("scales", (groups, n), torch.float32, sl(1, 1.0, gdim, 1 / group))
         elif fmt == "pack_quantized":
-            add("weight_packed", (n, -(-input_size // pf)), torch.int32, layer.shard_loader(0))
-            add("weight_scale", (n, groups), torch.float32, layer.shard_loader(dim=0))
-            add("weight_shape", (2,), torch.int64, _shape_loader(layer, input_size))
+            gdim = None if gdim is None else 1
+            add("weight_packed", (n, -(-input_size // pf)), torch.int32,
+                sl(0, input_dim=1, input_scale=1 / pf))
+            add("weight_scale", (n, groups), torch.float32, sl(0, 1.0, gdim, 1 / group))
+            add("weight_shape", (2,), torch.int64, _shape_loader(layer))
             if not s.sym:
                 add("weight_zero_point", (n // pf, groups), torch.int32,
-                    layer.shard_loader(0, 1 / pf))
+                    sl(0, 1 / pf, gdim, 1 / group))
         else:
             raise ValueError(f"unknown checkpoint format {fmt!r}")
 
@@ -172,14 +181,52 @@ def _gptq_zeros(stored: torch.Tensor, s: IntScheme, prefix: str) -> torch.Tensor
     return stored if v2 else stored + 1
 
 
-def _shared_loader(layer: LinearBase, name: str):
-    """A tensor that each shard of a fused layer carries whole (GPTQ's g_idx: q, k and v see the
-    same inputs, so their act order is the same); the shards must agree."""
+def _check_row_split(layer: LinearBase, s: IntScheme, input_size: int, pf: int) -> None:
+    """A row-parallel rank's inputs must start on a group (and a packed word): its scales are
+    then whole groups. Act order (desc_act) mixes the groups over K, so no rank's rows own
+    their groups: refused."""
+    world = layer.tp.world_size
+    if s.desc_act:
+        raise ValueError(
+            f"{layer.prefix}: act order (quantization_config.desc_act) across a row-parallel "
+            f"split (tensor_parallel_size {world}) is not supported; use a checkpoint without "
+            "desc_act or tensor_parallel_size 1"
+        )
+    if s.group_size != -1 and input_size % s.group_size:
+        raise ValueError(
+            f"{layer.prefix}: each rank's {input_size} inputs (tensor_parallel_size {world}) "
+            f"are not a whole number of quantization groups (group_size {s.group_size})"
+        )
+    if input_size % pf:
+        raise ValueError(
+            f"{layer.prefix}: each rank's {input_size} inputs (tensor_parallel_size {world}) "
+            f"are not a whole number of {s.bits}-bit values packed {pf} per int32 word"
+        )
+
+
+def _g_idx_loader(layer: LinearBase, group: int):
+    """GPTQ's g_idx (each input's group): each shard of a fused layer carries it whole (q, k
+    and v see the same inputs, so their act order is the same) and the shards must agree. A
+    row-parallel rank takes its inputs' entries, renumbered to its own groups (which must be
+    the groups its inputs start at: no act order)."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        if layer.parallel == "row":
+            if tuple(loaded.shape) != (layer.full_input_size,):
+                raise ValueError(f"has shape {tuple(loaded.shape)}, expected "
+                                 f"({layer.full_input_size},)")
+            start = layer.tp.rank * layer.input_size
+            loaded = loaded.narrow(0, start, layer.input_size) - start // group
+            groups = -(-layer.input_size // group)
+            if bool((loaded < 0).any()) or bool((loaded >= groups).any()):
+                raise ValueError(
+                    f"maps rank {layer.tp.rank}'s inputs to groups of other ranks: act order "
+                    f"(desc_act) across a row-parallel split (tensor_parallel_size "
+                    f"{layer.tp.world_size}) is not supported"
+                )
         if tuple(loaded.shape) != tuple(param.shape):
             raise ValueError(f"has shape {tuple(loaded.shape)}, expected {tuple(param.shape)}")
-        if getattr(layer, f"{name}_loaded", False):
+        if getattr(layer, "g_idx_loaded", False):
             if not torch.equal(param.data, loaded.to(param.dtype)):
                 raise ValueError(
                     f"differs between the shards of {layer.prefix} (shard {shard_id!r}); "
@@ -187,16 +234,17 @@ def _shared_loader(layer: LinearBase, name: str):
                 )
             return
         param.data.copy_(loaded)
-        setattr(layer, f"{name}_loaded", True)
+        layer.g_idx_loaded = True
 
     return load
 
 
-def _shape_loader(layer: LinearBase, input_size: int):
-    """compressed-tensors' weight_shape: checked against the shard's logical shape."""
+def _shape_loader(layer: LinearBase):
+    """compressed-tensors' weight_shape: checked against the shard's logical shape in the
+    checkpoint (the whole layer's, before any rank takes its part)."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
-        _, size = layer.shard_offset(shard_id)
+        size, input_size = layer.checkpoint_shape(shard_id)
         if [int(v) for v in loaded.reshape(-1)] != [size, input_size]:
             raise ValueError(
                 f"is {loaded.tolist()}, but the layer's shard is [{size}, {input_size}]"

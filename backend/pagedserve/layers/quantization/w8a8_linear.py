@@ -59,6 +59,9 @@ class W8A8Weight:
 class W8A8LinearMethod(LinearMethod):
     """Loads and runs one W8A8 scheme."""
 
+    # Its scale loaders (per-tensor scalars, weight blocks) take no rank's part yet.
+    tensor_parallel_unsupported = "W8A8 (int8 / FP8)"
+
     def __init__(self, scheme: W8A8Scheme) -> None:
         self.scheme = scheme
 
