@@ -73,7 +73,8 @@ def _run_ranks(model_dirs: list[str], out_dir: pathlib.Path) -> list[dict]:
     errors = {rank: (out_dir / f"rank{rank}.err").read_text()
               for rank in range(WORLD) if (out_dir / f"rank{rank}.err").exists()}
     assert not errors, errors
-    assert [p.exitcode for p in procs] == [0] * WORLD
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * WORLD, f"rank exit codes {codes}"
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
