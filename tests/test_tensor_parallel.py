@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from tensor_parallel_ranks import greedy_run, rank_main
 
+from pagedserve.devtools.quantized_model import write_quantized
 from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig
@@ -40,9 +41,21 @@ ARCHS = {
     "qwen2": dict(vocab_size=1031),
     "qwen3": dict(),
 }
-# A group-wise GPTQ v2 (asymmetric, g64: each rank whole groups of down_proj's and o_proj's
-# inputs, g_idx renumbered) and compressed-tensors' pack-quantized with one scale per channel.
+# Producers' checkpoints: a group-wise GPTQ v2 (asymmetric, g64: each rank whole groups of
+# down_proj's and o_proj's inputs, g_idx renumbered) and compressed-tensors' pack-quantized
+# with one scale per channel (every rank the whole scales).
 QUANTIZED = ("gptq-v2-4bit-g64-asym", "ct-w4a16-channel-sym")
+# Checkpoints written here from the tiny llama (devtools.quantized_model): AWQ (values packed
+# along N, groups along K), and 8-bit channel-wise GPTQ with a quantized LM head (a
+# column-parallel linear whose logits are gathered). id -> (format, config, packer options)
+WRITTEN = {
+    "awq-g32": ("awq", {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                        "version": "gemm"}, dict(bits=4, group_size=32, sym=False)),
+    "gptq-8bit-channel-lm_head": (
+        "gptq", {"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": True,
+                 "desc_act": False, "lm_head": True},
+        dict(bits=8, group_size=-1, sym=True, quantize_lm_head=True)),
+}
 
 
 def _free_port() -> int:
@@ -83,6 +96,10 @@ def test_two_ranks_match_one(tiny_model_dir, tmp_path):
     for name in QUANTIZED:  # without the logits the fixture records (not a weight file)
         shutil.copytree(FIXTURES / name, tmp_path / name,
                         ignore=shutil.ignore_patterns("reference_logits*"))
+        dirs.append(str(tmp_path / name))
+    for name, (fmt, config, options) in WRITTEN.items():
+        write_quantized(tiny_model_dir("llama"), tmp_path / name, tmp_path / f"{name}-twin",
+                        fmt, config, **options)
         dirs.append(str(tmp_path / name))
     ranks = _run_ranks(dirs, tmp_path)
     torch.set_num_threads(1)

@@ -83,7 +83,8 @@ class IntWeightLinearMethod(LinearMethod):
                                                                      input_scale=1 / pf))
             add("qzeros", (groups, n // pf), torch.int32, sl(1, 1 / pf, gdim, 1 / group))
             add("scales", (groups, n), torch.float32, sl(1, 1.0, gdim, 1 / group))
-            add("g_idx", (input_size,), torch.int32, _g_idx_loader(layer, group))
+            add("g_idx", (input_size,), torch.int32,
+                _g_idx_loader(layer, None if gdim is None else group))
             layer.g_idx.optional = True
         elif fmt == "awq":
             add("qweight", (input_size, n // pf), torch.int32, sl(1, 1 / pf, input_dim=0))
@@ -197,18 +198,19 @@ def _check_row_split(layer: LinearBase, s: IntScheme, input_size: int, pf: int) 
             f"{layer.prefix}: each rank's {input_size} inputs (tensor_parallel_size {world}) "
             f"are not a whole number of quantization groups (group_size {s.group_size})"
         )
-    if input_size % pf:
+    if s.checkpoint_format != "awq" and input_size % pf:  # AWQ packs along N, not K
         raise ValueError(
             f"{layer.prefix}: each rank's {input_size} inputs (tensor_parallel_size {world}) "
             f"are not a whole number of {s.bits}-bit values packed {pf} per int32 word"
         )
 
 
-def _g_idx_loader(layer: LinearBase, group: int):
+def _g_idx_loader(layer: LinearBase, group: Optional[int]):
     """GPTQ's g_idx (each input's group): each shard of a fused layer carries it whole (q, k
     and v see the same inputs, so their act order is the same) and the shards must agree. A
     row-parallel rank takes its inputs' entries, renumbered to its own groups (which must be
-    the groups its inputs start at: no act order)."""
+    the groups its inputs start at: no act order); ``group`` None: one group over all of K,
+    every rank's whole."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
         if layer.parallel == "row":
@@ -216,8 +218,9 @@ def _g_idx_loader(layer: LinearBase, group: int):
                 raise ValueError(f"has shape {tuple(loaded.shape)}, expected "
                                  f"({layer.full_input_size},)")
             start = layer.tp.rank * layer.input_size
-            loaded = loaded.narrow(0, start, layer.input_size) - start // group
-            groups = -(-layer.input_size // group)
+            first, groups = (0, 1) if group is None else (start // group,
+                                                          -(-layer.input_size // group))
+            loaded = loaded.narrow(0, start, layer.input_size) - first
             if bool((loaded < 0).any()) or bool((loaded >= groups).any()):
                 raise ValueError(
                     f"maps rank {layer.tp.rank}'s inputs to groups of other ranks: act order "
