@@ -178,6 +178,18 @@ def test_unsplittable_checkpoints_are_refused(fixture, match):
         _load_as_rank(FIXTURES / fixture)
 
 
+def test_act_order_g_idx_under_a_config_without_desc_act_is_refused(tiny_model_dir, tmp_path):
+    """The config says no act order, but the checkpoint's g_idx sends a rank's inputs to groups
+    that another rank holds: caught when the rank's g_idx is renumbered."""
+    config = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+              "desc_act": False, "lm_head": False}
+    write_quantized(tiny_model_dir("llama"), tmp_path / "q", tmp_path / "twin", "gptq", config,
+                    bits=4, group_size=32, sym=True, act_order=True)
+    with pytest.raises(ValueError, match=r"down_proj.g_idx': maps rank 0's inputs to groups of "
+                                         r"other ranks: act order"):
+        _load_as_rank(tmp_path / "q")
+
+
 def test_single_rank_collectives_are_the_identity():
     x = torch.randn(3, 5)
     assert SINGLE_RANK.all_reduce(x) is x
