@@ -79,7 +79,8 @@ def init_tensor_parallel(
     """Joins this process to torch.distributed's default group (``init_method`` e.g.
     ``tcp://127.0.0.1:PORT``) and returns its tensor-parallel group. ``backend`` defaults to
     NCCL where CUDA is available and gloo otherwise; a collective that waits longer than
-    ``timeout_s`` fails instead of hanging. One rank needs no torch.distributed at all."""
+    ``timeout_s`` fails instead of hanging. With NCCL each rank selects its GPU
+    (torch.cuda.set_device) first. One rank needs no torch.distributed at all."""
     if world_size == 1:
         return SINGLE_RANK
     if backend is None:
