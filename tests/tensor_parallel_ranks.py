@@ -13,7 +13,6 @@ import os
 import pathlib
 import traceback
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -94,6 +93,17 @@ def _metadata(reqs: list[int], q_lens: list[int],
     return meta, positions
 
 
+def collectives(tp: TensorParallelGroup) -> dict[str, torch.Tensor]:
+    """The group's collectives on small tensors that say which rank made them."""
+    mine = torch.full((2, 3), float(tp.rank + 1))
+    return {
+        "all_reduce": tp.all_reduce(mine.clone()),
+        "all_gather_0": tp.all_gather(mine, dim=0),
+        "all_gather_1": tp.all_gather(mine, dim=1),
+        "broadcast_from_last": tp.broadcast(mine.clone(), src=tp.world_size - 1),
+    }
+
+
 def rank_main(rank: int, world_size: int, port: int, model_dirs: list[str],
               out_dir: str, timeout_s: float) -> None:
     """One spawned rank: joins the gloo group, runs every model and saves its results to
@@ -105,10 +115,11 @@ def rank_main(rank: int, world_size: int, port: int, model_dirs: list[str],
     try:
         tp = init_tensor_parallel(world_size, rank, f"tcp://127.0.0.1:{port}", "gloo",
                                   timeout_s=timeout_s)
-        results: dict[str, Optional[RunResult]] = {}
+        saved: dict[str, object] = {"collectives": collectives(tp)}
         for model_dir in model_dirs:
-            results[model_dir] = greedy_run(model_dir, tp)
-        torch.save({k: (v.tokens, v.logits) for k, v in results.items()}, out / f"rank{rank}.pt")
+            result = greedy_run(model_dir, tp)
+            saved[model_dir] = (result.tokens, result.logits)
+        torch.save(saved, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise

@@ -91,6 +91,17 @@ def _run_ranks(model_dirs: list[str], out_dir: pathlib.Path) -> list[dict]:
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
+def _check_collectives(ranks: list[dict]) -> None:
+    # Rank r contributed a [2, 3] tensor of r + 1.
+    parts = [torch.full((2, 3), float(r + 1)) for r in range(WORLD)]
+    for results in ranks:
+        got = results["collectives"]
+        torch.testing.assert_close(got["all_reduce"], sum(parts))
+        torch.testing.assert_close(got["all_gather_0"], torch.cat(parts, dim=0))
+        torch.testing.assert_close(got["all_gather_1"], torch.cat(parts, dim=1))
+        torch.testing.assert_close(got["broadcast_from_last"], parts[-1])
+
+
 def test_two_ranks_match_one(tiny_model_dir, tmp_path):
     dirs = [str(tiny_model_dir(arch, **kwargs)) for arch, kwargs in ARCHS.items()]
     for name in QUANTIZED:  # without the logits the fixture records (not a weight file)
@@ -102,6 +113,7 @@ def test_two_ranks_match_one(tiny_model_dir, tmp_path):
                         fmt, config, **options)
         dirs.append(str(tmp_path / name))
     ranks = _run_ranks(dirs, tmp_path)
+    _check_collectives(ranks)
     torch.set_num_threads(1)
     for model_dir in dirs:
         want = greedy_run(model_dir)
