@@ -14,10 +14,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from tensor_parallel_ranks import greedy_run, rank_main
 
 from pagedserve.devtools.quantized_model import write_quantized
 from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
+from pagedserve.layers.linear import LinearBase
 from pagedserve.models.loader import load_model
 from pagedserve.models.model_config import ModelConfig
 
@@ -125,6 +127,83 @@ def test_two_ranks_match_one(tiny_model_dir, tmp_path):
                 assert got.shape == ref.shape, where
                 scale = float(ref.abs().max())
                 torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL * scale, msg=where)
+
+
+# ---- one layer's rank parts against the whole layer, in-process (no collective: the partial
+# outputs are put together here), for each int weight format ------------------------------
+
+LAYER_CASES = {
+    "unquantized": None,
+    # Act order is fine column-parallel (every rank all the inputs): the q/k/v check only.
+    "gptq-4bit-g32-sym-desc_act": ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                            "sym": True, "desc_act": True},
+                                   dict(bits=4, group_size=32, sym=True, act_order=True)),
+    "gptq_v2-8bit-g32-asym": ("gptq_v2", {"quant_method": "gptq", "bits": 8, "group_size": 32,
+                                          "sym": False, "checkpoint_format": "gptq_v2"},
+                              dict(bits=8, group_size=32, sym=False)),
+    "awq-g32": WRITTEN["awq-g32"],
+    "pack_quantized-g32-asym": (
+        "pack_quantized",
+        {"quant_method": "compressed-tensors", "format": "pack-quantized",
+         "config_groups": {"g": {"targets": ["Linear"], "input_activations": None,
+                                 "weights": {"num_bits": 4, "type": "int", "symmetric": False,
+                                             "strategy": "group", "group_size": 32}}},
+         "ignore": ["lm_head"]},
+        dict(bits=4, group_size=32, sym=False)),
+}
+
+
+def _layer(path: pathlib.Path, prefix: str, shards: dict[str, object], sizes: list[int],
+           input_size: int, tp: TensorParallelGroup, parallel: str) -> LinearBase:
+    """``prefix``'s layer (merging checkpoint modules ``shards``: name -> shard id) on ``tp``'s
+    rank, loaded from ``path``."""
+    config = ModelConfig.from_pretrained(path)
+    parent = prefix.rpartition(".")[0]
+    method = (config.quant_config.linear_method(prefix, [f"{parent}.{n}" for n in shards])
+              if config.quant_config is not None else None)
+    layer = LinearBase(input_size, sizes, shard_names=list(shards.values()), prefix=prefix,
+                       linear_method=method, dtype=torch.float32, tp=tp, parallel=parallel)
+    params = dict(layer.named_parameters())
+    for name, tensor in load_file(path / "model.safetensors").items():
+        module, _, leaf = name.rpartition(".")
+        ckpt = module.rpartition(".")[2]
+        if module.rpartition(".")[0] == parent and ckpt in shards:
+            params[leaf].weight_loader(params[leaf], tensor, shards[ckpt])
+    layer.linear_method.process_weights_after_loading(layer)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_rank_parts_make_the_whole_layer(tiny_model_dir, tmp_path, case):
+    path = tiny_model_dir("llama")  # hidden 64, 4 heads of 16, 2 KV heads, intermediate 128
+    if LAYER_CASES[case] is not None:
+        fmt, config, options = LAYER_CASES[case]
+        write_quantized(path, tmp_path / "q", tmp_path / "twin", fmt, config, **options)
+        path = tmp_path / "q"
+    torch.manual_seed(0)
+    ranks = [TensorParallelGroup(r, WORLD) for r in range(WORLD)]
+    qkv = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        whole = _layer(path, "model.layers.0.self_attn.qkv_proj", qkv, [64, 32, 32], 64,
+                       SINGLE_RANK, "column")(x).split([64, 32, 32], dim=-1)
+        parts = [_layer(path, "model.layers.0.self_attn.qkv_proj", qkv, [64, 32, 32], 64, tp,
+                        "column")(x).split([32, 16, 16], dim=-1) for tp in ranks]
+    for i, want in enumerate(whole):  # each shard: the ranks' columns side by side
+        got = torch.cat([p[i] for p in parts], dim=-1)
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * float(want.abs().max()))
+    if "desc_act" in case:
+        return
+    down = {"down_proj": None}
+    h = torch.randn(5, 128)
+    with torch.inference_mode():
+        want = _layer(path, "model.layers.0.mlp.down_proj", down, [64], 128, SINGLE_RANK,
+                      "row")(h)
+        got = sum(layer.linear_method.apply(layer, h[:, tp.rank * 64:(tp.rank + 1) * 64], None)
+                  for tp in ranks
+                  for layer in [_layer(path, "model.layers.0.mlp.down_proj", down, [64], 128,
+                                       tp, "row")])
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * float(want.abs().max()))
 
 
 # ---- what cannot be split: refused at load, naming why (no collective runs while loading, so
