@@ -37,9 +37,10 @@ def build(name: str, source: str, flags: list[str], what: str) -> Optional[Modul
     from torch.utils import cpp_extension
 
     path = CPU_SOURCES / source
-    # The name carries the source, the flags and the torch it builds against: builds for other
-    # CPUs or other environments never collide (nor rebuild each other back and forth).
-    key = path.read_text() + " ".join(flags) + torch.__file__ + torch.__version__
+    # The name carries the source, its path, the flags and the torch it builds against: builds
+    # for other CPUs, environments or checkouts never collide (the build folder's ninja file
+    # names the source's path, so two checkouts sharing one rebuilt it on every load).
+    key = str(path) + path.read_text() + " ".join(flags) + torch.__file__ + torch.__version__
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     try:
         return cpp_extension.load(
