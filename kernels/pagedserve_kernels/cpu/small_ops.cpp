@@ -4,6 +4,8 @@
 // of a small model's one-token step. Numerics follow pagedserve_kernels.reference: fp32
 // arithmetic, rounded to the tensors' dtype (bf16, fp16) wherever the reference rounds.
 //
+// Bad arguments raise ValueError (IndexError for a position or slot out of range).
+//
 // Rows run in torch's thread pool only when there are many (at::parallel_for runs inline below
 // its grain): at one token a parallel region costs more than the work.
 #include <torch/extension.h>
@@ -83,14 +85,15 @@ torch::Tensor as_rows(const torch::Tensor& t) {
 
 void check_cpu(std::initializer_list<const torch::Tensor*> tensors) {
   for (const torch::Tensor* t : tensors) {
-    TORCH_CHECK(t->device().is_cpu(), "the CPU small ops take CPU tensors, got ", t->device());
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "the CPU small ops take CPU tensors, got ",
+                      t->device());
   }
 }
 
 void check_float_dtype(const torch::Tensor& t, const char* name) {
   const auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, name,
-              " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, name,
+                    " must be float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
 template <typename F>
@@ -99,7 +102,7 @@ void dispatch_float(at::ScalarType st, F&& f) {
     case at::kFloat: f(float{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
     case at::kHalf: f(at::Half{}); break;
-    default: TORCH_CHECK(false, "unsupported dtype ", st);
+    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", st);
   }
 }
 
@@ -118,9 +121,9 @@ inline void rms_row(const float* h, const T* w, T* out, int64_t n, float eps) {
 void check_norm_args(const torch::Tensor& x, const torch::Tensor& weight) {
   check_cpu({&x, &weight});
   check_float_dtype(x, "x");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight shape ",
-              weight.sizes(), " does not match x's last dim ", x.size(-1));
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == x.size(-1), "weight shape ",
+                    weight.sizes(), " does not match x's last dim ", x.size(-1));
+  TORCH_CHECK_VALUE(weight.scalar_type() == x.scalar_type(), "weight and x must share a dtype");
 }
 
 }  // namespace
@@ -154,9 +157,10 @@ std::tuple<torch::Tensor, torch::Tensor> fused_add_rms_norm(const torch::Tensor&
                                                             double eps) {
   check_norm_args(x, weight);
   check_cpu({&residual});
-  TORCH_CHECK(residual.sizes() == x.sizes(), "residual shape ", residual.sizes(),
-              " does not match x ", x.sizes());
-  TORCH_CHECK(residual.scalar_type() == x.scalar_type(), "residual and x must share a dtype");
+  TORCH_CHECK_VALUE(residual.sizes() == x.sizes(), "residual shape ", residual.sizes(),
+                    " does not match x ", x.sizes());
+  TORCH_CHECK_VALUE(residual.scalar_type() == x.scalar_type(),
+                    "residual and x must share a dtype");
   const torch::Tensor x2 = as_rows(x), r2 = as_rows(residual);
   const torch::Tensor w = weight.contiguous();
   torch::Tensor out = torch::empty(x.sizes(), x.options());
@@ -215,24 +219,25 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(const torch::Tensor& p
                                                           const torch::Tensor& key,
                                                           const torch::Tensor& cos_sin_cache) {
   check_cpu({&positions, &query, &key, &cos_sin_cache});
-  TORCH_CHECK(query.dim() == 3 && key.dim() == 3, "query and key must be [tokens, heads, dim]");
+  TORCH_CHECK_VALUE(query.dim() == 3 && key.dim() == 3,
+                    "query and key must be [tokens, heads, dim]");
   check_float_dtype(query, "query");
-  TORCH_CHECK(key.scalar_type() == query.scalar_type(), "query and key must share a dtype");
+  TORCH_CHECK_VALUE(key.scalar_type() == query.scalar_type(), "query and key must share a dtype");
   const int64_t tokens = query.size(0), dim = query.size(2);
-  TORCH_CHECK(key.size(0) == tokens && key.size(2) == dim, "key shape ", key.sizes(),
-              " does not match query ", query.sizes());
-  TORCH_CHECK(positions.numel() == tokens, "positions must have one entry per token");
-  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
-              "positions must be int64 or int32");
-  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == dim && dim % 2 == 0,
-              "cos_sin_cache ", cos_sin_cache.sizes(), " must be [max_positions, ", dim,
-              "] with an even head dim");
+  TORCH_CHECK_VALUE(key.size(0) == tokens && key.size(2) == dim, "key shape ", key.sizes(),
+                    " does not match query ", query.sizes());
+  TORCH_CHECK_VALUE(positions.numel() == tokens, "positions must have one entry per token");
+  TORCH_CHECK_VALUE(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
+                    "positions must be int64 or int32");
+  TORCH_CHECK_VALUE(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == dim && dim % 2 == 0,
+                    "cos_sin_cache ", cos_sin_cache.sizes(), " must be [max_positions, ", dim,
+                    "] with an even head dim");
   const torch::Tensor pos = positions.reshape({-1}).to(at::kLong).contiguous();
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t max_pos = cos_sin_cache.size(0);
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(pp[t] >= 0 && pp[t] < max_pos, "position ", pp[t], " outside the rotary cache's ",
-                max_pos, " positions");
+    TORCH_CHECK_INDEX(pp[t] >= 0 && pp[t] < max_pos, "position ", pp[t],
+                      " outside the rotary cache's ", max_pos, " positions");
   }
   // The table is fp32 as built; a model cast to another dtype casts it too, and then only the
   // rows used are widened (exactly: the reference rounds them to that dtype anyway).
@@ -270,7 +275,7 @@ std::tuple<torch::Tensor, torch::Tensor> rotary_embedding(const torch::Tensor& p
 torch::Tensor silu_and_mul(const torch::Tensor& x) {
   check_cpu({&x});
   check_float_dtype(x, "x");
-  TORCH_CHECK(x.size(-1) % 2 == 0, "x's last dim ", x.size(-1), " must be even");
+  TORCH_CHECK_VALUE(x.size(-1) % 2 == 0, "x's last dim ", x.size(-1), " must be even");
   const torch::Tensor x2 = as_rows(x);
   const int64_t rows = x2.size(0), d = x2.size(1) / 2, stride = x2.stride(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
@@ -306,8 +311,8 @@ void write_rows(const I* slots, int64_t tokens, int64_t num_slots, const char* k
                 int64_t ks, int64_t khs, int64_t vs, int64_t vhs, int64_t heads,
                 int64_t row_bytes, char* k_cache, char* v_cache) {
   for (int64_t t = 0; t < tokens; ++t) {
-    TORCH_CHECK(slots[t] < num_slots, "slot ", static_cast<int64_t>(slots[t]),
-                " outside the cache's ", num_slots, " slots");
+    TORCH_CHECK_INDEX(slots[t] < num_slots, "slot ", static_cast<int64_t>(slots[t]),
+                      " outside the cache's ", num_slots, " slots");
   }
   const int64_t slot_bytes = heads * row_bytes;
   at::parallel_for(0, tokens, row_grain(2 * slot_bytes), [&](int64_t begin, int64_t end) {
@@ -327,21 +332,22 @@ void write_rows(const I* slots, int64_t tokens, int64_t num_slots, const char* k
 void reshape_and_cache(const torch::Tensor& key, const torch::Tensor& value,
                        torch::Tensor& kv_cache, const torch::Tensor& slot_mapping) {
   check_cpu({&key, &value, &kv_cache, &slot_mapping});
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2, "kv_cache ", kv_cache.sizes(),
-              " must be [2, blocks, block_size, kv_heads, head_dim]");
-  TORCH_CHECK(kv_cache.is_contiguous(), "kv_cache must be contiguous");
+  TORCH_CHECK_VALUE(kv_cache.dim() == 5 && kv_cache.size(0) == 2, "kv_cache ", kv_cache.sizes(),
+                    " must be [2, blocks, block_size, kv_heads, head_dim]");
+  TORCH_CHECK_VALUE(kv_cache.is_contiguous(), "kv_cache must be contiguous");
   const int64_t heads = kv_cache.size(3), dim = kv_cache.size(4);
+  TORCH_CHECK_VALUE(key.dim() == 3 && key.size(1) == heads && key.size(2) == dim &&
+                    value.sizes() == key.sizes(),
+                    "key ", key.sizes(), " / value ", value.sizes(), " must be [tokens, ", heads,
+                    ", ", dim, "]");
+  TORCH_CHECK_VALUE(key.scalar_type() == kv_cache.scalar_type() &&
+                    value.scalar_type() == kv_cache.scalar_type(),
+                    "key, value and kv_cache must share a dtype");
   const int64_t tokens = key.size(0);
-  TORCH_CHECK(key.dim() == 3 && key.size(1) == heads && key.size(2) == dim &&
-                  value.sizes() == key.sizes(),
-              "key ", key.sizes(), " / value ", value.sizes(), " must be [tokens, ", heads, ", ",
-              dim, "]");
-  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() &&
-                  value.scalar_type() == kv_cache.scalar_type(),
-              "key, value and kv_cache must share a dtype");
-  TORCH_CHECK(slot_mapping.numel() >= tokens, "slot_mapping shorter than key");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt,
-              "slot_mapping must be int64 or int32");
+  TORCH_CHECK_VALUE(slot_mapping.numel() >= tokens, "slot_mapping shorter than key");
+  TORCH_CHECK_VALUE(
+      slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt,
+      "slot_mapping must be int64 or int32");
   const torch::Tensor k = key.stride(2) == 1 ? key : key.contiguous();
   const torch::Tensor v = value.stride(2) == 1 ? value : value.contiguous();
   const torch::Tensor slots = slot_mapping.reshape({-1}).slice(0, 0, tokens).contiguous();
