@@ -1,4 +1,4 @@
-"""Paged attention in plain torch (and our C++ decode kernel): the CPU backend."""
+"""Paged attention in plain torch (and our C++ decode kernel and KV write): the CPU backend."""
 
 from __future__ import annotations
 
