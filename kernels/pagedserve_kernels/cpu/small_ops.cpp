@@ -17,8 +17,8 @@
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
-#include <vector>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -41,8 +41,8 @@ inline float round_to<float>(float v) {
 }
 
 // exp(x) for x <= 0 as the compiler can vectorize it (std::exp is a libm call): 2^n times a
-// degree-7 polynomial on [-ln2/2, ln2/2], within 2 ulp of expf; below -87 it returns ~1e-38
-// where expf flushes toward 0 (a SiLU never notices). NaN stays NaN.
+// degree-7 polynomial on [-ln2/2, ln2/2], within 2 ulp of expf; below -87 it returns
+// exp(-87) ~ 1.6e-38 rather than less (a SiLU's value there is ~0 either way). NaN stays NaN.
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);  // (x < -87 ? -87 : x): NaN passes through
   // n = round(x / ln 2) by the 1.5 * 2^23 trick (no floor call, which would not vectorize):
