@@ -23,6 +23,8 @@ fi
 # (python backend + the stub for this Python + pagedserve), so a missing piece fails here.
 .venv/bin/pagedserve backend-dir >/dev/null
 # Builds the C++ decode-attention kernel the CPU engine uses (cached; ~35 s the first time),
-# and the fp8 W8A8 GEMM kernel of FP8 checkpoints on the CPU (cached; ~40 s).
+# the fp8 W8A8 GEMM kernel of FP8 checkpoints on the CPU (cached; ~40 s), and the CPU's small
+# per-layer ops (norms, rotary, SiLU-and-mul, KV write; cached; ~60 s).
 .venv/bin/python -m pagedserve_kernels.cpu_decode
 .venv/bin/python -m pagedserve_kernels.cpu_fp8_gemm
+.venv/bin/python -m pagedserve_kernels.cpu_ops

@@ -1,5 +1,5 @@
-"""pagedserve's kernels: Triton-language kernels, their pure-torch references, and the CPU
-decode-attention kernel in C++.
+"""pagedserve's kernels: Triton-language kernels, their pure-torch references, and the CPU's
+kernels in C++ (decode attention, fp8 GEMM, the small per-layer ops).
 
 A leaf package: it imports only torch, triton and numpy, never the engine (tests/test_layering.py
 holds it to that). The public Triton wrappers are re-exported from ``pagedserve_kernels.ops``

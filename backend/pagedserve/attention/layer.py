@@ -18,7 +18,7 @@ from torch import nn
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
 from pagedserve.attention.torch_backend import kv_cache_writer
-from pagedserve_kernels import reference
+from pagedserve_kernels import cpu_ops
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,8 @@ class Attention(nn.Module):
         nobody reads, but whose keys later queries do)."""
         if kv_cache.device.type == "cuda":
             write = kv_cache_writer()
-        else:
-            write = reference.reshape_and_cache
+        else:  # C++ for a model-dtype cache, else (fp8) the reference
+            write = cpu_ops.reshape_and_cache
         write(key, value, kv_cache, slot_mapping, k_scale=self.k_scale_float,
               v_scale=self.v_scale_float)
 

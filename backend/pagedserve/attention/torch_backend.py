@@ -1,4 +1,4 @@
-"""Paged attention in plain torch (and our C++ decode kernel): the CPU backend."""
+"""Paged attention in plain torch (and our C++ decode kernel and KV write): the CPU backend."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.attention.base import AttentionBackend, AttentionMetadata
-from pagedserve_kernels import cpu_decode, reference
+from pagedserve_kernels import cpu_decode, cpu_ops, reference
 
 # Query rows of one request that run as decodes when they continue a cached context (a decode
 # verifying up to 16 drafts has 17); longer chunks go through SDPA.
@@ -74,6 +74,7 @@ class TorchAttentionBackend(AttentionBackend):
         self._kernel_checked = False
         if not torch.cuda.is_available():  # a CPU machine: build now, not in a request
             self._kernel_for(torch.empty(0), torch.float32)
+            cpu_ops.load()
 
     def _kernel_for(self, kv_cache: torch.Tensor, query_dtype: torch.dtype) -> Any:
         """The C++ decode kernel when it serves this cache and query (fp32 queries on the
@@ -199,8 +200,9 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         n = metadata.num_actual_tokens
         plan: _Plan = metadata.plan
-        reference.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping,
-                                    all_valid=plan.slots_valid, k_scale=k_scale, v_scale=v_scale)
+        # C++ for a model-dtype CPU cache; the reference otherwise (an fp8 cache).
+        cpu_ops.reshape_and_cache(key[:n], value[:n], kv_cache, metadata.slot_mapping,
+                                  all_valid=plan.slots_valid, k_scale=k_scale, v_scale=v_scale)
         fp8 = reference.is_fp8(kv_cache.dtype)
         if not fp8:  # a model-dtype cache holds x itself: its scales (if loaded) are unused
             k_scale = v_scale = 1.0

@@ -10,7 +10,7 @@ from pagedserve_kernels import reference
 
 
 class SiluAndMul(nn.Module):
-    """Stateless; dispatches to the Triton kernel on CUDA."""
+    """Stateless; dispatches to the Triton kernel on CUDA, the C++ one on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (kernel_dispatch.ops_for(x) or reference).silu_and_mul(x)
+        return (kernel_dispatch.small_ops_for(x) or reference).silu_and_mul(x)

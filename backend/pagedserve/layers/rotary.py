@@ -71,5 +71,5 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """query [T, Hq, D], key [T, Hkv, D] -> rotated (query, key)."""
-        ops = kernel_dispatch.ops_for(query) or reference
+        ops = kernel_dispatch.small_ops_for(query) or reference
         return ops.rotary_embedding(positions, query, key, self.cos_sin_cache)
