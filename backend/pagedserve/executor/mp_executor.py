@@ -23,11 +23,10 @@ import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedserve.distributed import init_tensor_parallel
 from pagedserve.executor import control
 from pagedserve.executor.base import Executor
 from pagedserve.executor.mp_worker import worker_main
-from pagedserve.executor.rank import build_rank_runner
+from pagedserve.executor.rank import STARTUP_TIMEOUT_S, build_rank_runner, join_ranks
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.worker.model_runner import LaunchedStep
 
@@ -70,12 +69,15 @@ class _Workers:
     def stop(self) -> None:
         """Asks the workers to stop if they can still hear it, kills any that do not, and
         leaves torch.distributed; idempotent."""
+        told = False
         if self.healthy and self.channel is not None and self.first_dead() is None:
             # A worker that went away meanwhile is killed below.
             with contextlib.suppress(Exception):
-                self.channel.send(control.STOP)
+                self.channel.send(control.STOP, timeout_s=_STOP_GRACE_S)
+                told = True
         self.healthy = False
-        deadline = time.monotonic() + _STOP_GRACE_S
+        # Out of step, the workers cannot hear a stop: they are killed at once.
+        deadline = time.monotonic() + (_STOP_GRACE_S if told else 0.0)
         for p in self.processes:
             p.join(max(0.0, deadline - time.monotonic()))
         for p in self.processes:
@@ -100,11 +102,12 @@ class MultiprocExecutor(Executor):
             )
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         spawn = multiprocessing.get_context("spawn")
+        started = [spawn.Event() for _ in range(1, world)]
         self._workers = _Workers([
             spawn.Process(
                 target=worker_main, name=f"pagedserve-tp-rank{rank}", daemon=True,
                 args=(config, model_config, rank, init_method, torch.get_num_threads(),
-                      os.getpid()),
+                      os.getpid(), started[rank - 1]),
             )
             for rank in range(1, world)
         ])
@@ -113,10 +116,11 @@ class MultiprocExecutor(Executor):
         # Stops the workers when the executor is dropped without shutdown() (and at exit).
         self._finalizer = weakref.finalize(self, self._workers.stop)
         try:
-            tp = init_tensor_parallel(world, 0, init_method,
-                                      timeout_s=args.distributed_timeout_seconds)
+            self._wait_started(started)
+            tp = join_ranks(world, 0, init_method, args.distributed_timeout_seconds)
             if world > 1:
-                self._workers.channel = control.ControlChannel()
+                self._workers.channel = control.ControlChannel(
+                    args.distributed_timeout_seconds)
             runner = build_rank_runner(config, model_config, tp)
         except BaseException as e:
             dead = self._workers.first_dead(_DEATH_NOTICE_S)
@@ -126,12 +130,26 @@ class MultiprocExecutor(Executor):
             raise
         super().__init__(config, model_config, runner)
 
+    def _wait_started(self, started: list[Any]) -> None:
+        """Waits until every worker has imported what it needs, failing at once if one dies
+        first (else the rendezvous would wait out its whole timeout)."""
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        for event in started:
+            while not event.wait(0.1):
+                dead = self._workers.first_dead()
+                if dead is not None:
+                    raise RuntimeError(dead)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"tensor-parallel workers did not start within "
+                                       f"{STARTUP_TIMEOUT_S} s")
+
     @property
     def worker_pids(self) -> list[int]:
         """The worker processes' ids, rank 1 first."""
         return [p.pid for p in self._workers.processes]
 
-    def _on_all_ranks(self, command: str, argument: Any, local: Callable[[], T]) -> T:
+    def _on_all_ranks(self, command: str, argument: Any, local: Callable[[], T],
+                      timeout_s: Optional[float] = None) -> T:
         """Sends ``command`` to the workers and runs rank 0's part (``local``). A failure
         leaves the executor unusable and names a worker that died, if one did."""
         workers = self._workers
@@ -144,14 +162,23 @@ class MultiprocExecutor(Executor):
             raise RuntimeError(dead)
         try:
             if workers.channel is not None:
-                workers.channel.send(command, argument)
+                workers.channel.send(command, argument, timeout_s)
             return local()
         except Exception as e:
             workers.healthy = False
             dead = workers.first_dead(_DEATH_NOTICE_S)
             if dead is not None:
                 raise RuntimeError(f"{dead}: {type(e).__name__}: {e}") from e
+            if isinstance(e, (TimeoutError, dist.DistError)):  # all alive: one hangs
+                raise RuntimeError(
+                    "a tensor-parallel collective failed or waited longer than "
+                    f"distributed_timeout_seconds ({self.config.args.distributed_timeout_seconds}"
+                    f" s); is a worker hung? {type(e).__name__}: {e}") from e
             raise
+
+    def _start_up(self, command: str, argument: Any, local: Callable[[], T]) -> T:
+        """A start-up command: the workers may still be loading their part of the model."""
+        return self._on_all_ranks(command, argument, local, STARTUP_TIMEOUT_S)
 
     def determine_num_blocks(self) -> int:
         def local() -> int:
@@ -169,14 +196,14 @@ class MultiprocExecutor(Executor):
                                  "request of max_model_len (its log says why)")
             return smallest
 
-        return self._on_all_ranks(control.NUM_BLOCKS, None, local)
+        return self._start_up(control.NUM_BLOCKS, None, local)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self._on_all_ranks(control.INIT_KV_CACHE, num_blocks,
-                           lambda: self.runner.initialize_kv_cache(num_blocks))
+        self._start_up(control.INIT_KV_CACHE, num_blocks,
+                       lambda: self.runner.initialize_kv_cache(num_blocks))
 
     def capture_graphs(self) -> None:
-        self._on_all_ranks(control.CAPTURE_GRAPHS, None, self.runner.capture_graphs)
+        self._start_up(control.CAPTURE_GRAPHS, None, self.runner.capture_graphs)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         return self._on_all_ranks(control.EXECUTE, sched,

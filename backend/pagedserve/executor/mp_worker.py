@@ -7,14 +7,14 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
-from pagedserve.distributed import init_tensor_parallel
 from pagedserve.executor import control
-from pagedserve.executor.rank import build_rank_runner
+from pagedserve.executor.rank import build_rank_runner, join_ranks
 from pagedserve.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -35,14 +35,18 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def worker_main(config: EngineConfig, model_config: ModelConfig, rank: int, init_method: str,
-                num_threads: int, parent_pid: int) -> None:
-    """The worker's whole life: join the group, build the rank's runner, serve commands."""
+                num_threads: int, parent_pid: int, started: Any) -> None:
+    """The worker's whole life: join the group, build the rank's runner, serve commands.
+    ``started`` (a multiprocessing Event) is set once the imports are done."""
     _exit_with_parent(parent_pid)
+    started.set()
     torch.set_num_threads(num_threads)  # as many as the engine's own rank uses
     args = config.args
-    tp = init_tensor_parallel(args.tensor_parallel_size, rank, init_method,
-                              timeout_s=args.distributed_timeout_seconds)
-    channel = control.ControlChannel()
+    if config.device == "cuda":  # rank r on GPU r; rank 0 keeps the engine's current one
+        torch.cuda.set_device(rank)
+    tp = join_ranks(args.tensor_parallel_size, rank, init_method,
+                    args.distributed_timeout_seconds)
+    channel = control.ControlChannel(args.distributed_timeout_seconds)
     runner = build_rank_runner(config, model_config, tp)
     while True:
         command, argument = channel.receive()
