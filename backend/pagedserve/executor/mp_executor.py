@@ -85,7 +85,7 @@ class _Workers:
                 p.kill()
                 p.join()
         self.channel = None
-        if dist.is_initialized():
+        if self.processes and dist.is_initialized():  # one rank never set it up
             dist.destroy_process_group()
 
 
