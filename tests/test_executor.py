@@ -5,6 +5,7 @@ killed worker fails the engine at once, and no worker outlives its engine."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -15,6 +16,8 @@ import weakref
 import pytest
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.config import EngineArgs
+from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.errors import EngineDeadError
 from pagedserve.executor.base import Executor
 from pagedserve.executor.mp_executor import MultiprocExecutor
@@ -201,4 +204,36 @@ def test_a_hung_worker_fails_the_step_after_the_timeout(model):
         assert time.monotonic() - start < 2.0 + KILL_NOTICE_S
     finally:
         llm.engine.shutdown()  # kills it: a stopped process cannot be told to stop
+    assert not worker.is_alive() and _gone(worker.pid)
+
+
+def test_the_async_engine_fails_its_streams_when_a_worker_dies(model):
+    # The Triton model's path: streams on AsyncLLMEngine, on_dead turning the model not ready.
+    dead: list[EngineDeadError] = []
+    engine = AsyncLLMEngine(EngineArgs(model, tensor_parallel_size=2, **ENGINE),
+                            on_dead=dead.append)
+    [worker] = engine.engine.executor._workers.processes
+    params = SamplingParams(max_tokens=None, **GREEDY)
+
+    async def stream(i: int) -> int:
+        count = 0
+        async for out in engine.generate(f"Stream {i} runs until the end", params, str(i)):
+            count = len(out.outputs[0].token_ids)
+            if i == 0 and count == 3:
+                os.kill(worker.pid, signal.SIGKILL)
+        return count
+
+    async def main() -> list:
+        return await asyncio.gather(*(stream(i) for i in range(3)), return_exceptions=True)
+
+    try:
+        results = asyncio.run(asyncio.wait_for(main(), KILL_NOTICE_S + 10))
+        assert len(results) == 3 and all(isinstance(r, EngineDeadError) for r in results)
+        assert "tensor-parallel worker rank 1" in str(results[0])
+        deadline = time.monotonic() + 2.0  # on_dead runs on the engine thread, after them
+        while not dead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(dead) == 1
+    finally:
+        engine.shutdown()
     assert not worker.is_alive() and _gone(worker.pid)
