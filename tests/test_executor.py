@@ -1,7 +1,9 @@
 """The executor seam (issue 12, phase 2): tensor_parallel_size 2 through the mp executor (rank 0
 here, rank 1 a spawned worker, gloo on the CPU) gives the tokens one rank gives, through
-chunked prefill, preemption and prefix caching; random sampling keeps the ranks in step; a
-killed worker fails the engine at once, and no worker outlives its engine."""
+chunked prefill, preemption and prefix caching (llama; qwen2 with a vocabulary split unevenly
+and mistral with one replicated KV head, greedy); random sampling keeps the ranks in step; a
+killed worker fails the engine (and the async engine's streams) at once, a hung one after the
+timeout, and no worker outlives its engine."""
 
 from __future__ import annotations
 
@@ -237,3 +239,21 @@ def test_the_async_engine_fails_its_streams_when_a_worker_dies(model):
     finally:
         engine.shutdown()
     assert not worker.is_alive() and _gone(worker.pid)
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("qwen2", dict(vocab_size=1031)),  # a vocabulary the ranks split unevenly (padded)
+    ("mistral", dict(num_key_value_heads=1)),  # one KV head, replicated on both ranks
+])
+def test_other_splits_give_one_ranks_tokens(tiny_model_dir, arch, kwargs):
+    path = str(tiny_model_dir(arch, **kwargs))
+    prompts = [SHARED + "one", "Once upon a time"]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+
+    def tokens(**engine_kwargs) -> list:
+        llm = LLM(path, **ENGINE, **engine_kwargs)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        llm.engine.shutdown()
+        return [o.outputs[0].token_ids for o in outs]
+
+    assert tokens(tensor_parallel_size=2) == tokens()
