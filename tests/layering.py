@@ -45,6 +45,9 @@ RULES = (
     ),
     Rule(f"{ENGINE}.engine", (f"{ENGINE}.serving", "triton_python_backend_utils"),
          "the engine runs without Triton"),
+    Rule(f"{ENGINE}.executor",
+         tuple(f"{ENGINE}.{up}" for up in ("engine", "serving", "entrypoints")),
+         "the executor runs the steps the engine hands it and knows nothing above"),
 )
 
 

@@ -23,6 +23,9 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flashinfer")
 # vLLM's names; "fp8" is e4m3 (as on CUDA in vLLM). Each maps to the cache's storage format.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 _KV_CACHE_CANONICAL = {"fp8": "fp8_e4m3"}
+# vLLM's executor names: uni (one process), mp (a process per rank on this machine), ray (not
+# available yet); auto: uni for one rank, mp for several.
+EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 # What each field annotation accepts (annotations are strings here: postponed evaluation).
 _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str, Path),
@@ -45,6 +48,7 @@ _INT_RANGES: dict[str, tuple[int, int]] = {
     "num_kv_blocks": (2, _INT32_MAX),
     "kv_cache_memory_bytes": (1, 2**63 - 1),
     "max_logprobs": (-1, _INT32_MAX),
+    "tensor_parallel_size": (1, 1024),
 }
 
 
@@ -93,7 +97,14 @@ class EngineArgs:
     # What the KV cache stores: auto (the model's dtype) or fp8 (fp8_e4m3, fp8_e5m2): half the
     # bytes of bf16/fp16 per block, with per-layer k/v scales from the checkpoint (default 1.0).
     kv_cache_dtype: str = "auto"
-    tensor_parallel_size: int = 1  # accepted for vllm_backend model.json files; must be 1
+    # Ranks one model is split over (heads, columns, vocabulary); several run in worker
+    # processes (distributed_executor_backend mp): see the README's "Scaling".
+    tensor_parallel_size: int = 1
+    # Who runs the ranks (EXECUTOR_BACKENDS); None is auto.
+    distributed_executor_backend: Optional[str] = None
+    # A tensor-parallel collective that waits longer than this fails the engine instead of
+    # hanging it (a hung worker).
+    distributed_timeout_seconds: float = 30.0
     # Speculative decoding (vLLM's mapping: method, num_speculative_tokens, prompt_lookup_min,
     # prompt_lookup_max, model, ...; see spec_decode/config.py). Async scheduling is off with it.
     speculative_config: Optional[dict] = None
@@ -143,8 +154,7 @@ class EngineArgs:
             )
         if not 0.0 < self.gpu_memory_utilization <= 1.0:  # also false for nan
             raise bad("gpu_memory_utilization", "must be in (0, 1]")
-        if self.tensor_parallel_size != 1:
-            raise bad("tensor_parallel_size", "must be 1 (pagedserve runs one model per GPU)")
+        self._validate_parallelism(bad)
         if (self.enable_log_requests is not None and self.disable_log_requests is not None
                 and self.enable_log_requests == self.disable_log_requests):
             raise bad("enable_log_requests",
@@ -155,6 +165,37 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and not str(value).strip():
                 raise bad(name, "must not be empty")
+
+    def _validate_parallelism(self, bad: Any) -> None:
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise bad("distributed_executor_backend",
+                      f"must be one of {', '.join(EXECUTOR_BACKENDS)}")
+        if backend == "ray":
+            raise bad("distributed_executor_backend",
+                      "names the Ray executor, which is not available yet (use mp on one machine)")
+        if backend == "uni" and self.tensor_parallel_size > 1:
+            raise bad("distributed_executor_backend",
+                      f"uni runs one rank; tensor_parallel_size {self.tensor_parallel_size} "
+                      "needs mp (or auto)")
+        if not 0.0 < self.distributed_timeout_seconds < float("inf"):
+            raise bad("distributed_timeout_seconds", "must be a positive number of seconds")
+        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
+            raise bad("speculative_config",
+                      f"is not supported with tensor_parallel_size {self.tensor_parallel_size} "
+                      "yet (speculative decoding runs with tensor_parallel_size 1)")
+        if self.tensor_parallel_size > 1 and self.async_scheduling:
+            raise bad("async_scheduling",
+                      f"is not supported with tensor_parallel_size {self.tensor_parallel_size} "
+                      "yet (leave it unset: it is then off)")
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor that runs the ranks: uni or mp (auto resolved)."""
+        backend = self.distributed_executor_backend
+        if backend in (None, "auto"):
+            return "uni" if self.tensor_parallel_size == 1 else "mp"
+        return backend
 
     @property
     def log_requests(self) -> bool:
@@ -294,8 +335,10 @@ def resolve_engine_config(
                    else SpeculativeConfig.from_dict(args.speculative_config))
     async_scheduling = (
         # Off on the CPU, where nothing runs asynchronously and it would only compute one
-        # extra token per finishing request.
-        device == "cuda" if args.async_scheduling is None else args.async_scheduling
+        # extra token per finishing request; off with several ranks, whose executor runs
+        # each step to its end (EngineArgs refuses it asked for).
+        device == "cuda" and args.tensor_parallel_size == 1
+        if args.async_scheduling is None else args.async_scheduling
     )
     if speculative is not None and async_scheduling:
         # A verification step emits a number of tokens only its end knows, and the next

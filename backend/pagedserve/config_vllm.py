@@ -50,8 +50,7 @@ UNSUPPORTED_ENGINE_ARGS: dict[str, tuple[Any, ...]] = {
     "pooler_config": (None,),
     "override_pooler_config": (None,),
     "max_seq_len_to_capture": (8192,),
-    # Parallelism: one model on one device.
-    "distributed_executor_backend": (None, "mp", "uni"),
+    # Parallelism beyond tensor parallelism on one machine.
     "pipeline_parallel_size": _ONE,
     "decode_context_parallel_size": _ONE,
     "data_parallel_size": _ONE,

@@ -186,6 +186,8 @@ class AsyncLLMEngine:
         self._stopping = True
         self._wakeup.set()
         self._thread.join(timeout=30)
+        if not self._thread.is_alive():  # else it still steps: the workers go at exit
+            self.engine.shutdown()
 
     # ---- the loop side -------------------------------------------------------------------
 

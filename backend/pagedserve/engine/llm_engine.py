@@ -25,6 +25,8 @@ from pagedserve.engine.loggers import RequestLogger, StatLogger, make_visible
 from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.stats import EngineCounters, HistogramSnapshot
 from pagedserve.errors import EngineDeadError, RequestError
+from pagedserve.executor.base import Executor
+from pagedserve.executor.factory import make_executor
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
@@ -37,7 +39,7 @@ from pagedserve.spec_decode.controller import (
     StepCostModel,
 )
 from pagedserve.tokenizer.tokenizer import load_tokenizer
-from pagedserve.worker.model_runner import LaunchedStep, ModelRunner
+from pagedserve.worker.model_runner import LaunchedStep
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ _unfreeze_registered = False
 
 
 class LLMEngine:
-    """Owns the tokenizer, scheduler, model runner and output processor.
+    """Owns the tokenizer, scheduler, executor (the model's ranks) and output processor.
 
     ``step()`` reads top-down: schedule, run the model, update requests, make outputs.
     """
@@ -111,16 +113,23 @@ class LLMEngine:
             cuda_available=torch.cuda.is_available(),
             quantized=model_config.quant_config is not None,
         )
+        # Fails naming tensor_parallel_size where heads or KV heads do not divide.
+        model_config = model_config.with_tensor_parallel(args.tensor_parallel_size)
         self.model_config = model_config
         tokenizer_path = model_path if args.tokenizer is None else resolve_checkpoint(
             args.tokenizer, what="tokenizer", revision=args.tokenizer_revision,
             download_dir=args.download_dir,
         )
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
-        self.runner = ModelRunner(self.config, model_config)
-        num_blocks = self.runner.determine_num_blocks()
-        self.runner.initialize_kv_cache(num_blocks)
-        self.runner.capture_graphs()
+        self.executor: Executor = make_executor(self.config, model_config)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+            self.executor.capture_graphs()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.runner = self.executor.runner  # rank 0's, in this process
         self.kv_manager = KVCacheManager(
             num_blocks, self.config.block_size, args.enable_prefix_caching
         )
@@ -168,7 +177,7 @@ class LLMEngine:
         if spec.adaptive:
             # The best of two rounds: a step size timed while the host was busy with other
             # work made the next size look nearly free.
-            rounds = [self.runner.time_forwards() for _ in range(2)]
+            rounds = [self.executor.time_forwards() for _ in range(2)]
             for timings in zip(*rounds):
                 cost.seed(timings[0][0], min(seconds for _, seconds in timings))
             drafter = self.runner.paged_proposer  # a drafting step's price, before measured
@@ -273,17 +282,17 @@ class LLMEngine:
                 )
             if not self.config.async_scheduling:
                 start = time.perf_counter()
-                runner_output = self.runner.execute_model(scheduler_output)
+                runner_output = self.executor.execute_model(scheduler_output)
                 if self.speculation is not None:
                     self._observe_speculation(scheduler_output, time.perf_counter() - start)
-                if self.runner.failures:
+                if self.executor.failures:
                     self._fail_runner_requests()
                 return self._update(runner_output)
-            launched = self.runner.launch(scheduler_output)
-            if self.runner.failures:
+            launched = self.executor.launch(scheduler_output)
+            if self.executor.failures:
                 self._fail_runner_requests()
             previous, self._in_flight = self._in_flight, launched
-            return [] if previous is None else self._update(self.runner.collect(previous))
+            return [] if previous is None else self._update(self.executor.collect(previous))
         except BaseException as e:
             self.dead_error = EngineDeadError(f"the engine failed: {type(e).__name__}: {e}")
             raise
@@ -292,7 +301,7 @@ class LLMEngine:
         """Tells the speculation controller what the step cost, the proposer's share apart
         (proposing is priced on its own). Only decode steps (with or without drafts) feed the
         step cost model: a prompt chunk's tokens cost another price."""
-        proposals = self.runner.spec_timing.take_proposals()
+        proposals = self.executor.spec_timing.take_proposals()
         propose_seconds = 0.0
         for p in proposals:
             self.speculation.observe_proposal(p.num_requests, p.num_with_drafts, p.k,
@@ -316,7 +325,7 @@ class LLMEngine:
         return outputs
 
     def _fail_runner_requests(self) -> None:
-        for core_id, error in self.runner.take_failures().items():
+        for core_id, error in self.executor.take_failures().items():
             request = self.scheduler.requests.get(core_id)
             if request is None:
                 continue  # already finished
@@ -337,6 +346,13 @@ class LLMEngine:
         """The errors of the requests that failed on their own since the last call."""
         errors, self.request_errors = self.request_errors, []
         return errors
+
+    def shutdown(self) -> None:
+        """Stops the model's other ranks (worker processes), if any; idempotent. The engine
+        cannot step afterwards."""
+        if self.dead_error is None:
+            self.dead_error = EngineDeadError("the engine was shut down")
+        self.executor.shutdown()
 
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.stats()

@@ -24,6 +24,7 @@ from pagedserve.core.scheduler_output import (
     ModelRunnerOutput,
     SchedulerOutput,
 )
+from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedserve.errors import RequestError, RequestParamsError
 from pagedserve.models.eagle3 import split_aux
 from pagedserve.models.loader import load_model
@@ -37,10 +38,7 @@ from pagedserve.worker.dummy_forwards import profile_run, time_forwards
 from pagedserve.worker.host_memory import keep_large_buffers_mapped
 from pagedserve.worker.input_batch import InputBatch
 from pagedserve.worker.isolation import sample_isolating
-from pagedserve.worker.memory_profiling import (
-    DeviceMemory,
-    kv_cache_budget,
-)
+from pagedserve.worker.memory_profiling import DeviceMemory, kv_cache_budget
 from pagedserve.worker.prompt_logprobs import (
     PromptLogprobsPlan,
     PromptLogprobsTensors,
@@ -94,9 +92,11 @@ class ForwardInputs:
 
 
 class ModelRunner:
-    """Owns the model, its KV caches, the persistent InputBatch and the Sampler."""
+    """Owns the model (``tp``'s rank of it), its KV caches, the persistent InputBatch and the
+    Sampler."""
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig) -> None:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig,
+                 tp: TensorParallelGroup = SINGLE_RANK) -> None:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -124,9 +124,8 @@ class ModelRunner:
         if model_config.kv_cache_scheme is not None and not is_fp8(self.kv_cache_dtype):
             logger.info("the checkpoint carries fp8 KV-cache scales (kv_cache_scheme); they are "
                         "used with kv_cache_dtype fp8, not with %s", config.kv_cache_dtype)
-        self.model = load_model(
-            model_config, self.dtype, self.device, self.attn, model_config.quant_config
-        )
+        self.model = load_model(model_config, self.dtype, self.device, self.attn,
+                                model_config.quant_config, tp=tp)
         self.vocab_size = model_config.vocab_size
         self.batch = InputBatch(
             config.max_num_seqs, config.max_model_len, config.max_blocks_per_req, self.vocab_size
