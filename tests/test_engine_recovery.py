@@ -145,3 +145,20 @@ def test_a_refused_unload_falls_back_to_a_restart(model, trigger):
     assert slot.unloads and recovery.recovery == Recovery.RESTART
     assert _generate(slot, "after") == reference
     recovery.close().shutdown()
+
+
+def test_the_reload_note_takes_any_error_text_under_an_ascii_locale(tmp_path):
+    """A stub's embedded interpreter may run with an ASCII locale, and errors carry any text
+    (gloo's end in an emoji): writing the supervisor's note must not fail on them."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import pathlib, sys; from pagedserve.serving.recovery import request_reload; "
+            "assert sys.getfilesystemencoding() and __import__('locale')"
+            ".getpreferredencoding(False).lower() in ('ascii', 'ansi_x3.4-1968'); "
+            "request_reload(pathlib.Path(sys.argv[1]), 'llm', 'closed by peer \\U0001f3d6')")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True)
+    assert (tmp_path / "llm.reload").read_text(encoding="utf-8") == "closed by peer \U0001f3d6"

@@ -63,7 +63,7 @@ def request_reload(directory: Path, model_name: str, reason: str, cancel: bool =
         target.unlink(missing_ok=True)
         return
     tmp = directory / f".{model_name}.{os.getpid()}.tmp"
-    tmp.write_text(reason)
+    tmp.write_text(reason, encoding="utf-8")  # a stub's locale may be ASCII; errors are not
     os.replace(tmp, target)
 
 
