@@ -162,3 +162,29 @@ def test_the_reload_note_takes_any_error_text_under_an_ascii_locale(tmp_path):
            "PYTHONUTF8": "0"}
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True)
     assert (tmp_path / "llm.reload").read_text(encoding="utf-8") == "closed by peer \U0001f3d6"
+
+
+def test_restart_in_process_after_a_tensor_parallel_worker_died(model):
+    """tp 2 (the mp executor): a killed worker kills the engine; the restart leaves
+    torch.distributed and the dead ranks behind and serves the same text with new ones."""
+    import os
+    import signal
+
+    slot = Model()
+    args = EngineArgs(model=str(model), block_size=8, max_model_len=256,
+                      kv_cache_memory_bytes=16 << 20, tensor_parallel_size=2)
+    recovery = EngineRecovery(
+        Recovery.RESTART, build=lambda on_dead: AsyncLLMEngine(args, on_dead=on_dead),
+        install=slot.install, wait_drained=lambda timeout: True, unload=slot.unload,
+        log_info=slot.log.append, log_error=slot.log.append)
+    reference = _generate(slot, "before")
+    (worker,) = slot.engine.engine.executor._workers.processes
+    os.kill(worker.pid, signal.SIGKILL)
+    assert _generate(slot, "dies") == "EngineDeadError"
+    _wait(lambda: recovery.restarts == 1 and recovery.unavailable is None)
+    assert _generate(slot, "after") == reference
+    (new_worker,) = slot.engine.engine.executor._workers.processes
+    assert new_worker.pid != worker.pid and new_worker.is_alive()
+    recovery.close().shutdown()
+    new_worker.join(10)
+    assert not new_worker.is_alive()
