@@ -23,6 +23,11 @@ KERNEL_DEPENDENCIES = frozenset({"torch", "triton", "numpy"})
 # any layer (models, worker, a future executor) may use them.
 DISTRIBUTED = f"{ENGINE}.distributed"
 DISTRIBUTED_DEPENDENCIES = frozenset({"torch"})
+# Packages that import only their own modules, these dependencies and the standard library.
+SELF_CONTAINED = (
+    (KERNELS, KERNEL_DEPENDENCIES, "the kernels import only torch, triton, numpy and themselves"),
+    (DISTRIBUTED, DISTRIBUTED_DEPENDENCIES, "pagedserve.distributed imports only torch and itself"),
+)
 
 
 @dataclass(frozen=True)
@@ -132,18 +137,13 @@ def violations(roots: Iterable[Path]) -> list[str]:
             for target in sorted(via):
                 if any(_under(target, f) for f in rule.forbidden):
                     found.append(f"{_path(via, name, target)} ({rule.why})")
-        if _under(name, KERNELS):
-            allowed = KERNEL_DEPENDENCIES | set(sys.stdlib_module_names)
+        for package, dependencies, why in SELF_CONTAINED:
+            if not _under(name, package):
+                continue
+            allowed = dependencies | set(sys.stdlib_module_names)
             for target in sorted(graph[name]):
-                if not _under(target, KERNELS) and target not in allowed:
-                    found.append(f"{name} -> {target} (the kernels import only torch, triton, "
-                                 "numpy and themselves)")
-        if _under(name, DISTRIBUTED):
-            allowed = DISTRIBUTED_DEPENDENCIES | set(sys.stdlib_module_names)
-            for target in sorted(graph[name]):
-                if not _under(target, DISTRIBUTED) and target not in allowed:
-                    found.append(f"{name} -> {target} (pagedserve.distributed imports only "
-                                 "torch and itself)")
+                if not _under(target, package) and target not in allowed:
+                    found.append(f"{name} -> {target} ({why})")
     found += [f"import cycle among {', '.join(group)}" for group in cycles(graph)]
     return found
 

@@ -15,6 +15,7 @@ import traceback
 from dataclasses import dataclass
 
 import torch
+from paged_steps import step_metadata
 
 from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.layer import allocate_kv_caches
@@ -73,24 +74,10 @@ def greedy_run(model_dir: str, tp: TensorParallelGroup = SINGLE_RANK) -> RunResu
 
 def _metadata(reqs: list[int], q_lens: list[int],
               ctx_lens: list[int]) -> tuple[AttentionMetadata, torch.Tensor]:
-    """A step of ``q_lens`` new tokens after ``ctx_lens`` cached ones of requests ``reqs``
-    (request i owns blocks [i * BLOCKS_PER_REQ, (i + 1) * BLOCKS_PER_REQ)); returns it and
-    the new tokens' positions."""
-    positions = torch.cat([torch.arange(c, c + q) for q, c in zip(q_lens, ctx_lens)])
-    owner = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
-    table = torch.tensor([[i * BLOCKS_PER_REQ + b for b in range(BLOCKS_PER_REQ)] for i in reqs],
-                         dtype=torch.int32)
-    slots = table[owner, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
-    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-    seq_lens = torch.tensor([q + c for q, c in zip(q_lens, ctx_lens)], dtype=torch.int32)
-    meta = AttentionMetadata(
-        num_actual_tokens=int(qsl[-1]), num_reqs=len(q_lens), query_start_loc=qsl,
-        seq_lens=seq_lens, block_table=table, slot_mapping=slots,
-        max_query_len=max(q_lens), max_seq_len=int(seq_lens.max()),
-        query_start_loc_cpu=qsl.clone(), seq_lens_cpu=seq_lens.clone(),
-    )
-    return meta, positions
+    """``step_metadata`` with request i owning blocks [i * BLOCKS_PER_REQ, (i + 1) *
+    BLOCKS_PER_REQ)."""
+    tables = [[i * BLOCKS_PER_REQ + b for b in range(BLOCKS_PER_REQ)] for i in reqs]
+    return step_metadata(q_lens, ctx_lens, tables, BLOCK_SIZE)
 
 
 def collectives(tp: TensorParallelGroup) -> dict[str, torch.Tensor]:

@@ -13,9 +13,9 @@ from typing import Optional
 import pytest
 import torch
 from hf_reference import load_hf_model
+from paged_steps import step_metadata
 from safetensors.torch import load_file, save_file
 
-from pagedserve.attention.base import AttentionMetadata
 from pagedserve.attention.torch_backend import TorchAttentionBackend
 from pagedserve.devtools.eagle3_head import build_eagle3_head
 from pagedserve.models.eagle3 import Eagle3Config, Eagle3Hidden
@@ -77,26 +77,6 @@ def _dense(layer: torch.nn.Module) -> torch.Tensor:
 
 def _kv_cache(config: ModelConfig) -> torch.Tensor:
     return torch.zeros(2, NUM_BLOCKS, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
-
-
-def _metadata(q_lens: list[int], ctx_lens: list[int],
-              tables: list[list[int]]) -> tuple[AttentionMetadata, torch.Tensor]:
-    """A step of ``q_lens`` new tokens after ``ctx_lens`` cached ones; returns it and the new
-    tokens' positions."""
-    positions = torch.cat([torch.arange(c, c + q) for q, c in zip(q_lens, ctx_lens)])
-    owner = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens))
-    table = torch.tensor(tables, dtype=torch.int32)
-    slots = table[owner, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
-    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qsl[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-    seq_lens = torch.tensor([q + c for q, c in zip(q_lens, ctx_lens)], dtype=torch.int32)
-    meta = AttentionMetadata(
-        num_actual_tokens=int(qsl[-1]), num_reqs=len(q_lens), query_start_loc=qsl,
-        seq_lens=seq_lens, block_table=table, slot_mapping=slots,
-        max_query_len=max(q_lens), max_seq_len=int(seq_lens.max()),
-        query_start_loc_cpu=qsl.clone(), seq_lens_cpu=seq_lens.clone(),
-    )
-    return meta, positions
 
 
 # ---- the reference: the published EAGLE-3 head in plain torch, one sequence, no cache ----
@@ -245,7 +225,7 @@ def test_forward_matches_reference(head_dirs, target_dir, variant):
     ctx = [0, 0, 0]
 
     def run(q_lens: list[int], ids: torch.Tensor, hidden: torch.Tensor) -> Eagle3Hidden:
-        meta, positions = _metadata(q_lens, ctx, tables)
+        meta, positions = step_metadata(q_lens, ctx, tables, BLOCK_SIZE)
         head.midlayer.self_attn.attn.backend.prepare(meta)
         with torch.inference_mode():
             out = head(ids, positions, hidden, [cache], meta)
@@ -302,7 +282,7 @@ def test_target_aux_hidden_states_match_hf(tiny_model_dir, arch):
 
     def forward(layers: tuple[int, ...]):
         model.set_aux_hidden_state_layers(layers)
-        meta, positions = _metadata([len(p) for p in prompts], [0, 0], tables)
+        meta, positions = step_metadata([len(p) for p in prompts], [0, 0], tables, BLOCK_SIZE)
         model.model.layers[0].self_attn.attn.backend.prepare(meta)
         caches = [_kv_cache(config) for _ in range(config.num_layers)]
         with torch.inference_mode():
