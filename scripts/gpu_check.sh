@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of pagedserve, in one call, within 9.5 minutes on one H100/H200
-# (the stage limits add up to 550 s; the device tool allows 600 s per call),
+# (the stage limits add up to 570 s; the device tool allows 600 s per call),
 # using only what that machine has (its python3 with torch, triton, transformers; no network).
 #
 #   scripts/gpu_check.sh            # writes logs and JSON under $OUT (default: a temp dir)
@@ -18,6 +18,8 @@
 #   7. speculative decoding on CUDA (CUDA graphs for 1 + k-token decodes, the draft model's
 #      own): the CPU table's benchmark, n-gram, draft model and EAGLE-3, batch 1/32, one run
 #      each
+#   8. the mp executor with one rank (its engine in a worker-less executor seam) gives the
+#      uniproc executor's tokens on CUDA; one GPU cannot run NCCL with tp 2
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -68,6 +70,8 @@ run gpu_bench 145 "$PY" benchmarks/gpu_bench.py --json "$OUT/gpu_bench.json" \
 run gpu_quant_bench 85 "$PY" benchmarks/gpu_quant_bench.py --json "$OUT/gpu_quant_bench.json" \
     --markdown docs/benchmarks.md
 run spec_decode 45 "$PY" benchmarks/spec_decode.py --repeat 1 --max-tokens 32 --batches 1 32
+run executor 20 "$PY" -m pytest tests/test_executor.py -q -p no:cacheprovider \
+    -k mp_with_one_rank_is_uniproc
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 
 echo "=== summary"
