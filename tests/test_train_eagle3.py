@@ -10,8 +10,9 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from paged_steps import step_metadata
 from safetensors.torch import load_file
-from test_eagle3_head import _load, _metadata, _reference_weights, reference_head
+from test_eagle3_head import _load, _reference_weights, reference_head
 
 from pagedserve.devtools.eagle3_head import build_eagle3_head
 from pagedserve.devtools.train_eagle3 import (
@@ -58,14 +59,14 @@ def _unrolled_equals_engine(target_dir: pathlib.Path, head_dir: pathlib.Path) ->
     for b, i in [(0, 0), (0, 6), (1, rows - 1 - NUM_STEPS)]:
         cache = torch.zeros(2, 16, BLOCK_SIZE, mc.num_kv_heads, mc.head_dim)
         table = [list(range(16))]
-        meta, positions = _metadata([i + 1], [0], table)
+        meta, positions = step_metadata([i + 1], [0], table, BLOCK_SIZE)
         head.midlayer.self_attn.attn.backend.prepare(meta)
         with torch.inference_mode():
             hidden = head.combine_hidden_states(aux[b, :i + 1])
             out = head(tokens[b, 1:i + 2], positions, hidden, [cache], meta)
         for j in range(NUM_STEPS):
             if j:
-                meta, positions = _metadata([1], [i + j], table)
+                meta, positions = step_metadata([1], [i + j], table, BLOCK_SIZE)
                 head.midlayer.self_attn.attn.backend.prepare(meta)
                 with torch.inference_mode():
                     out = head(tokens[b, i + 1 + j:i + 2 + j], positions,
