@@ -4,6 +4,7 @@ input fails only its own request."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -169,3 +170,21 @@ def test_slow_reader_gets_merged_deltas(engine):
         o.outputs[0].text for o in fast
     )
     assert outputs[-1].finished and outputs[-1].outputs[0].finish_reason == "length"
+
+
+def test_outputs_for_a_closed_event_loop_do_not_kill_the_engine(engine):
+    """A request the engine still steps after its caller's event loop closed (asyncio.run
+    returned while the engine ran ahead) has nowhere to send its outputs: they are dropped,
+    and the engine serves the next loop."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = run(collect(engine, "Hello world", params, "before"))[-1].outputs[0].token_ids
+    assert engine._loop is not None and engine._loop.is_closed()
+    done = engine._submit(engine.engine.add_request, "orphan", "Hello world", params)
+    done.result(timeout=30)
+    deadline = time.monotonic() + 30
+    while engine.engine.has_unfinished_requests() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.engine.has_unfinished_requests()
+    assert engine._dead is None
+    got = run(collect(engine, "Hello world", params, "after"))[-1].outputs[0].token_ids
+    assert list(got) == list(expected)

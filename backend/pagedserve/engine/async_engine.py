@@ -232,8 +232,16 @@ class AsyncLLMEngine:
 
     def _abort_and_deliver(self, request_id: str) -> None:
         outputs = self.engine.abort_request([request_id])
-        if outputs and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, outputs)
+        if outputs:
+            self._post(self._deliver, outputs)
+
+    def _post(self, fn: Callable, *args: Any) -> None:
+        """Runs ``fn(*args)`` on the bound event loop. A loop that has closed has nobody left
+        waiting on it (its streams ended with it, and their aborts are queued): what it is
+        sent is dropped and the engine goes on; a closed loop must not kill the engine."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # closed, even since any check
+                self._loop.call_soon_threadsafe(fn, *args)
 
     def _run(self) -> None:
         engine = self.engine
@@ -248,8 +256,8 @@ class AsyncLLMEngine:
                     continue
                 outputs = engine.step()
                 errors = engine.take_request_errors() if engine.request_errors else None
-                if (outputs or errors) and self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._deliver, outputs, errors)
+                if outputs or errors:
+                    self._post(self._deliver, outputs, errors)
                 self._refresh_stats(force=False)
         except BaseException as e:  # no request explains it: fail every stream at once
             # As text: a record holding the traceback would keep the engine's memory alive.
@@ -262,10 +270,7 @@ class AsyncLLMEngine:
 
     def _die(self, dead: EngineDeadError) -> None:
         self._dead = dead
-        if self._loop is not None and not self._loop.is_closed():
-            # RuntimeError: the loop closed meanwhile, and nobody is waiting.
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._fail_all, dead)
+        self._post(self._fail_all, dead)
         self._fail_pending_ops(dead)
         if self._on_dead is not None:
             try:
