@@ -268,7 +268,7 @@ class LinearBase(nn.Module):
         return load
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.parallel != "row":
+        if self.parallel != "row" or self.tp.world_size == 1:  # one rank: the fused bias
             return self.linear_method.apply(self, x, self.bias)
         # Each rank's product is a partial sum over its inputs: the bias belongs to the total.
         out = self.tp.all_reduce(self.linear_method.apply(self, x, None))
