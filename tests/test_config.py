@@ -23,7 +23,6 @@ from pagedserve.config import EngineArgs, resolve_engine_config
         ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
         ({"tensor_parallel_size": 2.0}, "tensor_parallel_size"),
         ({"distributed_executor_backend": "threads"}, "distributed_executor_backend"),
-        ({"distributed_executor_backend": "ray"}, "not available yet"),
         ({"distributed_executor_backend": "uni", "tensor_parallel_size": 2}, "needs mp"),
         ({"distributed_timeout_seconds": 0}, "distributed_timeout_seconds"),
         ({"tensor_parallel_size": 2, "async_scheduling": True}, "async_scheduling"),

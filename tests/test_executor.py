@@ -16,56 +16,27 @@ import time
 import weakref
 
 import pytest
+from tp_workload import (
+    ENGINE,
+    GREEDY,
+    KILL_NOTICE_S,
+    SHARED,
+    assert_same,
+    gone,
+    greedy,
+    one_rank_reference,
+)
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
 from pagedserve.engine.async_engine import AsyncLLMEngine
 from pagedserve.errors import EngineDeadError
-from pagedserve.executor.base import Executor
 from pagedserve.executor.mp_executor import MultiprocExecutor
-
-# Tight on purpose: 24 blocks of 8 tokens (a 128-token request needs 16) and a 16-token step
-# budget, so prompts are prefilled in chunks and requests are preempted; prefix caching on.
-ENGINE = dict(dtype="float32", max_model_len=128, block_size=8, num_kv_blocks=24,
-              max_num_batched_tokens=16, max_num_seqs=6, enable_prefix_caching=True)
-SHARED = "The same long shared prefix for several requests, so that blocks are reused: "
-GREEDY = dict(temperature=0.0, ignore_eos=True)
-KILL_NOTICE_S = 5.0  # a dead worker must fail the engine within this
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return str(tiny_model_dir("llama"))  # 4 heads, 2 KV heads: 2 ranks of 2 and 1
-
-
-def _greedy_workload() -> tuple[list, list[SamplingParams]]:
-    cases = [
-        (SHARED + "one", SamplingParams(max_tokens=30, logprobs=2, **GREEDY)),
-        (SHARED + "two", SamplingParams(max_tokens=24, repetition_penalty=1.3, **GREEDY)),
-        (SHARED + "three", SamplingParams(max_tokens=40, **GREEDY)),
-        ({"prompt_token_ids": list(range(5, 70))}, SamplingParams(max_tokens=40, **GREEDY)),
-        ("Once upon a time", SamplingParams(max_tokens=50, **GREEDY)),
-        ("Short", SamplingParams(max_tokens=1, **GREEDY)),
-    ]
-    return [p for p, _ in cases], [s for _, s in cases]
-
-
-def _greedy(llm: LLM) -> tuple[list, list[float]]:
-    """Each request's tokens, finish reason and top logprob ids; and all the logprobs."""
-    prompts, params = _greedy_workload()
-    results, logprobs = [], []
-    for out in llm.generate(prompts, params, use_tqdm=False):
-        c = out.outputs[0]
-        entries = c.logprobs or []
-        results.append((c.token_ids, c.finish_reason, [list(e) for e in entries]))
-        logprobs += [lp.logprob for e in entries for lp in e.values()]
-    return results, logprobs
-
-
-def _assert_same(got: tuple[list, list[float]], expected: tuple[list, list[float]]) -> None:
-    assert got[0] == expected[0]
-    # The ranks' partial sums add in another order than one matmul: ~1e-6 apart.
-    assert got[1] == pytest.approx(expected[1], abs=1e-4)
 
 
 def _worker_processes(llm: LLM) -> list:
@@ -74,31 +45,18 @@ def _worker_processes(llm: LLM) -> list:
     return list(executor._workers.processes)
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.fixture(scope="module")
 def reference(model):
-    llm = LLM(model, **ENGINE)
-    assert type(llm.engine.executor) is Executor  # auto with one rank: uni
-    results = _greedy(llm)
-    assert llm.engine.get_stats().num_preemptions_total > 0
-    assert llm.engine.get_stats().prefix_cache_hits_total > 0
-    return results
+    return one_rank_reference(model)
 
 
 def test_two_ranks_give_one_ranks_tokens(model, reference):
     llm = LLM(model, tensor_parallel_size=2, **ENGINE)
-    assert llm.engine.config.args.executor_backend == "mp"
+    assert llm.engine.config.executor_backend == "mp"
     assert not llm.engine.config.async_scheduling
     [worker] = _worker_processes(llm)
     assert worker.is_alive()
-    _assert_same(_greedy(llm), reference)
+    assert_same(greedy(llm), reference)
     stats = llm.engine.get_stats()
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits_total > 0
 
@@ -132,14 +90,14 @@ def test_two_ranks_give_one_ranks_tokens(model, reference):
     gc.collect()
     assert engine() is None
     assert not worker.is_alive() and worker.exitcode == 0  # told to stop, not killed
-    assert _gone(worker.pid)
+    assert gone(worker.pid)
 
 
 def test_mp_with_one_rank_is_uniproc(model, reference):
     llm = LLM(model, distributed_executor_backend="mp", **ENGINE)
     assert isinstance(llm.engine.executor, MultiprocExecutor)
     assert _worker_processes(llm) == []
-    _assert_same(_greedy(llm), reference)
+    assert_same(greedy(llm), reference)
 
 
 def test_a_killed_worker_fails_the_requests_at_once(model):
@@ -169,14 +127,14 @@ def test_a_killed_worker_fails_the_requests_at_once(model):
     with pytest.raises(EngineDeadError):
         llm.engine.step()
     llm.engine.shutdown()
-    assert not worker.is_alive() and _gone(worker.pid)
+    assert not worker.is_alive() and gone(worker.pid)
 
 
 def test_shutdown_stops_the_workers(model):
     llm = LLM(model, tensor_parallel_size=2, **ENGINE)
     [worker] = _worker_processes(llm)
     llm.engine.shutdown()
-    assert not worker.is_alive() and worker.exitcode == 0 and _gone(worker.pid)
+    assert not worker.is_alive() and worker.exitcode == 0 and gone(worker.pid)
     llm.engine.shutdown()  # idempotent
     with pytest.raises(EngineDeadError, match="shut down"):
         llm.engine.step()
@@ -186,7 +144,6 @@ def test_shutdown_stops_the_workers(model):
     (dict(tensor_parallel_size=3), "tensor_parallel_size 3 does not divide num_attention_heads"),
     (dict(tensor_parallel_size=2, distributed_executor_backend="threads"),
      "'distributed_executor_backend' must be one of auto, uni, mp, ray"),
-    (dict(tensor_parallel_size=2, distributed_executor_backend="ray"), "not available yet"),
 ])
 def test_config_errors_name_the_field(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -206,7 +163,7 @@ def test_a_hung_worker_fails_the_step_after_the_timeout(model):
         assert time.monotonic() - start < 2.0 + KILL_NOTICE_S
     finally:
         llm.engine.shutdown()  # kills it: a stopped process cannot be told to stop
-    assert not worker.is_alive() and _gone(worker.pid)
+    assert not worker.is_alive() and gone(worker.pid)
 
 
 def test_the_async_engine_fails_its_streams_when_a_worker_dies(model):
@@ -238,7 +195,7 @@ def test_the_async_engine_fails_its_streams_when_a_worker_dies(model):
         assert len(dead) == 1
     finally:
         engine.shutdown()
-    assert not worker.is_alive() and _gone(worker.pid)
+    assert not worker.is_alive() and gone(worker.pid)
 
 
 @pytest.mark.parametrize("arch, kwargs", [

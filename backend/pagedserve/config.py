@@ -6,6 +6,7 @@ The names are vLLM's, so that a vllm_backend ``model.json`` with these keys work
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flashinfer")
 # vLLM's names; "fp8" is e4m3 (as on CUDA in vLLM). Each maps to the cache's storage format.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 _KV_CACHE_CANONICAL = {"fp8": "fp8_e4m3"}
-# vLLM's executor names: uni (one process), mp (a process per rank on this machine), ray (not
-# available yet); auto: uni for one rank, mp for several.
+# vLLM's executor names: uni (one process), mp (a process per rank on this machine), ray (Ray
+# actors, on any machine of a Ray cluster); auto: uni for one rank, mp for several that fit this
+# machine, ray for more.
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
+_INSTALL_RAY = "pip install 'pagedserve[ray]' (or pip install ray)"
 # What each field annotation accepts (annotations are strings here: postponed evaluation).
 _ACCEPTED_TYPES: dict[str, tuple[type, ...]] = {
     "str": (str, Path),
@@ -98,7 +101,8 @@ class EngineArgs:
     # bytes of bf16/fp16 per block, with per-layer k/v scales from the checkpoint (default 1.0).
     kv_cache_dtype: str = "auto"
     # Ranks one model is split over (heads, columns, vocabulary); several run in worker
-    # processes (distributed_executor_backend mp): see the README's "Scaling".
+    # processes (distributed_executor_backend mp) or Ray actors (ray): see the README's
+    # "Scaling".
     tensor_parallel_size: int = 1
     # Who runs the ranks (EXECUTOR_BACKENDS); None is auto.
     distributed_executor_backend: Optional[str] = None
@@ -171,13 +175,13 @@ class EngineArgs:
         if backend is not None and backend not in EXECUTOR_BACKENDS:
             raise bad("distributed_executor_backend",
                       f"must be one of {', '.join(EXECUTOR_BACKENDS)}")
-        if backend == "ray":
+        if backend == "ray" and not ray_installed():
             raise bad("distributed_executor_backend",
-                      "names the Ray executor, which is not available yet (use mp on one machine)")
+                      f"names the Ray executor, but ray is not installed: {_INSTALL_RAY}")
         if backend == "uni" and self.tensor_parallel_size > 1:
             raise bad("distributed_executor_backend",
                       f"uni runs one rank; tensor_parallel_size {self.tensor_parallel_size} "
-                      "needs mp (or auto)")
+                      "needs mp, ray (or auto)")
         if not 0.0 < self.distributed_timeout_seconds < float("inf"):
             raise bad("distributed_timeout_seconds", "must be a positive number of seconds")
         if self.tensor_parallel_size > 1 and self.speculative_config is not None:
@@ -188,14 +192,6 @@ class EngineArgs:
             raise bad("async_scheduling",
                       f"is not supported with tensor_parallel_size {self.tensor_parallel_size} "
                       "yet (leave it unset: it is then off)")
-
-    @property
-    def executor_backend(self) -> str:
-        """The executor that runs the ranks: uni or mp (auto resolved)."""
-        backend = self.distributed_executor_backend
-        if backend in (None, "auto"):
-            return "uni" if self.tensor_parallel_size == 1 else "mp"
-        return backend
 
     @property
     def log_requests(self) -> bool:
@@ -283,6 +279,8 @@ class EngineConfig:
     # "fp8_e4m3" | "fp8_e5m2", or the model's dtype (as ``dtype``) for auto.
     kv_cache_dtype: str
     speculative: Optional[SpeculativeConfig] = None
+    # Who runs the ranks: uni, mp or ray (distributed_executor_backend, auto resolved).
+    executor_backend: str = "uni"
 
     @property
     def max_blocks_per_req(self) -> int:
@@ -296,6 +294,7 @@ def resolve_engine_config(
     sliding_window: Optional[int] = None,
     cuda_available: bool = False,
     quantized: bool = False,
+    cuda_device_count: int = 0,
 ) -> EngineConfig:
     """Fills in the ``auto`` choices and checks the arguments against the model."""
     device = args.device
@@ -359,4 +358,29 @@ def resolve_engine_config(
                         else _KV_CACHE_CANONICAL.get(args.kv_cache_dtype, args.kv_cache_dtype)),
         async_scheduling=async_scheduling,
         speculative=speculative,
+        executor_backend=_executor_backend(args, device, cuda_device_count),
     )
+
+
+def ray_installed() -> bool:
+    """Whether the Ray executor can run here (ray importable), without importing it."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def _executor_backend(args: EngineArgs, device: str, cuda_device_count: int) -> str:
+    """distributed_executor_backend with auto resolved: uni for one rank; mp while the ranks
+    fit this machine (on the CPU they always do, on CUDA one GPU each); ray past that."""
+    backend = args.distributed_executor_backend
+    tp = args.tensor_parallel_size
+    if backend not in (None, "auto"):
+        return backend
+    if tp == 1:
+        return "uni"
+    if device == "cpu" or tp <= cuda_device_count:
+        return "mp"
+    if not ray_installed():
+        raise ValueError(
+            f"engine argument 'tensor_parallel_size' ({tp}) needs more GPUs than this machine "
+            f"has ({cuda_device_count}): ranks on other machines run on Ray "
+            f"(distributed_executor_backend auto or ray), which is not installed: {_INSTALL_RAY}")
+    return "ray"

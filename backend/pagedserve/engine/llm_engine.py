@@ -112,6 +112,7 @@ class LLMEngine:
             sliding_window=model_config.sliding_window,
             cuda_available=torch.cuda.is_available(),
             quantized=model_config.quant_config is not None,
+            cuda_device_count=torch.cuda.device_count(),
         )
         # Fails naming tensor_parallel_size where heads or KV heads do not divide.
         model_config = model_config.with_tensor_parallel(args.tensor_parallel_size)

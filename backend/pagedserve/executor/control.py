@@ -1,15 +1,22 @@
 """The channel rank 0 drives the worker ranks through: one command per call, broadcast as a
-pickled object on a gloo group of its own (torch.distributed's broadcast_object_list)."""
+pickled object on a gloo group of its own (torch.distributed's broadcast_object_list), and the
+loop every worker rank serves those commands with, whichever executor started it."""
 
 from __future__ import annotations
 
 import datetime
+import logging
 import queue
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from pagedserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
 
 # A worker waits for its next command as long as the engine stays idle: this group's waits
 # never time out (a dead rank 0 closes the connection, and the worker also watches its
@@ -79,3 +86,27 @@ class ControlChannel:
         t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
         return int(t.item())
+
+
+def serve_commands(channel: ControlChannel, runner: ModelRunner, rank: int) -> None:
+    """A worker rank's part of every command rank 0 sends, until it sends STOP."""
+    while True:
+        command, argument = channel.receive()
+        if command == EXECUTE:
+            runner.execute_model(argument)
+            runner.take_failures()  # rank 0 reports them; here they only must not pile up
+        elif command == NUM_BLOCKS:
+            try:
+                num_blocks = runner.determine_num_blocks()
+            except ValueError:
+                logger.exception("tensor-parallel rank %d: sizing the KV cache failed", rank)
+                num_blocks = -1
+            channel.min_over_ranks(num_blocks)
+        elif command == INIT_KV_CACHE:
+            runner.initialize_kv_cache(argument)
+        elif command == CAPTURE_GRAPHS:
+            runner.capture_graphs()
+        elif command == STOP:
+            return
+        else:
+            raise ValueError(f"tensor-parallel rank {rank} got an unknown command {command!r}")

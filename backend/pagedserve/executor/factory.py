@@ -9,9 +9,13 @@ from pagedserve.models.model_config import ModelConfig
 
 
 def make_executor(config: EngineConfig, model_config: ModelConfig) -> Executor:
-    """The executor ``config.args`` asks for (distributed_executor_backend, auto resolved:
-    uni for one rank, mp for several); ``model_config`` is already split over
-    tensor_parallel_size ranks."""
-    if config.args.executor_backend == "mp":
+    """The executor ``config.executor_backend`` names (distributed_executor_backend, auto
+    resolved); ``model_config`` is already split over tensor_parallel_size ranks."""
+    if config.executor_backend == "ray":
+        # Imported here: ray is an optional dependency, and slow to import.
+        from pagedserve.executor.ray_executor import RayExecutor
+
+        return RayExecutor(config, model_config)
+    if config.executor_backend == "mp":
         return MultiprocExecutor(config, model_config)
     return Executor(config, model_config)

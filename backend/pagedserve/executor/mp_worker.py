@@ -3,21 +3,14 @@ command rank 0 sends until told to stop, or until its parent is gone."""
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from pagedserve.config import EngineConfig
-from pagedserve.executor import control
-from pagedserve.executor.rank import build_rank_runner, join_ranks
+from pagedserve.executor.rank import serve_worker_rank
 from pagedserve.models.model_config import ModelConfig
-
-logger = logging.getLogger(__name__)
 
 _PARENT_POLL_S = 0.5
 
@@ -40,32 +33,5 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, rank: int, init
     ``started`` (a multiprocessing Event) is set once the imports are done."""
     _exit_with_parent(parent_pid)
     started.set()
-    torch.set_num_threads(num_threads)  # as many as the engine's own rank uses
-    args = config.args
-    if config.device == "cuda":  # rank r on GPU r; rank 0 keeps the engine's current one
-        torch.cuda.set_device(rank)
-    tp = join_ranks(args.tensor_parallel_size, rank, init_method,
-                    args.distributed_timeout_seconds)
-    channel = control.ControlChannel(args.distributed_timeout_seconds)
-    runner = build_rank_runner(config, model_config, tp)
-    while True:
-        command, argument = channel.receive()
-        if command == control.EXECUTE:
-            runner.execute_model(argument)
-            runner.take_failures()  # rank 0 reports them; here they only must not pile up
-        elif command == control.NUM_BLOCKS:
-            try:
-                num_blocks = runner.determine_num_blocks()
-            except ValueError:
-                logger.exception("tensor-parallel rank %d: sizing the KV cache failed", rank)
-                num_blocks = -1
-            channel.min_over_ranks(num_blocks)
-        elif command == control.INIT_KV_CACHE:
-            runner.initialize_kv_cache(argument)
-        elif command == control.CAPTURE_GRAPHS:
-            runner.capture_graphs()
-        elif command == control.STOP:
-            break
-        else:
-            raise ValueError(f"tensor-parallel rank {rank} got an unknown command {command!r}")
-    dist.destroy_process_group()
+    # Rank r on GPU r; rank 0 keeps the engine's current one.
+    serve_worker_rank(config, model_config, rank, init_method, num_threads, cuda_device=rank)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
 from pagedserve.distributed import TensorParallelGroup, init_tensor_parallel
+from pagedserve.executor import control
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.worker.model_runner import ModelRunner
 from pagedserve.worker.sampler import Sampler, SamplerOutput
@@ -53,3 +55,20 @@ def build_rank_runner(config: EngineConfig, model_config: ModelConfig,
     if tp.world_size > 1:
         runner.sampler = RankZeroSampler(runner.sampler, tp)
     return runner
+
+
+def serve_worker_rank(config: EngineConfig, model_config: ModelConfig, rank: int,
+                      init_method: str, num_threads: int, cuda_device: Optional[int]) -> None:
+    """A worker rank's life once its process runs (an mp worker process or a Ray actor): join
+    the ranks, build its runner, serve rank 0's commands until told to stop, leave.
+    ``cuda_device`` is the GPU it runs on (on CUDA), ``num_threads`` as many as rank 0 uses."""
+    torch.set_num_threads(num_threads)
+    if config.device == "cuda" and cuda_device is not None:
+        torch.cuda.set_device(cuda_device)
+    args = config.args
+    tp = join_ranks(args.tensor_parallel_size, rank, init_method,
+                    args.distributed_timeout_seconds)
+    channel = control.ControlChannel(args.distributed_timeout_seconds)
+    runner = build_rank_runner(config, model_config, tp)
+    control.serve_commands(channel, runner, rank)
+    dist.destroy_process_group()

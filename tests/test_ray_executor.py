@@ -1,0 +1,130 @@
+"""The Ray executor (issue 12, phase 4) on a local Ray cluster this module starts: tensor
+parallel size 2 with rank 1 in a Ray actor gives one rank's greedy tokens through chunked
+prefill, preemption and prefix caching (tp_workload, as the mp executor); a killed actor fails
+the engine at once naming its rank; shutdown leaves no actor, process or placement group; a
+cluster too small for the ranks fails the load naming tensor_parallel_size."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+from tp_workload import (
+    ENGINE,
+    GREEDY,
+    KILL_NOTICE_S,
+    assert_same,
+    gone,
+    greedy,
+    one_rank_reference,
+)
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.errors import EngineDeadError
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pagedserve[ray]')")
+from pagedserve.executor.ray_executor import RayExecutor  # noqa: E402  (needs ray)
+
+RAY = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 2 CPUs: rank 0's bundle and rank 1's actor."""
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as e:  # no /dev/shm, no ports, ...
+        pytest.skip(f"a local Ray cluster cannot start here: {type(e).__name__}: {e}")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return str(tiny_model_dir("llama"))  # 4 heads, 2 KV heads: 2 ranks of 2 and 1
+
+
+def _executor(llm: LLM) -> RayExecutor:
+    executor = llm.engine.executor
+    assert isinstance(executor, RayExecutor)
+    return executor
+
+
+def _all_gone(pids: list[int], within_s: float = 5.0) -> bool:
+    """ray.kill ends an actor's process asynchronously: it must be gone within a while."""
+    deadline = time.monotonic() + within_s
+    while not all(gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
+    expected = one_rank_reference(model)
+    llm = LLM(model, **RAY, **ENGINE)
+    assert llm.engine.config.executor_backend == "ray"
+    executor = _executor(llm)
+    [pid] = executor.worker_pids
+    assert not gone(pid)
+    assert ray.available_resources().get("CPU", 0.0) == 0.0  # both ranks' bundles held
+    assert_same(greedy(llm), expected)
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits_total > 0
+
+    serving = list(executor._workers.serving)
+    llm.engine.shutdown()
+    # Told to stop: its serve call returned (no error), then the actor was ended.
+    assert ray.get(serving, timeout=0) == [None]
+    assert _all_gone([pid])
+    assert not dist.is_initialized()
+    # The placement group is gone, its CPUs free again; the test's cluster is still up.
+    deadline = time.monotonic() + 5.0
+    while ray.available_resources().get("CPU", 0.0) < 2.0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ray.available_resources().get("CPU", 0.0) == 2.0
+    assert ray.is_initialized()
+    llm.engine.shutdown()  # idempotent
+    with pytest.raises(EngineDeadError, match="shut down"):
+        llm.engine.step()
+
+
+def test_a_killed_actor_fails_the_requests_at_once(cluster, model):
+    llm = LLM(model, **RAY, **ENGINE)
+    executor = _executor(llm)
+    [actor], [pid] = executor._workers.actors, executor.worker_pids
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        ray.kill(actor)
+
+    # Enough work that the kill lands mid-run (a step runs in milliseconds here).
+    prompts = [f"Request {i} of many, long enough to run for a while" for i in range(6)]
+    timer = threading.Timer(0.5, kill)
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match=(
+                rf"tensor-parallel worker rank 1 \(Ray actor pid {pid} on [^)]+\) died: "
+                r".*killed by `ray.kill`")):
+            for _ in range(100):  # each generate runs to the end of max_model_len
+                llm.generate(prompts, SamplingParams(max_tokens=None, **GREEDY),
+                             use_tqdm=False)
+        failed_at = time.monotonic()
+    finally:
+        timer.cancel()
+    assert killed_at and failed_at - killed_at[0] < KILL_NOTICE_S
+    with pytest.raises(EngineDeadError):
+        llm.engine.step()
+    llm.engine.shutdown()
+    assert _all_gone([pid])
+    assert not dist.is_initialized()
+
+
+def test_a_cluster_too_small_fails_the_load_naming_tensor_parallel_size(cluster, model):
+    with pytest.raises(ValueError, match=r"'tensor_parallel_size' \(4\) needs 4 CPU in the "
+                                         r"Ray cluster \(one per rank\), and 2 are free"):
+        LLM(model, tensor_parallel_size=4, distributed_executor_backend="ray", **ENGINE)
+    assert ray.available_resources().get("CPU", 0.0) == 2.0

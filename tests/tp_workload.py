@@ -1,0 +1,69 @@
+"""The tensor-parallel parity workload both executors with worker ranks run (mp in
+test_executor.py, ray in test_ray_executor.py): greedy requests that, on a tight engine, go
+through chunked prefill, preemption and prefix caching; and what the tests check with it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pagedserve import LLM, SamplingParams
+from pagedserve.executor.base import Executor
+
+# Tight on purpose: 24 blocks of 8 tokens (a 128-token request needs 16) and a 16-token step
+# budget, so prompts are prefilled in chunks and requests are preempted; prefix caching on.
+ENGINE = dict(dtype="float32", max_model_len=128, block_size=8, num_kv_blocks=24,
+              max_num_batched_tokens=16, max_num_seqs=6, enable_prefix_caching=True)
+SHARED = "The same long shared prefix for several requests, so that blocks are reused: "
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+KILL_NOTICE_S = 5.0  # a dead worker must fail the engine within this
+
+
+def greedy_workload() -> tuple[list, list[SamplingParams]]:
+    cases = [
+        (SHARED + "one", SamplingParams(max_tokens=30, logprobs=2, **GREEDY)),
+        (SHARED + "two", SamplingParams(max_tokens=24, repetition_penalty=1.3, **GREEDY)),
+        (SHARED + "three", SamplingParams(max_tokens=40, **GREEDY)),
+        ({"prompt_token_ids": list(range(5, 70))}, SamplingParams(max_tokens=40, **GREEDY)),
+        ("Once upon a time", SamplingParams(max_tokens=50, **GREEDY)),
+        ("Short", SamplingParams(max_tokens=1, **GREEDY)),
+    ]
+    return [p for p, _ in cases], [s for _, s in cases]
+
+
+def greedy(llm: LLM) -> tuple[list, list[float]]:
+    """Each request's tokens, finish reason and top logprob ids; and all the logprobs."""
+    prompts, params = greedy_workload()
+    results, logprobs = [], []
+    for out in llm.generate(prompts, params, use_tqdm=False):
+        c = out.outputs[0]
+        entries = c.logprobs or []
+        results.append((c.token_ids, c.finish_reason, [list(e) for e in entries]))
+        logprobs += [lp.logprob for e in entries for lp in e.values()]
+    return results, logprobs
+
+
+def assert_same(got: tuple[list, list[float]], expected: tuple[list, list[float]]) -> None:
+    assert got[0] == expected[0]
+    # The ranks' partial sums add in another order than one matmul: ~1e-6 apart.
+    assert got[1] == pytest.approx(expected[1], abs=1e-4)
+
+
+def one_rank_reference(model: str) -> tuple[list, list[float]]:
+    """greedy() on one rank (uni), checked to go through preemption and prefix caching."""
+    llm = LLM(model, **ENGINE)
+    assert type(llm.engine.executor) is Executor  # auto with one rank: uni
+    results = greedy(llm)
+    assert llm.engine.get_stats().num_preemptions_total > 0
+    assert llm.engine.get_stats().prefix_cache_hits_total > 0
+    return results
+
+
+def gone(pid: int) -> bool:
+    """Whether no process ``pid`` exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
