@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -92,3 +93,30 @@ def test_resolution_against_the_model():
             EngineArgs(model="m", enable_chunked_prefill=False, max_num_batched_tokens=512),
             4096, "float32",
         )
+
+
+@pytest.mark.parametrize("device, tp, gpus, backend", [
+    ("cpu", 1, 0, "uni"),
+    ("cpu", 8, 0, "mp"),  # CPU ranks always fit this machine
+    ("cuda", 2, 2, "mp"),
+    ("cuda", 4, 2, "ray"),  # past this machine's GPUs
+])
+def test_auto_executor_backend(device, tp, gpus, backend):
+    args = EngineArgs(model="m", device=device, tensor_parallel_size=tp)
+    config = resolve_engine_config(args, 4096, "float32", cuda_available=device == "cuda",
+                                   cuda_device_count=gpus)
+    assert config.executor_backend == backend
+
+
+def test_ray_missing_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without ray imports
+    with pytest.raises(ValueError, match=r"'distributed_executor_backend' names the Ray "
+                                         r"executor, but ray is not installed: pip install"):
+        EngineArgs(model="m", tensor_parallel_size=2, distributed_executor_backend="ray")
+    args = EngineArgs(model="m", device="cuda", tensor_parallel_size=4)
+    with pytest.raises(ValueError, match=r"'tensor_parallel_size' \(4\) needs more GPUs than "
+                                         r"this machine has \(2\).*not installed: pip install"):
+        resolve_engine_config(args, 4096, "float32", cuda_available=True, cuda_device_count=2)
+    # One machine's ranks need no Ray.
+    assert resolve_engine_config(args, 4096, "float32", cuda_available=True,
+                                 cuda_device_count=4).executor_backend == "mp"
