@@ -1,11 +1,14 @@
 """The Ray executor (issue 12, phase 4) on a local Ray cluster this module starts: tensor
 parallel size 2 with rank 1 in a Ray actor gives one rank's greedy tokens through chunked
 prefill, preemption and prefix caching (tp_workload, as the mp executor); a killed actor fails
-the engine at once naming its rank; shutdown leaves no actor, process or placement group; a
-cluster too small for the ranks fails the load naming tensor_parallel_size."""
+the engine at once naming its rank, a hung one after distributed_timeout_seconds; shutdown
+leaves no actor, process or placement group; a cluster too small for the ranks fails the load
+naming tensor_parallel_size."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -128,3 +131,19 @@ def test_a_cluster_too_small_fails_the_load_naming_tensor_parallel_size(cluster,
                                          r"Ray cluster \(one per rank\), and 2 are free"):
         LLM(model, tensor_parallel_size=4, distributed_executor_backend="ray", **ENGINE)
     assert ray.available_resources().get("CPU", 0.0) == 2.0
+
+
+def test_a_hung_actor_fails_the_step_after_the_timeout(cluster, model):
+    llm = LLM(model, **RAY, distributed_timeout_seconds=2.0, **ENGINE)
+    [pid] = _executor(llm).worker_pids
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    assert len(llm.generate("Before", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    os.kill(pid, signal.SIGSTOP)  # alive to Ray, but answers nothing
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"distributed_timeout_seconds \(2.0 s\)"):
+            llm.generate("After", params, use_tqdm=False)
+        assert time.monotonic() - start < 2.0 + KILL_NOTICE_S
+    finally:
+        llm.engine.shutdown()  # kills it: a stopped process cannot be told to stop
+    assert _all_gone([pid])

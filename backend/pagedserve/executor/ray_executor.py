@@ -3,10 +3,12 @@ placement group, on this machine or on other nodes of a Ray cluster; the steps, 
 shutdown are multi_rank's, as for mp.
 
 Which cluster: the one this process already joined (ray.init done), else the one RAY_ADDRESS
-names, else one started on this machine with ``ray start`` (found as ray.init(address="auto")
-finds it), else a local one of tp CPUs started here for this engine alone and shut down with
-it. The placement group holds one bundle per rank, bundle 0 on this node for rank 0 (so that
-Ray hands its CPU or GPU to nobody else), with the PACK strategy: on as few nodes as hold the
+names (``auto``: the one ``ray start`` started on this machine), else a local one of tp CPUs
+started here for this engine alone and shut down with it. Only an explicit address joins a
+running cluster: one recorded by an earlier ``ray start`` may be long gone.
+
+The placement group holds one bundle per rank, bundle 0 on this node for rank 0 (so that Ray
+hands its CPU or GPU to nobody else), with the PACK strategy: on as few nodes as hold the
 ranks (NCCL within a node is the fastest), yet across nodes when one is too small, which
 STRICT_PACK would refuse (and SPREAD would scatter the ranks needlessly)."""
 
@@ -47,16 +49,18 @@ def _connect(world_size: int) -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=address or "auto")
-        return False
-    except ConnectionError as e:
-        if address:
+    if address:
+        try:
+            ray.init(address=address)
+        except ConnectionError as e:
             raise RuntimeError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: "
                                f"{e}") from e
-    logger.info("no Ray cluster is running: starting one on this machine for "
+        return False
+    logger.info("RAY_ADDRESS is not set: starting a Ray cluster on this machine for "
                 "tensor_parallel_size %d", world_size)
-    ray.init(num_cpus=world_size, include_dashboard=False)
+    # "local": a new cluster even where one started here earlier is recorded (ray.init's
+    # default would join that one, or wait on it long after it has gone).
+    ray.init(address="local", num_cpus=world_size, include_dashboard=False)
     return True
 
 
@@ -167,6 +171,11 @@ class _RayWorkers(RankWorkers):
         ]
 
     def first_dead(self, wait_s: float = 0.0) -> Optional[str]:
+        if not ray.is_initialized():
+            # Ray was shut down in this process (at exit, Ray's own hook may run before the
+            # executor's finalizer), taking the actors it owned along; calling it again now
+            # would start a new cluster.
+            return "tensor-parallel workers gone: Ray was shut down in this process"
         if not self.serving:
             return None
         done, _ = ray.wait(self.serving, num_returns=1, timeout=wait_s)
@@ -177,7 +186,7 @@ class _RayWorkers(RankWorkers):
                 f"{_why_ended(done[0])}")
 
     def _end(self, grace_s: float) -> None:
-        if not ray.is_initialized():  # at exit, after Ray's own shutdown: nothing is left
+        if not ray.is_initialized():  # see first_dead
             return
         if self.serving and grace_s > 0:
             ray.wait(self.serving, num_returns=len(self.serving), timeout=grace_s)
