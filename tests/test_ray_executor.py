@@ -3,7 +3,8 @@ parallel size 2 with rank 1 in a Ray actor gives one rank's greedy tokens throug
 prefill, preemption and prefix caching (tp_workload, as the mp executor); a killed actor fails
 the engine at once naming its rank, a hung one after distributed_timeout_seconds; shutdown
 leaves no actor, process or placement group; a cluster too small for the ranks fails the load
-naming tensor_parallel_size."""
+naming tensor_parallel_size; without a cluster (no RAY_ADDRESS) the engine starts its own and
+shuts it down with itself."""
 
 from __future__ import annotations
 
@@ -63,6 +64,23 @@ def _all_gone(pids: list[int], within_s: float = 5.0) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def test_without_a_cluster_the_engine_starts_and_stops_its_own(model, monkeypatch):
+    # First in the module: before the cluster fixture starts the test's own.
+    if ray.is_initialized():
+        pytest.skip("runs before the module's Ray cluster starts (run the whole module)")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    llm = LLM(model, **RAY, **ENGINE)
+    executor = _executor(llm)
+    assert executor._workers.started_ray and ray.is_initialized()
+    assert ray.cluster_resources().get("CPU") == 2.0  # tensor_parallel_size CPUs
+    [pid] = executor.worker_pids
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    assert len(llm.generate("Own cluster", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    llm.engine.shutdown()
+    assert not ray.is_initialized()  # the cluster it started is shut down with it
+    assert _all_gone([pid]) and not dist.is_initialized()
 
 
 def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
