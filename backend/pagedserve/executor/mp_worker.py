@@ -14,7 +14,12 @@ import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
 from pagedserve.executor import control
-from pagedserve.executor.rank import build_rank_runner, join_ranks
+from pagedserve.executor.rank import (
+    STARTUP_TIMEOUT_S,
+    build_rank_runner,
+    join_ranks,
+    take_rank_zero_tokens,
+)
 from pagedserve.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -51,7 +56,9 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, rank: int, init
     while True:
         command, argument = channel.receive()
         if command == control.EXECUTE:
-            runner.execute_model(argument)
+            sched, rank_zero_tokens = argument
+            take_rank_zero_tokens(runner, rank_zero_tokens)
+            runner.execute_model(sched)
             runner.take_failures()  # rank 0 reports them; here they only must not pile up
         elif command == control.NUM_BLOCKS:
             try:
@@ -59,7 +66,7 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, rank: int, init
             except ValueError:
                 logger.exception("tensor-parallel rank %d: sizing the KV cache failed", rank)
                 num_blocks = -1
-            channel.min_over_ranks(num_blocks)
+            channel.min_over_ranks(num_blocks, STARTUP_TIMEOUT_S)
         elif command == control.INIT_KV_CACHE:
             runner.initialize_kv_cache(argument)
         elif command == control.CAPTURE_GRAPHS:

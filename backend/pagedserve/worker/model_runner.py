@@ -367,6 +367,14 @@ class ModelRunner:
         event.record()
         return event
 
+    @property
+    def latest_sampled(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The latest step's sampling rows and their tokens ([n, W]) once it is collected."""
+        step = self._latest
+        if step is None or step.output is None:
+            return None
+        return step.rows, step.sampled_host.numpy()
+
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         # Into pinned memory without waiting; LaunchedStep.done says when it has landed.
         return t.to("cpu", non_blocking=True) if t.device.type == "cuda" else t
