@@ -20,7 +20,6 @@ from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import (
     EMPTY_RUNNER_OUTPUT,
-    LogprobsLists,
     ModelRunnerOutput,
     SchedulerOutput,
 )
@@ -45,7 +44,7 @@ from pagedserve.worker.prompt_logprobs import (
     compute_prompt_logprobs,
 )
 from pagedserve.worker.rejection_sampler import RejectionSampler
-from pagedserve.worker.sampler import Sampler, SamplerOutput
+from pagedserve.worker.sampler import Sampler, SamplerOutput, logprobs_lists
 from pagedserve.worker.spec_timing import SpecTiming
 from pagedserve.worker.step_buffers import StepBuffers
 from pagedserve.worker.verification import DraftLayout, first_positions, layout_drafts, verify
@@ -394,7 +393,7 @@ class ModelRunner:
             wanted = launched.num_logprobs
             if sampled.shape[1] > 1:  # one entry per emitted token
                 wanted = np.repeat(wanted, counts)
-            logprobs = self._logprobs_lists(wanted, *launched.logprobs_host)
+            logprobs = logprobs_lists(wanted, *launched.logprobs_host)
         rows_tokens = sampled.tolist()
         if sampled.shape[1] > 1:
             rows_tokens = [tokens[:n] for tokens, n in zip(rows_tokens, counts.tolist())]
@@ -569,22 +568,6 @@ class ModelRunner:
         return logits, compute_prompt_logprobs(
             self.model.compute_logits, hidden, prompt_plan, self.vocab_size
         ), aux
-
-    @staticmethod
-    def _logprobs_lists(
-        wanted: np.ndarray, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor
-    ) -> LogprobsLists:
-        ids, lps = token_ids.tolist(), logprobs.tolist()
-        out_ids: list[list[int]] = []
-        out_lps: list[list[float]] = []
-        for i, k in enumerate(wanted.tolist()):
-            if k < 0:
-                out_ids.append([])
-                out_lps.append([])
-            else:
-                out_ids.append(ids[i][: k + 1])
-                out_lps.append(lps[i][: k + 1])
-        return LogprobsLists(out_ids, out_lps, ranks.tolist())
 
     def capture_graphs(self) -> None:
         """Captures decode CUDA graphs (CUDA only, unless enforce_eager or the attention backend
