@@ -87,7 +87,6 @@ def collectives(tp: TensorParallelGroup) -> dict[str, torch.Tensor]:
         "all_reduce": tp.all_reduce(mine.clone()),
         "all_gather_0": tp.all_gather(mine, dim=0),
         "all_gather_1": tp.all_gather(mine, dim=1),
-        "broadcast_from_last": tp.broadcast(mine.clone(), src=tp.world_size - 1),
     }
 
 

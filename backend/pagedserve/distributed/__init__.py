@@ -3,9 +3,11 @@ torch.distributed (gloo on the CPU, NCCL on GPUs). Imports only torch and the st
 
 from pagedserve.distributed.group import (
     SINGLE_RANK,
+    CollectiveError,
     TensorParallelGroup,
     init_tensor_parallel,
     rank_slice,
 )
 
-__all__ = ["SINGLE_RANK", "TensorParallelGroup", "init_tensor_parallel", "rank_slice"]
+__all__ = ["SINGLE_RANK", "CollectiveError", "TensorParallelGroup", "init_tensor_parallel",
+           "rank_slice"]

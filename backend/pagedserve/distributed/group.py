@@ -13,6 +13,11 @@ import torch
 import torch.distributed as dist
 
 
+class CollectiveError(dist.DistError):
+    """A collective of the model's ranks failed: a rank went away, or one did not join within
+    the group's timeout. gloo reports both as a bare RuntimeError, which reads like any bug."""
+
+
 class TensorParallelGroup:
     """The ranks one model is split over: this process's ``rank`` of ``world_size``, and the
     collectives its layers need. ``process_group`` is torch.distributed's group (None: the
@@ -35,7 +40,10 @@ class TensorParallelGroup:
         """The sum of ``x`` over the ranks (in place where there are several)."""
         if self.world_size == 1:
             return x
-        dist.all_reduce(x, group=self.process_group)
+        try:
+            dist.all_reduce(x, group=self.process_group)
+        except RuntimeError as e:
+            raise CollectiveError(f"all_reduce over {self.world_size} ranks failed: {e}") from e
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -44,15 +52,12 @@ class TensorParallelGroup:
             return x
         x = x.contiguous()
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
-        dist.all_gather(parts, x, group=self.process_group)
+        try:
+            dist.all_gather(parts, x, group=self.process_group)
+        except RuntimeError as e:
+            raise CollectiveError(f"all_gather over {self.world_size} ranks failed: {e}") from e
         return torch.cat(parts, dim=dim)
 
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """``x`` as rank ``src`` holds it, on every rank (in place)."""
-        if self.world_size == 1:
-            return x
-        dist.broadcast(x, src=src, group=self.process_group)
-        return x
 
 
 SINGLE_RANK = TensorParallelGroup()

@@ -1,33 +1,33 @@
-"""The channel rank 0 drives the worker ranks through: one command per call, broadcast as a
-pickled object on a gloo group of its own (torch.distributed's broadcast_object_list), and the
-loop every worker rank serves those commands with, whichever executor started it."""
+"""The channel rank 0 drives the worker ranks through: one command per call, pickled into a
+buffer that one gloo broadcast hands to every worker (a group of its own, beside the model's)."""
 
 from __future__ import annotations
 
 import datetime
-import logging
-import queue
-import threading
-from typing import TYPE_CHECKING, Any, Optional
+import pickle
+import struct
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
-if TYPE_CHECKING:
-    from pagedserve.worker.model_runner import ModelRunner
-
-logger = logging.getLogger(__name__)
-
 # A worker waits for its next command as long as the engine stays idle: this group's waits
 # never time out (a dead rank 0 closes the connection, and the worker also watches its
-# parent); the model's own collectives keep distributed_timeout_seconds.
+# parent); rank 0 bounds its own waits with timeout_s, and the model's collectives keep
+# distributed_timeout_seconds.
 _IDLE_FOREVER = datetime.timedelta(days=3650)
+
+# One broadcast of this many bytes carries a command: a decode step's diff of a few hundred
+# requests fits (about 50 bytes a request), so a step costs one collective; a larger message
+# (new requests' prompts) sends its remainder in a second one, whose size the first gives.
+CAPACITY = 64 * 1024
+_HEADER = struct.Struct("<q")  # the pickled message's length
 
 # Commands, with their argument.
 NUM_BLOCKS = "num_blocks"  # None; every rank then takes part in min_over_ranks
 INIT_KV_CACHE = "init_kv_cache"  # the number of blocks
 CAPTURE_GRAPHS = "capture_graphs"  # None
-EXECUTE = "execute"  # the step's SchedulerOutput
+EXECUTE = "execute"  # (the step's SchedulerOutput, rank 0's tokens of the step before or None)
 STOP = "stop"  # None
 
 
@@ -35,78 +35,73 @@ class ControlChannel:
     """Rank 0 ``send``s (command, argument); every other rank ``receive``s it. Made by every
     rank together, after torch.distributed is set up.
 
-    A send completes only once every worker has taken the message, and this group never
-    times out: rank 0 sends from a thread of its own and gives up after ``timeout_s``
-    (a worker that hangs between steps), leaving that thread blocked until the workers are
-    killed."""
+    A send returns once its broadcast is under way (gloo's own threads finish it while rank 0
+    goes on with its part of the step); the next send, or ``flush``, first waits for it to
+    complete, up to ``timeout_s``: a worker that hangs between steps is found there, or by the
+    model's next collective, whichever times out first."""
 
     def __init__(self, timeout_s: float) -> None:
         self.group = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
         self.timeout_s = timeout_s
-        self._outbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._sent: queue.SimpleQueue[Optional[BaseException]] = queue.SimpleQueue()
-        self._sender: Optional[threading.Thread] = None
+        self._buffer = torch.zeros(CAPACITY, dtype=torch.uint8)
+        self._in_flight: list[tuple[dist.Work, str]] = []
+        self._spill: Optional[torch.Tensor] = None  # kept alive while its broadcast runs
 
-    def _send_forever(self) -> None:
-        while True:
-            message = self._outbox.get()
-            try:
-                dist.broadcast_object_list([message], src=0, group=self.group)
-            except BaseException as e:  # handed to the caller, which raises it
-                self._sent.put(e)
-                return
-            self._sent.put(None)
+    def flush(self, timeout_s: Optional[float] = None) -> None:
+        """Waits until every worker has taken the messages sent so far; raises TimeoutError
+        after ``timeout_s`` (default: the channel's)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        while self._in_flight:
+            work, command = self._in_flight[0]
+            _wait(work, timeout_s, f"tensor-parallel workers did not take the {command!r} "
+                                   f"command within {timeout_s} s")
+            self._in_flight.pop(0)
+        self._spill = None
 
     def send(self, command: str, argument: Any = None,
              timeout_s: Optional[float] = None) -> None:
-        """Hands the message to every worker; raises TimeoutError after ``timeout_s``
-        (default: the channel's)."""
-        timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        if self._sender is None:
-            self._sender = threading.Thread(target=self._send_forever, daemon=True,
-                                            name="pagedserve-tp-control")
-            self._sender.start()
-        self._outbox.put((command, argument))
-        try:
-            error = self._sent.get(timeout=timeout_s)
-        except queue.Empty:
-            raise TimeoutError(
-                f"tensor-parallel workers did not take the {command!r} command within "
-                f"{timeout_s} s") from None
-        if error is not None:
-            raise error
+        """Starts handing the message to every worker, once the one before has arrived
+        (waiting up to ``timeout_s`` for that, default: the channel's)."""
+        self.flush(timeout_s)
+        data = pickle.dumps((command, argument), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        first = min(len(data), CAPACITY - _HEADER.size)
+        self._buffer[:_HEADER.size].copy_(
+            torch.frombuffer(bytearray(_HEADER.pack(len(data))), dtype=torch.uint8))
+        self._buffer[_HEADER.size:_HEADER.size + first].copy_(payload[:first])
+        self._in_flight.append(
+            (dist.broadcast(self._buffer, src=0, group=self.group, async_op=True), command))
+        if first < len(data):
+            self._spill = payload[first:].clone()
+            self._in_flight.append(
+                (dist.broadcast(self._spill, src=0, group=self.group, async_op=True), command))
 
     def receive(self) -> tuple[str, Any]:
-        message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=self.group)
-        return message[0]
+        dist.broadcast(self._buffer, src=0, group=self.group)
+        (size,) = _HEADER.unpack(self._buffer[:_HEADER.size].numpy().tobytes())
+        data = self._buffer[_HEADER.size:_HEADER.size + min(size, CAPACITY - _HEADER.size)]
+        if size > len(data):
+            rest = torch.empty(size - len(data), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+            data = torch.cat([data, rest])
+        return pickle.loads(data.numpy().tobytes())
 
-    def min_over_ranks(self, value: int) -> int:
-        """The smallest of every rank's ``value``."""
+    def min_over_ranks(self, value: int, timeout_s: Optional[float] = None) -> int:
+        """The smallest of every rank's ``value``; rank 0 waits up to ``timeout_s`` (default:
+        the channel's) for the others."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
+        _wait(work, timeout_s, f"tensor-parallel workers did not report their KV cache size "
+                               f"within {timeout_s} s")
         return int(t.item())
 
 
-def serve_commands(channel: ControlChannel, runner: ModelRunner, rank: int) -> None:
-    """A worker rank's part of every command rank 0 sends, until it sends STOP."""
-    while True:
-        command, argument = channel.receive()
-        if command == EXECUTE:
-            runner.execute_model(argument)
-            runner.take_failures()  # rank 0 reports them; here they only must not pile up
-        elif command == NUM_BLOCKS:
-            try:
-                num_blocks = runner.determine_num_blocks()
-            except ValueError:
-                logger.exception("tensor-parallel rank %d: sizing the KV cache failed", rank)
-                num_blocks = -1
-            channel.min_over_ranks(num_blocks)
-        elif command == INIT_KV_CACHE:
-            runner.initialize_kv_cache(argument)
-        elif command == CAPTURE_GRAPHS:
-            runner.capture_graphs()
-        elif command == STOP:
-            return
-        else:
-            raise ValueError(f"tensor-parallel rank {rank} got an unknown command {command!r}")
+def _wait(work: dist.Work, timeout_s: float, message: str) -> None:
+    try:
+        work.wait(datetime.timedelta(seconds=timeout_s))
+    except RuntimeError as e:
+        # gloo says a wait ran out only in its message; a closed connection is not a timeout.
+        if "timed out" in str(e):
+            raise TimeoutError(message) from e
+        raise

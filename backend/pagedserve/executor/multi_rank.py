@@ -3,11 +3,12 @@ engine's process drives ranks 1..tp-1 over the control channel, all joined by
 torch.distributed (gloo on the CPU, NCCL on GPUs).
 
 Each step rank 0 broadcasts the SchedulerOutput to the workers over the control channel, then
-every rank runs it: the ranks' collectives meet inside the model, and rank 0's sampled tokens
-are broadcast to the others (RankZeroSampler). A worker that dies fails the next step at once
-(its liveness is checked before each command, and gloo reports the closed connection within a
-step); one that hangs fails it after distributed_timeout_seconds. How workers are started,
-watched and stopped is the ``RankWorkers`` subclass's business."""
+every rank runs it: the ranks' collectives meet inside the model. Only rank 0 samples; its
+tokens ride to the workers with the next step's message (see rank.py), so a step costs one
+control broadcast besides the model's own collectives. A worker that dies fails the next step
+at once (its liveness is checked before each command, and gloo reports the closed connection
+within a step); one that hangs fails it after distributed_timeout_seconds. How workers are
+started, watched and stopped is the ``RankWorkers`` subclass's business."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedserve.executor import control
 from pagedserve.executor.base import Executor
-from pagedserve.executor.rank import STARTUP_TIMEOUT_S, build_rank_runner, join_ranks
+from pagedserve.executor.rank import (
+    STARTUP_TIMEOUT_S,
+    RankZeroTokens,
+    build_rank_runner,
+    join_ranks,
+    rank_zero_tokens,
+)
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.worker.model_runner import LaunchedStep
 
@@ -118,6 +125,7 @@ class MultiRankExecutor(Executor):
                 raise RuntimeError(f"starting the tensor-parallel ranks failed: {dead}") from e
             raise
         super().__init__(config, model_config, runner)
+        self._sampled: Optional[RankZeroTokens] = None  # the workers take them next step
 
     def _on_all_ranks(self, command: str, argument: Any, local: Callable[[], T],
                       timeout_s: Optional[float] = None) -> T:
@@ -157,11 +165,12 @@ class MultiRankExecutor(Executor):
                 own = self.runner.determine_num_blocks()
             except ValueError:
                 if self._workers.channel is not None:
-                    self._workers.channel.min_over_ranks(-1)  # the workers wait for it
+                    # The workers wait for it.
+                    self._workers.channel.min_over_ranks(-1, STARTUP_TIMEOUT_S)
                 raise
             if self._workers.channel is None:
                 return own
-            smallest = self._workers.channel.min_over_ranks(own)
+            smallest = self._workers.channel.min_over_ranks(own, STARTUP_TIMEOUT_S)
             if smallest < 0:
                 raise ValueError("a tensor-parallel worker's KV cache does not hold one "
                                  "request of max_model_len (its log says why)")
@@ -177,8 +186,10 @@ class MultiRankExecutor(Executor):
         self._start_up(control.CAPTURE_GRAPHS, None, self.runner.capture_graphs)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
-        return self._on_all_ranks(control.EXECUTE, sched,
-                                  lambda: self.runner.execute_model(sched))
+        output = self._on_all_ranks(control.EXECUTE, (sched, self._sampled),
+                                    lambda: self.runner.execute_model(sched))
+        self._sampled = rank_zero_tokens(self.runner, output)
+        return output
 
     def launch(self, sched: SchedulerOutput) -> Optional[LaunchedStep]:
         if self._workers.size:

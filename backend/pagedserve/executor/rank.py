@@ -1,20 +1,26 @@
-"""One tensor-parallel rank's ModelRunner, in whichever process runs it."""
+"""One tensor-parallel rank's ModelRunner, in whichever process runs it, and a worker rank's
+life (serve_worker_rank), the same in an mp worker process and in a Ray actor."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
+import logging
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.scheduler_output import ModelRunnerOutput
 from pagedserve.distributed import TensorParallelGroup, init_tensor_parallel
 from pagedserve.executor import control
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.worker.model_runner import ModelRunner
-from pagedserve.worker.sampler import Sampler, SamplerOutput
+from pagedserve.worker.sampler import SamplerOutput
+
+logger = logging.getLogger(__name__)
 
 # How long the ranks may take to meet and to load their parts of the model (a large checkpoint
 # takes minutes); a step's collectives have distributed_timeout_seconds.
@@ -33,28 +39,85 @@ def join_ranks(world_size: int, rank: int, init_method: str,
     return TensorParallelGroup(rank, world_size, group)
 
 
-class RankZeroSampler:
-    """Samples as ``sampler`` does, then replaces the tokens by rank 0's (broadcast): every
-    rank samples from the same gathered logits, but an unseeded random draw may differ
-    between processes, and each rank's batch must hold the tokens the engine saw. The
-    logprobs stay each rank's own; only rank 0's are returned."""
-
-    def __init__(self, sampler: Sampler, tp: TensorParallelGroup) -> None:
-        self.sampler = sampler
-        self.tp = tp
+class WorkerSampler:
+    """A worker rank's sampler: it samples nothing. The engine sees only rank 0's tokens, and
+    they reach the workers with the next step's message (RankZeroTokens) before
+    anything reads them: a token sampled at a step is first an input at the next. So a step
+    needs no collective for its tokens, and an unseeded draw cannot differ between ranks."""
 
     def __call__(self, logits: torch.Tensor, metadata: object) -> SamplerOutput:
-        out = self.sampler(logits, metadata)
-        return dataclasses.replace(out, sampled=self.tp.broadcast(out.sampled.contiguous()))
+        return SamplerOutput(
+            sampled=torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device))
+
+
+@dataclass
+class RankZeroTokens:
+    """Rank 0's tokens of a step, which the workers take with the next step's message."""
+
+    tokens: np.ndarray  # [n, 1], in the order of the step's sampling rows
+    # The requests they belong to, sent only when rank 0 sampled fewer rows than the workers
+    # (a row whose sampling failed): otherwise they are the workers' own latest rows, in order.
+    req_ids: Optional[list[str]] = None
+
+
+def rank_zero_tokens(runner: ModelRunner, output: ModelRunnerOutput) -> Optional[RankZeroTokens]:
+    """What rank 0 sends the workers of the step that gave ``output`` (None if none ran)."""
+    sampled = runner.latest_sampled if output.req_ids else None
+    if sampled is None:
+        return None
+    return RankZeroTokens(sampled[1], list(output.req_ids) if runner.failures else None)
+
+
+def take_rank_zero_tokens(runner: ModelRunner, sent: Optional[RankZeroTokens]) -> None:
+    """Puts rank 0's tokens of the step before in place of the placeholders a worker's runner
+    recorded for it."""
+    if sent is None:
+        return
+    if sent.req_ids is None:
+        own = runner.latest_sampled
+        rows = own[0] if own is not None else np.empty(0, dtype=np.int64)
+    else:
+        row_of = runner.batch.row_of
+        rows = np.fromiter((row_of[r] for r in sent.req_ids), np.int64, len(sent.req_ids))
+    if len(rows) != len(sent.tokens):
+        raise RuntimeError(f"tensor-parallel ranks out of step: rank 0 sampled "
+                           f"{len(sent.tokens)} rows, this rank {len(rows)}")
+    runner.batch.overwrite_sampled(rows, sent.tokens)
 
 
 def build_rank_runner(config: EngineConfig, model_config: ModelConfig,
                       tp: TensorParallelGroup) -> ModelRunner:
-    """``tp``'s rank of the model, sampling rank 0's tokens when there are several ranks."""
+    """``tp``'s rank of the model; a worker rank (not 0) samples nothing (WorkerSampler)."""
     runner = ModelRunner(config, model_config, tp=tp)
-    if tp.world_size > 1:
-        runner.sampler = RankZeroSampler(runner.sampler, tp)
+    if tp.rank > 0:
+        runner.sampler = WorkerSampler()
     return runner
+
+
+def serve_commands(channel: control.ControlChannel, runner: ModelRunner, rank: int) -> None:
+    """A worker rank's part of every command rank 0 sends, until it sends STOP."""
+    while True:
+        command, argument = channel.receive()
+        if command == control.EXECUTE:
+            sched, rank_zero = argument
+            take_rank_zero_tokens(runner, rank_zero)
+            runner.execute_model(sched)
+            runner.take_failures()  # rank 0 reports them; here they only must not pile up
+        elif command == control.NUM_BLOCKS:
+            try:
+                num_blocks = runner.determine_num_blocks()
+            except ValueError:
+                logger.exception("tensor-parallel rank %d: sizing the KV cache failed", rank)
+                num_blocks = -1
+            channel.min_over_ranks(num_blocks, STARTUP_TIMEOUT_S)
+        elif command == control.INIT_KV_CACHE:
+            runner.initialize_kv_cache(argument)
+        elif command == control.CAPTURE_GRAPHS:
+            runner.capture_graphs()
+        elif command == control.STOP:
+            return
+        else:
+            raise ValueError(f"tensor-parallel rank {rank} got an unknown command {command!r}")
 
 
 def serve_worker_rank(config: EngineConfig, model_config: ModelConfig, rank: int,
@@ -70,5 +133,5 @@ def serve_worker_rank(config: EngineConfig, model_config: ModelConfig, rank: int
                     args.distributed_timeout_seconds)
     channel = control.ControlChannel(args.distributed_timeout_seconds)
     runner = build_rank_runner(config, model_config, tp)
-    control.serve_commands(channel, runner, rank)
+    serve_commands(channel, runner, rank)
     dist.destroy_process_group()

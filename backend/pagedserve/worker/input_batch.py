@@ -207,6 +207,13 @@ class InputBatch:
             )
         return counts
 
+    def overwrite_sampled(self, rows: np.ndarray, tokens: np.ndarray) -> None:
+        """Replaces the last token of each of ``rows`` (``tokens``: [n, 1]), as filled in by
+        the latest step, by another rank's choice of it."""
+        if tokens.shape[1] != 1:
+            raise ValueError("only one sampled token per row can be overwritten")
+        self.token_ids[rows, self.num_tokens[rows] - 1] = tokens[:, 0]
+
     def prompt_logprobs_plan(
         self, rows: np.ndarray, num_sched: np.ndarray
     ) -> Optional[PromptLogprobsPlan]:

@@ -20,7 +20,6 @@ from pagedserve.attention.selector import get_attention_backend
 from pagedserve.config import EngineConfig
 from pagedserve.core.scheduler_output import (
     EMPTY_RUNNER_OUTPUT,
-    LogprobsLists,
     ModelRunnerOutput,
     SchedulerOutput,
 )
@@ -45,7 +44,7 @@ from pagedserve.worker.prompt_logprobs import (
     compute_prompt_logprobs,
 )
 from pagedserve.worker.rejection_sampler import RejectionSampler
-from pagedserve.worker.sampler import Sampler, SamplerOutput
+from pagedserve.worker.sampler import Sampler, SamplerOutput, logprobs_lists
 from pagedserve.worker.spec_timing import SpecTiming
 from pagedserve.worker.step_buffers import StepBuffers
 from pagedserve.worker.verification import DraftLayout, first_positions, layout_drafts, verify
@@ -367,6 +366,14 @@ class ModelRunner:
         event.record()
         return event
 
+    @property
+    def latest_sampled(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The latest step's sampling rows and their tokens ([n, W]) once it is collected."""
+        step = self._latest
+        if step is None or step.output is None:
+            return None
+        return step.rows, step.sampled_host.numpy()
+
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         # Into pinned memory without waiting; LaunchedStep.done says when it has landed.
         return t.to("cpu", non_blocking=True) if t.device.type == "cuda" else t
@@ -386,7 +393,7 @@ class ModelRunner:
             wanted = launched.num_logprobs
             if sampled.shape[1] > 1:  # one entry per emitted token
                 wanted = np.repeat(wanted, counts)
-            logprobs = self._logprobs_lists(wanted, *launched.logprobs_host)
+            logprobs = logprobs_lists(wanted, *launched.logprobs_host)
         rows_tokens = sampled.tolist()
         if sampled.shape[1] > 1:
             rows_tokens = [tokens[:n] for tokens, n in zip(rows_tokens, counts.tolist())]
@@ -561,22 +568,6 @@ class ModelRunner:
         return logits, compute_prompt_logprobs(
             self.model.compute_logits, hidden, prompt_plan, self.vocab_size
         ), aux
-
-    @staticmethod
-    def _logprobs_lists(
-        wanted: np.ndarray, token_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor
-    ) -> LogprobsLists:
-        ids, lps = token_ids.tolist(), logprobs.tolist()
-        out_ids: list[list[int]] = []
-        out_lps: list[list[float]] = []
-        for i, k in enumerate(wanted.tolist()):
-            if k < 0:
-                out_ids.append([])
-                out_lps.append([])
-            else:
-                out_ids.append(ids[i][: k + 1])
-                out_lps.append(lps[i][: k + 1])
-        return LogprobsLists(out_ids, out_lps, ranks.tolist())
 
     def capture_graphs(self) -> None:
         """Captures decode CUDA graphs (CUDA only, unless enforce_eager or the attention backend

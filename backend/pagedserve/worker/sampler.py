@@ -8,6 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagedserve.core.scheduler_output import LogprobsLists
+
 _EPS = 1e-5
 # A seeded draw's generator seed: seed * stride + position (mod 2**64, what torch takes).
 _SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -211,3 +213,17 @@ def apply_top_k_top_p(
         outside[:, -1] = False
         sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def logprobs_lists(wanted: np.ndarray, token_ids: torch.Tensor, logprobs: torch.Tensor,
+                   ranks: torch.Tensor) -> LogprobsLists:
+    """A step's logprobs as the engine returns them: per sampled row, the sampled token and
+    its ``wanted`` top alternatives (none where ``wanted`` is negative), from a
+    SamplerOutput's [n, k+1] tensors."""
+    ids, lps = token_ids.tolist(), logprobs.tolist()
+    out_ids: list[list[int]] = []
+    out_lps: list[list[float]] = []
+    for i, k in enumerate(wanted.tolist()):
+        out_ids.append(ids[i][: k + 1] if k >= 0 else [])
+        out_lps.append(lps[i][: k + 1] if k >= 0 else [])
+    return LogprobsLists(out_ids, out_lps, ranks.tolist())
