@@ -24,10 +24,6 @@ ShardId = Union[int, str, None]
 class LinearMethod(ABC):
     """How one kind of weights (unquantized, GPTQ, AWQ, FP8...) is stored and multiplied."""
 
-    # Set to the format's name where its loaders do not yet take a rank's part of each tensor:
-    # a tensor-parallel layer with this method is refused, naming it.
-    tensor_parallel_unsupported: Optional[str] = None
-
     @abstractmethod
     def create_weights(
         self, layer: LinearBase, input_size: int, output_sizes: list[int], dtype: torch.dtype
@@ -182,12 +178,6 @@ class LinearBase(nn.Module):
         self.input_size, self.output_sizes = self._rank_sizes()
         dtype = dtype or torch.get_default_dtype()
         self.linear_method = linear_method or UnquantizedLinearMethod()
-        unsupported = self.linear_method.tensor_parallel_unsupported
-        if self.parallel is not None and unsupported:
-            raise ValueError(
-                f"{prefix}: {unsupported} weights are not split for tensor parallelism yet "
-                f"(tensor_parallel_size {tp.world_size}); run them with tensor_parallel_size 1"
-            )
         self.linear_method.create_weights(self, self.input_size, self.output_sizes, dtype)
         if bias:
             self.bias = nn.Parameter(

@@ -57,10 +57,16 @@ class W8A8Weight:
 
 
 class W8A8LinearMethod(LinearMethod):
-    """Loads and runs one W8A8 scheme."""
+    """Loads and runs one W8A8 scheme.
 
-    # Its scale loaders (per-tensor scalars, weight blocks) take no rank's part yet.
-    tensor_parallel_unsupported = "W8A8 (int8 / FP8)"
+    Under tensor parallelism each rank loads its part: the weight's rows (column-parallel) or
+    columns (row-parallel), per-channel scales with the rows, block scales with the blocks
+    (a rank's part must be whole blocks), per-tensor and static input scales whole. Static,
+    per-tensor and per-token-group activations are then quantized exactly as on one rank; a
+    row-parallel layer quantizing per token takes each token's scale over the rank's inputs
+    only, as vLLM does: a finer quantization than one rank's, so the logits differ at
+    quantization level, not just in summation order. Online FP8 likewise scales a
+    row-parallel weight per row of the rank's columns."""
 
     def __init__(self, scheme: W8A8Scheme) -> None:
         self.scheme = scheme
@@ -82,7 +88,7 @@ class W8A8LinearMethod(LinearMethod):
             layer.register_parameter(name, param)
 
         add("weight", (n, input_size), s.weight_dtype,
-            _dtype_checked(layer.shard_loader(dim=0), s.weight_dtype))
+            _dtype_checked(layer.shard_loader(dim=0, input_dim=1), s.weight_dtype))
         if s.weight_strategy == "tensor":
             add(s.scale_name, (shards,), torch.float32, _scalar_loader(layer))
         elif s.weight_strategy == "channel":
@@ -91,14 +97,20 @@ class W8A8LinearMethod(LinearMethod):
             bn, bk = s.block
             if input_size % bk:
                 raise ValueError(
-                    f"{layer.prefix}: input size {input_size} is not a multiple of the weight "
-                    f"block's {bk} columns (quantization_config weight_block_size / "
-                    "block_structure)"
+                    f"{layer.prefix}: input size {input_size}{_per_rank(layer)} is not a "
+                    f"multiple of the weight block's {bk} columns (quantization_config "
+                    "weight_block_size / block_structure)"
                 )
             rows = sum(-(-size // bn) for size in output_sizes)
-            add(s.scale_name, (rows, input_size // bk), torch.float32, _block_loader(layer, bn))
+            add(s.scale_name, (rows, input_size // bk), torch.float32,
+                _block_loader(layer, bn, bk))
         if s.activations == "static":
             add("input_scale", (shards,), torch.float32, _scalar_loader(layer))
+        if s.activations == "group" and input_size % ACTIVATION_GROUP:
+            raise ValueError(
+                f"{layer.prefix}: input size {input_size}{_per_rank(layer)} is not a multiple "
+                f"of the activations' quantization group of {ACTIVATION_GROUP}"
+            )
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         s = self.scheme
@@ -202,6 +214,13 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
+def _per_rank(layer: LinearBase) -> str:
+    """Says that a size is a rank's share, where it is."""
+    if layer.parallel != "row":
+        return ""
+    return f" (each rank's share, tensor_parallel_size {layer.tp.world_size})"
+
+
 def _dtype_checked(loader, dtype: torch.dtype):
     """A loader that refuses a tensor of another dtype (a silent cast would change values)."""
 
@@ -225,10 +244,12 @@ def _scalar_loader(layer: LinearBase):
     return load
 
 
-def _block_loader(layer: LinearBase, block_rows: int):
-    """Block scales [ceil(n / bn), K / bk] of one shard, stacked shard after shard."""
+def _block_loader(layer: LinearBase, block_rows: int, block_cols: int):
+    """Block scales [ceil(n / bn), K / bk] of one shard (the rank's blocks of it), stacked
+    shard after shard."""
 
     def load(param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        loaded = layer.rank_part(loaded, shard_id, 0, 1 / block_rows, 1, 1 / block_cols)
         index = layer.shard_names.index(shard_id)
         start = sum(-(-size // block_rows) for size in layer.output_sizes[:index])
         rows = -(-layer.output_sizes[index] // block_rows)
