@@ -80,7 +80,7 @@ def test_model_json_must_be_an_object(tmp_path):
 
 def test_resolution_against_the_model():
     args = EngineArgs(model="m")
-    config = resolve_engine_config(args, 4096, "float16", cuda_available=False)
+    config = resolve_engine_config(args, 4096, "float16", cuda_device_count=0)
     assert config.device == "cpu" and config.dtype == "float32"  # no fp16 matmuls on CPUs
     assert config.max_model_len == 4096
     assert resolve_engine_config(args, 4096, "bfloat16", sliding_window=1024).max_model_len == 1024

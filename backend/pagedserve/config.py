@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagedserve.config_vllm import check_unsupported
+from pagedserve.placement import UNPLACED, InstancePlacement, rank_devices
 from pagedserve.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
@@ -283,10 +284,17 @@ class EngineConfig:
     # "fp8_e4m3" | "fp8_e5m2", or the model's dtype (as ``dtype``) for auto.
     kv_cache_dtype: str
     speculative: Optional[SpeculativeConfig] = None
+    # The CUDA device index of each tensor-parallel rank (placement.py); () on the CPU.
+    devices: tuple[int, ...] = ()
 
     @property
     def max_blocks_per_req(self) -> int:
         return -(-self.max_model_len // self.block_size)
+
+    def rank_device(self, rank: int) -> str:
+        """The torch device ``rank`` runs on: "cpu", or "cuda:<index>" (never bare "cuda",
+        which means whichever device a thread has current)."""
+        return f"cuda:{self.devices[rank]}" if self.device == "cuda" else "cpu"
 
 
 def resolve_engine_config(
@@ -294,15 +302,25 @@ def resolve_engine_config(
     max_position_embeddings: int,
     checkpoint_dtype: str,
     sliding_window: Optional[int] = None,
-    cuda_available: bool = False,
+    cuda_device_count: int = 0,
     quantized: bool = False,
+    placement: InstancePlacement = UNPLACED,
 ) -> EngineConfig:
-    """Fills in the ``auto`` choices and checks the arguments against the model."""
+    """Fills in the ``auto`` choices and checks the arguments against the model and the
+    machine (``cuda_device_count`` visible CUDA devices; ``placement``: where Triton put the
+    instance, if it did)."""
     device = args.device
     if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    elif device == "cuda" and not cuda_available:
+        device = "cuda" if cuda_device_count else "cpu"
+    elif device == "cuda" and not cuda_device_count:
         raise ValueError("engine argument 'device' is 'cuda' but no CUDA device is available")
+    devices: tuple[int, ...] = ()
+    if device == "cuda":
+        devices = rank_devices(placement, args.tensor_parallel_size, cuda_device_count)
+    elif placement.uses_its_gpu:
+        # vllm_backend loads such an instance too (its CUDA_VISIBLE_DEVICES is then moot).
+        logger.warning("a KIND_GPU instance (GPU %d) runs its engine on the CPU: engine "
+                       "argument 'device' is 'cpu'", placement.device_id)
     canonical = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                  "bf16": "bfloat16"}
     dtype = canonical.get(args.dtype, args.dtype)
@@ -359,4 +377,5 @@ def resolve_engine_config(
                         else _KV_CACHE_CANONICAL.get(args.kv_cache_dtype, args.kv_cache_dtype)),
         async_scheduling=async_scheduling,
         speculative=speculative,
+        devices=devices,
     )

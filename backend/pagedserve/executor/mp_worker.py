@@ -18,6 +18,7 @@ from pagedserve.executor.rank import (
     STARTUP_TIMEOUT_S,
     build_rank_runner,
     join_ranks,
+    select_device,
     take_rank_zero_tokens,
 )
 from pagedserve.models.model_config import ModelConfig
@@ -47,8 +48,7 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, rank: int, init
     started.set()
     torch.set_num_threads(num_threads)  # as many as the engine's own rank uses
     args = config.args
-    if config.device == "cuda":  # rank r on GPU r; rank 0 keeps the engine's current one
-        torch.cuda.set_device(rank)
+    select_device(config, rank)  # rank r on config.devices[r]
     tp = join_ranks(args.tensor_parallel_size, rank, init_method,
                     args.distributed_timeout_seconds)
     channel = control.ControlChannel(args.distributed_timeout_seconds)

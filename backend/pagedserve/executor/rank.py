@@ -22,6 +22,15 @@ from pagedserve.worker.sampler import SamplerOutput
 STARTUP_TIMEOUT_S = 600.0
 
 
+def select_device(config: EngineConfig, rank: int) -> None:
+    """Makes ``rank``'s GPU (config.devices) the calling thread's current CUDA device, before
+    it allocates anything: torch.cuda's streams, events, graphs and memory readings, and
+    Triton's kernels, use the current device, which is per thread and starts as GPU 0.
+    Nothing to do on the CPU."""
+    if config.device == "cuda":
+        torch.cuda.set_device(config.devices[rank])
+
+
 def join_ranks(world_size: int, rank: int, init_method: str,
                collective_timeout_s: float) -> TensorParallelGroup:
     """Joins torch.distributed (waiting up to STARTUP_TIMEOUT_S for the other ranks) and
