@@ -6,7 +6,9 @@ The ``cuda`` tests run on a GPU (scripts/gpu_check.sh's placement stage)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 
 import pytest
 import torch
@@ -44,6 +46,20 @@ def test_the_ranks_take_consecutive_gpus_from_the_instance_s_own(kind, device_id
 
 
 @pytest.mark.parametrize(
+    "kind, ids, tp, count, expected",
+    [
+        (MODEL, (3,), 1, 4, (3,)),
+        (MODEL, (2, 3), 2, 4, (2, 3)),
+        (MODEL, (3, 0), 2, 4, (3, 0)),  # in the order listed: rank 0 on GPU 3
+        (CPU, (1, 0), 2, 2, (1, 0)),
+    ],
+)
+def test_gpu_device_ids_place_a_model_instance_s_ranks(kind, ids, tp, count, expected):
+    """vllm_backend's GPU_DEVICE_IDS parameter: KIND_MODEL's ranks on the GPUs listed."""
+    assert rank_devices(InstancePlacement(kind, 0, ids), tp, count) == expected
+
+
+@pytest.mark.parametrize(
     "kind, device_id, tp, count, named",
     [
         (GPU, 1, 1, 1, "model_instance_device_id 1 and tensor_parallel_size 1 needs GPUs 1..1, "
@@ -58,17 +74,48 @@ def test_the_ranks_take_consecutive_gpus_from_the_instance_s_own(kind, device_id
     ],
 )
 def test_more_gpus_than_exist_fails_naming_the_fields(kind, device_id, tp, count, named):
-    with pytest.raises(ValueError, match=named.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(named)):
         rank_devices(InstancePlacement(kind, device_id), tp, count)
 
 
+@pytest.mark.parametrize(
+    "ids, tp, count, named",
+    [
+        ((0, 4), 2, 4, "GPU_DEVICE_IDS [0, 4] names GPU 4, but only 4 CUDA devices are visible"),
+        ((0, 1), 1, 4, "GPU_DEVICE_IDS lists 2 GPU(s) [0, 1], but tensor_parallel_size is 1"),
+        ((2,), 2, 4, "GPU_DEVICE_IDS lists 1 GPU(s) [2], but tensor_parallel_size is 2"),
+    ],
+)
+def test_gpu_device_ids_that_do_not_fit_fail_naming_them(ids, tp, count, named):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        rank_devices(InstancePlacement(MODEL, 0, ids), tp, count)
+
+
+def _model_config(gpu_device_ids: str) -> str:
+    return json.dumps({"name": "llm", "parameters": {
+        "GPU_DEVICE_IDS": {"string_value": gpu_device_ids}}})
+
+
 def test_placement_from_triton_args():
-    args = {"model_instance_kind": "GPU", "model_instance_device_id": "2", "model_name": "llm"}
+    args = {"model_instance_kind": "GPU", "model_instance_device_id": "2", "model_name": "llm",
+            "model_config": json.dumps({"name": "llm"})}
     assert InstancePlacement.from_triton_args(args) == InstancePlacement(GPU, 2)
     assert InstancePlacement.from_triton_args({}) == InstancePlacement()  # as KIND_MODEL
-    for bad, named in (({"model_instance_kind": "TPU"}, "model_instance_kind"),
-                       ({"model_instance_device_id": "x"}, "model_instance_device_id"),
-                       ({"model_instance_device_id": "-1"}, "model_instance_device_id")):
+    listed = {"model_instance_kind": "MODEL", "model_instance_device_id": "0",
+              "model_config": _model_config(" 2, 3 ")}
+    assert InstancePlacement.from_triton_args(listed) == InstancePlacement(MODEL, 0, (2, 3))
+    listed["model_config"] = _model_config("")  # an empty parameter lists nothing
+    assert InstancePlacement.from_triton_args(listed) == InstancePlacement(MODEL, 0)
+    for bad, named in (
+        ({"model_instance_kind": "TPU"}, "model_instance_kind must be one of GPU, CPU, MODEL"),
+        ({"model_instance_device_id": "x"}, "model_instance_device_id must be an integer"),
+        ({"model_instance_device_id": "-1"}, "model_instance_device_id must be an integer"),
+        ({"model_config": _model_config("0;1")}, "GPU_DEVICE_IDS must be a comma-separated"),
+        ({"model_config": _model_config("1,1")}, "GPU_DEVICE_IDS must list distinct GPU"),
+        ({"model_config": _model_config("-1")}, "GPU_DEVICE_IDS must list distinct GPU"),
+        ({"model_instance_kind": "GPU", "model_config": _model_config("0")},
+         "GPU_DEVICE_IDS is for KIND_MODEL instances"),
+    ):
         with pytest.raises(ValueError, match=named):
             InstancePlacement.from_triton_args(bad)
 
@@ -94,7 +141,12 @@ def test_a_cpu_engine_ignores_the_placement(caplog):
         config = _resolve(InstancePlacement(GPU, 5), 2, device="cpu", tensor_parallel_size=4)
     assert config.device == "cpu" and config.devices == ()
     assert config.rank_device(0) == config.rank_device(3) == "cpu"
-    assert "KIND_GPU instance (GPU 5) runs its engine on the CPU" in caplog.text
+    assert "the instance's GPUs (KIND_GPU on GPU 5) are not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pagedserve.config"):
+        config = _resolve(InstancePlacement(MODEL, 0, (3,)), 4, device="cpu",
+                          tensor_parallel_size=2)  # the list's length is not checked
+    assert config.devices == () and "(GPU_DEVICE_IDS [3]) are not used" in caplog.text
     caplog.clear()
     config = _resolve(InstancePlacement(MODEL, 0), 0, tensor_parallel_size=2)
     assert config.device == "cpu" and config.devices == () and not caplog.text
@@ -138,22 +190,28 @@ def test_an_engine_on_the_cpu_given_a_gpu_placement_runs_on_the_cpu(tiny_model_d
 # ---- on a GPU (scripts/gpu_check.sh: placement) -------------------------------------------
 
 @needs_cuda
-def test_cuda_a_gpu_instance_runs_on_its_device(tiny_model_dir):
-    """KIND_GPU device 0, tp 1 (and on a machine with two GPUs, device 1): the model, the KV
-    cache and the steps (on the engine's own thread) are on that GPU."""
+@pytest.mark.parametrize("placement, device", [
+    (InstancePlacement(GPU, 0), 0),
+    (InstancePlacement(GPU, 1), 1),
+    (InstancePlacement(MODEL, 0, (1,)), 1),  # GPU_DEVICE_IDS "1"
+], ids=["kind-gpu-0", "kind-gpu-1", "gpu-device-ids-1"])
+def test_cuda_an_instance_runs_on_its_gpu(tiny_model_dir, placement, device):
+    """tp 1 on the instance's GPU: the model, the KV cache and the steps (on the engine's own
+    thread) are there. GPU 1 needs a second GPU."""
+    if device >= torch.cuda.device_count():
+        pytest.skip(f"needs {device + 1} GPUs")
     model = str(tiny_model_dir("llama"))
-    for device_id in range(min(torch.cuda.device_count(), 2)):
-        engine = AsyncLLMEngine(EngineArgs(model, enforce_eager=True, **ENGINE),
-                                placement=InstancePlacement(GPU, device_id))
-        try:
-            runner = engine.engine.runner
-            expected = torch.device("cuda", device_id)
-            assert engine.engine.config.devices == (device_id,)
-            assert runner.device == expected
-            assert {p.device for p in runner.model.parameters()} == {expected}
-            assert len(_stream(engine, "Placement")) == 6
-        finally:
-            engine.shutdown()
+    engine = AsyncLLMEngine(EngineArgs(model, enforce_eager=True, **ENGINE),
+                            placement=placement)
+    try:
+        runner = engine.engine.runner
+        expected = torch.device("cuda", device)
+        assert engine.engine.config.devices == (device,)
+        assert runner.device == expected
+        assert {p.device for p in runner.model.parameters()} == {expected}
+        assert len(_stream(engine, "Placement")) == 6
+    finally:
+        engine.shutdown()
 
 
 @needs_cuda

@@ -317,10 +317,10 @@ def resolve_engine_config(
     devices: tuple[int, ...] = ()
     if device == "cuda":
         devices = rank_devices(placement, args.tensor_parallel_size, cuda_device_count)
-    elif placement.uses_its_gpu:
+    elif placement.uses_its_gpu or placement.gpu_device_ids:
         # vllm_backend loads such an instance too (its CUDA_VISIBLE_DEVICES is then moot).
-        logger.warning("a KIND_GPU instance (GPU %d) runs its engine on the CPU: engine "
-                       "argument 'device' is 'cpu'", placement.device_id)
+        logger.warning("the instance's GPUs (%s) are not used: engine argument 'device' is "
+                       "'cpu'", placement.gpus_asked)
     canonical = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                  "bf16": "bfloat16"}
     dtype = canonical.get(args.dtype, args.dtype)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -27,8 +28,14 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
         ({"model": "default_model",
           "speculative_config": {**NGRAM, "num_speculative_tokens": 0}},
          "speculative_config 'num_speculative_tokens' must be an integer in [1, "),
+        # Resolved against the machine where the placement is (config.py), in the engine's
+        # build: on a CPU-only server Triton refuses KIND_GPU itself, before the backend.
+        pytest.param({"model": "default_model", "device": "cuda"},
+                     "engine argument 'device' is 'cuda' but no CUDA device is available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                              reason="loads where there is a GPU")),
     ],
-    ids=["unknown-key", "bad-value", "spec-method", "spec-num-tokens"],
+    ids=["unknown-key", "bad-value", "spec-method", "spec-num-tokens", "device-cuda"],
 )
 def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, named, request):
     name = f"llm_bad_{request.node.callspec.id.replace('-', '_')}"
@@ -40,6 +47,7 @@ def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, nam
         with pytest.raises(InferenceServerException) as failure:
             client.load_model(name)
         assert named in str(failure.value)
+        assert named in triton_server.log(tail=200_000)  # and the server's log says it too
         assert not client.is_model_ready(name)
     finally:
         client.close()
