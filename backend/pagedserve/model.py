@@ -115,9 +115,13 @@ class TritonPythonModel:
             engine_args = EngineArgs.from_json_file(path)
         except ValueError as e:
             raise ValueError(f"model '{name}': {path}: {e}") from None
-        # KIND_GPU: the GPU(s) Triton gave this instance (placement.py); a request for more
-        # GPUs than exist fails the engine's build, and so the load, naming the fields.
-        placement = InstancePlacement.from_triton_args(args)
+        # Which GPUs this instance's ranks use (placement.py: KIND_GPU's device id, or
+        # GPU_DEVICE_IDS); more GPUs than exist fails the engine's build, and so the load.
+        try:
+            placement = InstancePlacement.from_triton_args(args)
+        except ValueError as e:
+            raise ValueError(f"model '{name}': instance {args.get('model_instance_name')}: "
+                             f"{e}") from None
         self.logger = pb_utils.Logger
         self.watchdog = OrphanWatchdog()
         self.engine: Optional[AsyncLLMEngine] = None  # set by the recovery's install

@@ -63,6 +63,27 @@ def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, nam
     assert r.status_code == 200, r.text
 
 
+def test_a_bad_gpu_device_ids_parameter_fails_the_load_naming_it(triton_server):
+    """config.pbtxt's GPU_DEVICE_IDS (placement.py) is read by model.py from the instance's
+    args: a malformed list fails the load, whatever the device, and the message reaches the
+    client and the server's log."""
+    name = "llm_bad_gpu_ids"
+    target = triton_server.repository / name
+    shutil.copytree(triton_server.repository / "llm", target)
+    with open(target / "config.pbtxt", "a") as config:
+        config.write('parameters: { key: "GPU_DEVICE_IDS" value: { string_value: "0;1" } }\n')
+    named = f"model '{name}': instance {name}_0_0: GPU_DEVICE_IDS must be a comma-separated"
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{triton_server.http_port}")
+    try:
+        with pytest.raises(InferenceServerException) as failure:
+            client.load_model(name)
+        assert named in str(failure.value)
+        assert named in triton_server.log(tail=200_000)
+    finally:
+        client.close()
+        shutil.rmtree(target)  # see above: a restart must be able to load every model
+
+
 def test_unload_lets_inflight_streams_finish_then_shuts_down(triton_server):
     """Triton unloads a model once its in-flight requests are done: a running stream ends
     normally, then finalize() stops the engine."""

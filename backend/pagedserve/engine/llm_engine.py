@@ -95,6 +95,7 @@ class LLMEngine:
     """Owns the tokenizer, scheduler, executor (the model's ranks) and output processor.
 
     ``step()`` reads top-down: schedule, run the model, update requests, make outputs.
+    ``placement`` says which GPUs a Triton instance's ranks use (pagedserve.placement).
     """
 
     def __init__(self, args: EngineArgs,
