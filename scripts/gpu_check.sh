@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark of pagedserve, in one call, within 9.5 minutes on one H100/H200
-# (the stage limits add up to 570 s; the device tool allows 600 s per call),
+# Every GPU check and benchmark of pagedserve, in one call, within 10 minutes on one H100/H200
+# (the stage limits add up to 590 s; the device tool allows 600 s per call),
 # using only what that machine has (its python3 with torch, triton, transformers; no network).
 #
 #   scripts/gpu_check.sh            # writes logs and JSON under $OUT (default: a temp dir)
@@ -20,6 +20,9 @@
 #      each
 #   8. the mp executor with one rank (its engine in a worker-less executor seam) gives the
 #      uniproc executor's tokens on CUDA; one GPU cannot run NCCL with tp 2
+#   9. placement: an engine placed as a KIND_GPU instance on GPU 0 (tp 1) runs there, on its
+#      own thread (GPU 1 and GPU_DEVICE_IDS "1" where there is a second GPU); tp 2, or a
+#      device id past the last GPU, fails naming the fields
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
@@ -72,6 +75,7 @@ run gpu_quant_bench 85 "$PY" benchmarks/gpu_quant_bench.py --json "$OUT/gpu_quan
 run spec_decode 45 "$PY" benchmarks/spec_decode.py --repeat 1 --max-tokens 32 --batches 1 32
 run executor 20 "$PY" -m pytest tests/test_executor.py -q -p no:cacheprovider \
     -k mp_with_one_rank_is_uniproc
+run placement 20 "$PY" -m pytest tests/test_placement.py -q -p no:cacheprovider -k test_cuda_
 cp docs/benchmarks.md "$OUT/benchmarks.md" 2>/dev/null
 
 echo "=== summary"

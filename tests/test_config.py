@@ -80,7 +80,7 @@ def test_model_json_must_be_an_object(tmp_path):
 
 def test_resolution_against_the_model():
     args = EngineArgs(model="m")
-    config = resolve_engine_config(args, 4096, "float16", cuda_available=False)
+    config = resolve_engine_config(args, 4096, "float16", cuda_device_count=0)
     assert config.device == "cpu" and config.dtype == "float32"  # no fp16 matmuls on CPUs
     assert config.max_model_len == 4096
     assert resolve_engine_config(args, 4096, "bfloat16", sliding_window=1024).max_model_len == 1024
@@ -103,8 +103,7 @@ def test_resolution_against_the_model():
 ])
 def test_auto_executor_backend(device, tp, gpus, backend):
     args = EngineArgs(model="m", device=device, tensor_parallel_size=tp)
-    config = resolve_engine_config(args, 4096, "float32", cuda_available=device == "cuda",
-                                   cuda_device_count=gpus)
+    config = resolve_engine_config(args, 4096, "float32", cuda_device_count=gpus)
     assert config.executor_backend == backend
 
 
@@ -116,7 +115,7 @@ def test_ray_missing_is_named(monkeypatch):
     args = EngineArgs(model="m", device="cuda", tensor_parallel_size=4)
     with pytest.raises(ValueError, match=r"'tensor_parallel_size' \(4\) needs more GPUs than "
                                          r"this machine has \(2\).*not installed: pip install"):
-        resolve_engine_config(args, 4096, "float32", cuda_available=True, cuda_device_count=2)
+        resolve_engine_config(args, 4096, "float32", cuda_device_count=2)
     # One machine's ranks need no Ray.
-    assert resolve_engine_config(args, 4096, "float32", cuda_available=True,
+    assert resolve_engine_config(args, 4096, "float32",
                                  cuda_device_count=4).executor_backend == "mp"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from pagedserve.config_vllm import check_unsupported
+from pagedserve.placement import UNPLACED, InstancePlacement, rank_devices
 from pagedserve.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
@@ -281,10 +282,18 @@ class EngineConfig:
     speculative: Optional[SpeculativeConfig] = None
     # Who runs the ranks: uni, mp or ray (distributed_executor_backend, auto resolved).
     executor_backend: str = "uni"
+    # The CUDA device index of each tensor-parallel rank, as the rank's process numbers them
+    # (placement.py; a Ray actor sees only its own GPU, its device 0); () on the CPU.
+    devices: tuple[int, ...] = ()
 
     @property
     def max_blocks_per_req(self) -> int:
         return -(-self.max_model_len // self.block_size)
+
+    def rank_device(self, rank: int) -> str:
+        """The torch device ``rank`` runs on: "cpu", or "cuda:<index>" (never bare "cuda",
+        which means whichever device a thread has current)."""
+        return f"cuda:{self.devices[rank]}" if self.device == "cuda" else "cpu"
 
 
 def resolve_engine_config(
@@ -292,16 +301,30 @@ def resolve_engine_config(
     max_position_embeddings: int,
     checkpoint_dtype: str,
     sliding_window: Optional[int] = None,
-    cuda_available: bool = False,
-    quantized: bool = False,
     cuda_device_count: int = 0,
+    quantized: bool = False,
+    placement: InstancePlacement = UNPLACED,
 ) -> EngineConfig:
-    """Fills in the ``auto`` choices and checks the arguments against the model."""
+    """Fills in the ``auto`` choices and checks the arguments against the model and the
+    machine (``cuda_device_count`` visible CUDA devices; ``placement``: where Triton put the
+    instance, if it did)."""
     device = args.device
     if device == "auto":
-        device = "cuda" if cuda_available else "cpu"
-    elif device == "cuda" and not cuda_available:
+        device = "cuda" if cuda_device_count else "cpu"
+    elif device == "cuda" and not cuda_device_count:
         raise ValueError("engine argument 'device' is 'cuda' but no CUDA device is available")
+    executor_backend = _executor_backend(args, device, cuda_device_count)
+    devices: tuple[int, ...] = ()
+    if device == "cuda":
+        # Ray places the other ranks, each on a GPU of its own (its device 0): this machine's
+        # GPUs are rank 0's only.
+        here = 1 if executor_backend == "ray" else args.tensor_parallel_size
+        devices = rank_devices(placement, here, cuda_device_count)
+        devices += (0,) * (args.tensor_parallel_size - here)
+    elif placement.uses_its_gpu or placement.gpu_device_ids:
+        # vllm_backend loads such an instance too (its CUDA_VISIBLE_DEVICES is then moot).
+        logger.warning("the instance's GPUs (%s) are not used: engine argument 'device' is "
+                       "'cpu'", placement.gpus_asked)
     canonical = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                  "bf16": "bfloat16"}
     dtype = canonical.get(args.dtype, args.dtype)
@@ -358,7 +381,8 @@ def resolve_engine_config(
                         else _KV_CACHE_CANONICAL.get(args.kv_cache_dtype, args.kv_cache_dtype)),
         async_scheduling=async_scheduling,
         speculative=speculative,
-        executor_backend=_executor_backend(args, device, cuda_device_count),
+        executor_backend=executor_backend,
+        devices=devices,
     )
 
 

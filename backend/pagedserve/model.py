@@ -34,6 +34,7 @@ sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
 import triton_python_backend_utils as pb_utils
 
 from pagedserve.config import EngineArgs
+from pagedserve.placement import InstancePlacement
 from pagedserve.serving.abort_channel import AbortRegistry, abort_target
 from pagedserve.serving.contract import INPUTS, OUTPUTS
 from pagedserve.serving.event_loop import EventLoopThread
@@ -114,6 +115,13 @@ class TritonPythonModel:
             engine_args = EngineArgs.from_json_file(path)
         except ValueError as e:
             raise ValueError(f"model '{name}': {path}: {e}") from None
+        # Which GPUs this instance's ranks use (placement.py: KIND_GPU's device id, or
+        # GPU_DEVICE_IDS); more GPUs than exist fails the engine's build, and so the load.
+        try:
+            placement = InstancePlacement.from_triton_args(args)
+        except ValueError as e:
+            raise ValueError(f"model '{name}': instance {args.get('model_instance_name')}: "
+                             f"{e}") from None
         self.logger = pb_utils.Logger
         self.watchdog = OrphanWatchdog()
         self.engine: Optional[AsyncLLMEngine] = None  # set by the recovery's install
@@ -127,7 +135,7 @@ class TritonPythonModel:
         health_check = _parameter(self.model_config, "ENABLE_VLLM_HEALTH_CHECK", "false")
         self.recovery = EngineRecovery(
             choose_recovery(health_check.lower() == "true", supervisor_dir() is not None),
-            build=lambda on_dead: AsyncLLMEngine(engine_args, on_dead=on_dead),
+            build=lambda on_dead: AsyncLLMEngine(engine_args, on_dead, placement),
             install=self._install_engine,
             wait_drained=self.responder.wait_drained,
             unload=self._unload_self,
@@ -144,8 +152,11 @@ class TritonPythonModel:
             self.reporter.request_finished if self.reporter is not None else None,
             self.logger.log_error,
         )
+        config = self.engine.engine.config
+        where = (", ".join(config.rank_device(r) for r in range(len(config.devices)))
+                 or config.device)
         self.logger.log_info(
-            f"pagedserve: model '{name}' serves {engine_args.model} "
+            f"pagedserve: model '{name}' serves {engine_args.model} on {where} "
             f"(after an engine failure: {self.recovery.recovery.value})"
         )
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import requests
+import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
@@ -27,8 +28,14 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3}
         ({"model": "default_model",
           "speculative_config": {**NGRAM, "num_speculative_tokens": 0}},
          "speculative_config 'num_speculative_tokens' must be an integer in [1, "),
+        # Resolved against the machine where the placement is (config.py), in the engine's
+        # build: on a CPU-only server Triton refuses KIND_GPU itself, before the backend.
+        pytest.param({"model": "default_model", "device": "cuda"},
+                     "engine argument 'device' is 'cuda' but no CUDA device is available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                              reason="loads where there is a GPU")),
     ],
-    ids=["unknown-key", "bad-value", "spec-method", "spec-num-tokens"],
+    ids=["unknown-key", "bad-value", "spec-method", "spec-num-tokens", "device-cuda"],
 )
 def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, named, request):
     name = f"llm_bad_{request.node.callspec.id.replace('-', '_')}"
@@ -40,6 +47,7 @@ def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, nam
         with pytest.raises(InferenceServerException) as failure:
             client.load_model(name)
         assert named in str(failure.value)
+        assert named in triton_server.log(tail=200_000)  # and the server's log says it too
         assert not client.is_model_ready(name)
     finally:
         client.close()
@@ -53,6 +61,27 @@ def test_bad_model_json_fails_the_load_naming_it(triton_server, engine_args, nam
         timeout=60,
     )
     assert r.status_code == 200, r.text
+
+
+def test_a_bad_gpu_device_ids_parameter_fails_the_load_naming_it(triton_server):
+    """config.pbtxt's GPU_DEVICE_IDS (placement.py) is read by model.py from the instance's
+    args: a malformed list fails the load, whatever the device, and the message reaches the
+    client and the server's log."""
+    name = "llm_bad_gpu_ids"
+    target = triton_server.repository / name
+    shutil.copytree(triton_server.repository / "llm", target)
+    with open(target / "config.pbtxt", "a") as config:
+        config.write('parameters: { key: "GPU_DEVICE_IDS" value: { string_value: "0;1" } }\n')
+    named = f"model '{name}': instance {name}_0_0: GPU_DEVICE_IDS must be a comma-separated"
+    client = httpclient.InferenceServerClient(f"127.0.0.1:{triton_server.http_port}")
+    try:
+        with pytest.raises(InferenceServerException) as failure:
+            client.load_model(name)
+        assert named in str(failure.value)
+        assert named in triton_server.log(tail=200_000)
+    finally:
+        client.close()
+        shutil.rmtree(target)  # see above: a restart must be able to load every model
 
 
 def test_unload_lets_inflight_streams_finish_then_shuts_down(triton_server):

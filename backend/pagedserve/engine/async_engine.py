@@ -16,7 +16,9 @@ from typing import Any, Callable, Optional
 from pagedserve.config import EngineArgs
 from pagedserve.engine.llm_engine import EngineStats, LLMEngine, PromptType
 from pagedserve.errors import EngineDeadError, RequestError
+from pagedserve.executor.rank import select_device
 from pagedserve.outputs import RequestOutput
+from pagedserve.placement import UNPLACED, InstancePlacement
 from pagedserve.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = ["AsyncLLMEngine", "EngineDeadError", "RequestError", "merge_deltas"]
@@ -90,8 +92,9 @@ class AsyncLLMEngine:
         self,
         args: EngineArgs,
         on_dead: Optional[Callable[[EngineDeadError], None]] = None,
+        placement: InstancePlacement = UNPLACED,
     ) -> None:
-        self.engine = LLMEngine(args)
+        self.engine = LLMEngine(args, placement)
         self._on_dead = on_dead
         self.tokenizer = self.engine.tokenizer
         self._ops: queue.SimpleQueue[tuple[Callable, tuple, concurrent.futures.Future]] = (
@@ -247,6 +250,8 @@ class AsyncLLMEngine:
         engine = self.engine
         dead: Optional[EngineDeadError] = None
         try:
+            # The current CUDA device is per thread: this one steps the model on rank 0's.
+            select_device(engine.config, 0)
             while not self._stopping:
                 self._run_ops()
                 if not engine.has_unfinished_requests():

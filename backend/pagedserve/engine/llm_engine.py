@@ -27,10 +27,12 @@ from pagedserve.engine.stats import EngineCounters, HistogramSnapshot
 from pagedserve.errors import EngineDeadError, RequestError
 from pagedserve.executor.base import Executor
 from pagedserve.executor.factory import make_executor
+from pagedserve.executor.rank import select_device
 from pagedserve.models.hub import resolve_checkpoint
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
+from pagedserve.placement import UNPLACED, InstancePlacement
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode.controller import (
     ProposerCostModel,
@@ -93,9 +95,11 @@ class LLMEngine:
     """Owns the tokenizer, scheduler, executor (the model's ranks) and output processor.
 
     ``step()`` reads top-down: schedule, run the model, update requests, make outputs.
+    ``placement`` says which GPUs a Triton instance's ranks use (pagedserve.placement).
     """
 
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs,
+                 placement: InstancePlacement = UNPLACED) -> None:
         _reclaim_frozen_objects()
         model_path = resolve_checkpoint(
             args.model, revision=args.revision, download_dir=args.download_dir
@@ -110,9 +114,9 @@ class LLMEngine:
             model_config.max_position_embeddings,
             checkpoint_dtype,
             sliding_window=model_config.sliding_window,
-            cuda_available=torch.cuda.is_available(),
+            cuda_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
             quantized=model_config.quant_config is not None,
-            cuda_device_count=torch.cuda.device_count(),
+            placement=placement,
         )
         # Fails naming tensor_parallel_size where heads or KV heads do not divide.
         model_config = model_config.with_tensor_parallel(args.tensor_parallel_size)
@@ -122,6 +126,7 @@ class LLMEngine:
             download_dir=args.download_dir,
         )
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
+        select_device(self.config, 0)  # rank 0 runs here; before anything is on a GPU
         self.executor: Executor = make_executor(self.config, model_config)
         try:
             num_blocks = self.executor.determine_num_blocks()

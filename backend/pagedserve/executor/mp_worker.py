@@ -33,5 +33,4 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, rank: int, init
     ``started`` (a multiprocessing Event) is set once the imports are done."""
     _exit_with_parent(parent_pid)
     started.set()
-    # Rank r on GPU r; rank 0 keeps the engine's current one.
-    serve_worker_rank(config, model_config, rank, init_method, num_threads, cuda_device=rank)
+    serve_worker_rank(config, model_config, rank, init_method, num_threads)

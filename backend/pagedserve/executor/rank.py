@@ -27,6 +27,15 @@ logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 600.0
 
 
+def select_device(config: EngineConfig, rank: int) -> None:
+    """Makes ``rank``'s GPU (config.devices) the calling thread's current CUDA device, before
+    it allocates anything: torch.cuda's streams, events, graphs and memory readings, and
+    Triton's kernels, use the current device, which is per thread and starts as GPU 0.
+    Nothing to do on the CPU."""
+    if config.device == "cuda":
+        torch.cuda.set_device(config.devices[rank])
+
+
 def join_ranks(world_size: int, rank: int, init_method: str,
                collective_timeout_s: float) -> TensorParallelGroup:
     """Joins torch.distributed (waiting up to STARTUP_TIMEOUT_S for the other ranks) and
@@ -121,13 +130,12 @@ def serve_commands(channel: control.ControlChannel, runner: ModelRunner, rank: i
 
 
 def serve_worker_rank(config: EngineConfig, model_config: ModelConfig, rank: int,
-                      init_method: str, num_threads: int, cuda_device: Optional[int]) -> None:
+                      init_method: str, num_threads: int) -> None:
     """A worker rank's life once its process runs (an mp worker process or a Ray actor): join
-    the ranks, build its runner, serve rank 0's commands until told to stop, leave.
-    ``cuda_device`` is the GPU it runs on (on CUDA), ``num_threads`` as many as rank 0 uses."""
+    the ranks, build its runner, serve rank 0's commands until told to stop, leave. It runs
+    on config.devices[rank] (on CUDA) with ``num_threads``, as many as rank 0 uses."""
     torch.set_num_threads(num_threads)
-    if config.device == "cuda" and cuda_device is not None:
-        torch.cuda.set_device(cuda_device)
+    select_device(config, rank)
     args = config.args
     tp = join_ranks(args.tensor_parallel_size, rank, init_method,
                     args.distributed_timeout_seconds)

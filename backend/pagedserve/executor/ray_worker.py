@@ -24,5 +24,5 @@ class RankActor:
 
     def serve(self, config: EngineConfig, model_config: ModelConfig, rank: int,
               init_method: str, num_threads: int) -> None:
-        # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU: device 0 here.
-        serve_worker_rank(config, model_config, rank, init_method, num_threads, cuda_device=0)
+        # Ray sets CUDA_VISIBLE_DEVICES to the actor's own GPU: config.devices says 0.
+        serve_worker_rank(config, model_config, rank, init_method, num_threads)

@@ -98,7 +98,7 @@ class ModelRunner:
                  tp: TensorParallelGroup = SINGLE_RANK) -> None:
         self.config = config
         self.model_config = model_config
-        self.device = torch.device(config.device)
+        self.device = torch.device(config.rank_device(tp.rank))
         # The device before this engine loads anything: what other processes already hold.
         self._memory_at_start: Optional[DeviceMemory] = None
         if self.device.type == "cuda":
