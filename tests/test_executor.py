@@ -11,7 +11,6 @@ import asyncio
 import gc
 import os
 import signal
-import threading
 import time
 import weakref
 
@@ -21,6 +20,7 @@ from tp_workload import (
     GREEDY,
     KILL_NOTICE_S,
     SHARED,
+    assert_a_kill_fails_the_run,
     assert_same,
     gone,
     greedy,
@@ -103,30 +103,9 @@ def test_mp_with_one_rank_is_uniproc(model, reference):
 def test_a_killed_worker_fails_the_requests_at_once(model):
     llm = LLM(model, tensor_parallel_size=2, **ENGINE)
     [worker] = _worker_processes(llm)
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        killed_at.append(time.monotonic())
-        os.kill(worker.pid, signal.SIGKILL)
-
-    # Enough work that the kill lands mid-run (a step runs in milliseconds here).
-    prompts = [f"Request {i} of many, long enough to run for a while" for i in range(6)]
-    timer = threading.Timer(0.5, kill)
-    timer.start()
-    try:
-        with pytest.raises(RuntimeError, match=(
-                rf"tensor-parallel worker rank 1 \(pid {worker.pid}\) died "
-                r"\(killed by signal 9\)")):
-            for _ in range(100):  # each generate runs to the end of max_model_len
-                llm.generate(prompts, SamplingParams(max_tokens=None, **GREEDY),
-                             use_tqdm=False)
-        failed_at = time.monotonic()
-    finally:
-        timer.cancel()
-    assert killed_at and failed_at - killed_at[0] < KILL_NOTICE_S
-    with pytest.raises(EngineDeadError):
-        llm.engine.step()
-    llm.engine.shutdown()
+    assert_a_kill_fails_the_run(
+        llm, lambda: os.kill(worker.pid, signal.SIGKILL),
+        rf"tensor-parallel worker rank 1 \(pid {worker.pid}\) died \(killed by signal 9\)")
     assert not worker.is_alive() and gone(worker.pid)
 
 

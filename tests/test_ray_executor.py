@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -19,6 +18,7 @@ from tp_workload import (
     ENGINE,
     GREEDY,
     KILL_NOTICE_S,
+    assert_a_kill_fails_the_run,
     assert_same,
     gone,
     greedy,
@@ -116,30 +116,9 @@ def test_a_killed_actor_fails_the_requests_at_once(cluster, model):
     llm = LLM(model, **RAY, **ENGINE)
     executor = _executor(llm)
     [actor], [pid] = executor._workers.actors, executor.worker_pids
-    killed_at: list[float] = []
-
-    def kill() -> None:
-        killed_at.append(time.monotonic())
-        ray.kill(actor)
-
-    # Enough work that the kill lands mid-run (a step runs in milliseconds here).
-    prompts = [f"Request {i} of many, long enough to run for a while" for i in range(6)]
-    timer = threading.Timer(0.5, kill)
-    timer.start()
-    try:
-        with pytest.raises(RuntimeError, match=(
-                rf"tensor-parallel worker rank 1 \(Ray actor pid {pid} on [^)]+\) died: "
-                r".+")):
-            for _ in range(100):  # each generate runs to the end of max_model_len
-                llm.generate(prompts, SamplingParams(max_tokens=None, **GREEDY),
-                             use_tqdm=False)
-        failed_at = time.monotonic()
-    finally:
-        timer.cancel()
-    assert killed_at and failed_at - killed_at[0] < KILL_NOTICE_S
-    with pytest.raises(EngineDeadError):
-        llm.engine.step()
-    llm.engine.shutdown()
+    assert_a_kill_fails_the_run(
+        llm, lambda: ray.kill(actor),
+        rf"tensor-parallel worker rank 1 \(Ray actor pid {pid} on [^)]+\) died: .+")
     assert _all_gone([pid])
     assert not dist.is_initialized()
 

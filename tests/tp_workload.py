@@ -5,10 +5,14 @@ through chunked prefill, preemption and prefix caching; and what the tests check
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.errors import EngineDeadError
 from pagedserve.executor.base import Executor
 
 # Tight on purpose: 24 blocks of 8 tokens (a 128-token request needs 16) and a 16-token step
@@ -67,3 +71,31 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def assert_a_kill_fails_the_run(llm: LLM, kill: Callable[[], None], error: str) -> None:
+    """Kills a worker rank (``kill``) while ``llm`` generates: the run must fail with a
+    RuntimeError matching ``error`` within KILL_NOTICE_S, leaving the engine dead; then shuts
+    it down."""
+    killed_at: list[float] = []
+
+    def timed_kill() -> None:
+        killed_at.append(time.monotonic())
+        kill()
+
+    # Enough work that the kill lands mid-run (a step runs in milliseconds here).
+    prompts = [f"Request {i} of many, long enough to run for a while" for i in range(6)]
+    timer = threading.Timer(0.5, timed_kill)
+    timer.start()
+    try:
+        with pytest.raises(RuntimeError, match=error):
+            for _ in range(100):  # each generate runs to the end of max_model_len
+                llm.generate(prompts, SamplingParams(max_tokens=None, **GREEDY),
+                             use_tqdm=False)
+        failed_at = time.monotonic()
+    finally:
+        timer.cancel()
+    assert killed_at and failed_at - killed_at[0] < KILL_NOTICE_S
+    with pytest.raises(EngineDeadError):
+        llm.engine.step()
+    llm.engine.shutdown()
