@@ -218,39 +218,46 @@ class Eagle3Proposer:
             return
         rows, starts, ends = step.rows[keep], step.starts[keep], ends[keep]
         first = (np.cumsum(step.query_lens) - step.query_lens)[keep]  # flat index of starts
-        self._adopt(batch, rows, step.serials[keep], starts)
+        fresh = self._adopt(rows, step.serials[keep], starts)
         if drafting:
             self._write(batch, rows, starts, ends, first, ends == num_tokens[keep] - 1,
                         step.aux)
             self._mark_valid(batch, rows, self.kv_start[rows], ends)
+        # After the writes: an n > 1 sibling may share blocks its first row wrote just now.
+        self._extend_back(batch, rows[fresh], starts[fresh])
         self._retain(rows, starts, ends, first, step.aux)
 
-    def _adopt(self, batch: PagedBatch, rows: np.ndarray, serials: np.ndarray,
-               starts: np.ndarray) -> None:
-        """Resets the rows handed to another request: the head's KV ends at the step's first
-        position and starts after the last block before it that holds no valid head KV (a
-        prefix-cache hit or an n > 1 sibling's blocks may hold it); the ring starts at the
-        step. Likewise a ring that does not reach up to this step."""
+    def _adopt(self, rows: np.ndarray, serials: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Resets the rows handed to another request (returned, as a mask): the head's KV
+        starts and ends at the step's first position, and so does the ring. Likewise a ring
+        that does not reach up to this step."""
         fresh = self.serial[rows] != serials
-        bs = self.block_size
-        for row, serial, start in zip(rows[fresh].tolist(), serials[fresh].tolist(),
-                                      starts[fresh].tolist()):  # once per request
-            valid = self.block_valid[batch.block_table[row, :start // bs]]
-            self.serial[row] = serial
-            self.kv_end[row] = start
-            self.kv_start[row] = (len(valid) - int(np.argmin(valid[::-1])) if not valid.all()
-                                  else 0) * bs
+        new = rows[fresh]
+        self.serial[new] = serials[fresh]
+        self.kv_start[new] = self.kv_end[new] = starts[fresh]
         gap = self.ring_end[rows] != starts
         self.ring_start[rows[gap]] = self.ring_end[rows[gap]] = starts[gap]
         self.kv_end[rows] = np.minimum(self.kv_end[rows], starts)
+        return fresh
+
+    def _extend_back(self, batch: PagedBatch, rows: np.ndarray, starts: np.ndarray) -> None:
+        """Starts the head's context of rows new to their request at the first of the blocks
+        before their first position that all hold valid head KV (a prefix-cache hit's, an n > 1
+        sibling's)."""
+        bs = self.block_size
+        for row, start in zip(rows.tolist(), starts.tolist()):  # once per request
+            valid = self.block_valid[batch.block_table[row, :start // bs]]
+            if start % bs == 0 and valid.size:
+                run = int(np.argmin(valid[::-1])) if not valid.all() else valid.size
+                self.kv_start[row] = start - run * bs
 
     def _mark_valid(self, batch: PagedBatch, rows: np.ndarray, lo: np.ndarray,
                     hi: np.ndarray) -> None:
-        """Marks the rows' blocks over positions [lo, hi) valid where the head's KV covers them
-        whole."""
+        """Marks the rows' blocks that hold a position in [lo, hi) valid where the head's KV
+        covers them whole."""
         bs = self.block_size
-        first = -(-np.maximum(lo, self.kv_start[rows]) // bs)
-        count = np.clip(np.minimum(hi, self.kv_end[rows]) // bs - first, 0, None)
+        first = np.maximum(lo // bs, -(-self.kv_start[rows] // bs))
+        count = np.clip(np.minimum((hi - 1) // bs + 1, self.kv_end[rows] // bs) - first, 0, None)
         owner = np.repeat(np.arange(len(rows)), count)
         self.block_valid[batch.block_table[rows[owner], first[owner] + ragged_arange(count)]] = True
 
