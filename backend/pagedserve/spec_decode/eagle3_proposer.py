@@ -16,8 +16,10 @@ them all after a short pause (the KV then has no gap, as if it had never paused)
 one, it restarts from a window: from the first block boundary the ring still covers, at least
 ``_WINDOW`` positions before N - 2, and each of the row's drafting steps attends from there on
 (DecodeSteps' context_start) instead of to the stale or missing keys before. An EAGLE head
-leans on its recent context and the target's features, so the drafts change little (measured:
-see docs/benchmarks.md), and they are verified losslessly whatever they are. A request new to a
+leans on its recent context and the target's features, so the drafts change little (the
+shipped head, k 3, batch 1, held-out code: a restart before every drafting step, the worst
+case, took the mean acceptance length from 1.97 to 1.90), and they are verified losslessly
+whatever they are. A request new to a
 row (a new one, or one resumed after preemption) starts its context at its first position the
 target computes: blocks reused from the prefix cache may hold no head KV (their request's head
 may have been dormant).
