@@ -86,7 +86,8 @@ SCENARIOS: dict[str, tuple[dict, dict]] = {
     "preempting": (dict(num_kv_blocks=18, max_num_batched_tokens=16, max_num_seqs=6), {}),
     # No drafts while more than 2 requests run: a draft model's KV falls behind for many
     # steps and catches up in long chunks (over several forwards: 16 tokens each) once
-    # drafting resumes; an EAGLE-3 head only writes its KV on those steps.
+    # drafting resumes; an EAGLE-3 head is dormant on those steps (it keeps only the target's
+    # features) and resumes from its ring, or from a window after a longer pause.
     "intermittent": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16),
                      dict(disable_by_batch_size=2)),
 }
