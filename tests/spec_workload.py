@@ -45,12 +45,13 @@ def run(model: Path, speculative_config=None, **kwargs) -> tuple[list, LLM]:
     return results, llm
 
 
-def trained_target_run(speculative_config) -> tuple[list, list, LLM]:
-    """Greedy tokens of the shipped target on two of this repository's source excerpts,
-    without and with ``speculative_config``, and the speculating LLM."""
+def trained_target_run(speculative_config,
+                       max_tokens: tuple[int, int] = (32, 32)) -> tuple[list, list, LLM]:
+    """Greedy tokens of the shipped target on two of this repository's source excerpts (so
+    many tokens each), without and with ``speculative_config``, and the speculating LLM."""
     prompts = [(ROOT / "backend/pagedserve" / f).read_text()[:600]
                for f in ("core/block_pool.py", "outputs.py")]
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in max_tokens]
     kwargs = dict(dtype="float32", kv_cache_memory_bytes=KV, max_num_batched_tokens=64)
 
     def tokens(llm: LLM) -> list:
@@ -85,7 +86,8 @@ SCENARIOS: dict[str, tuple[dict, dict]] = {
     "preempting": (dict(num_kv_blocks=18, max_num_batched_tokens=16, max_num_seqs=6), {}),
     # No drafts while more than 2 requests run: a draft model's KV falls behind for many
     # steps and catches up in long chunks (over several forwards: 16 tokens each) once
-    # drafting resumes; an EAGLE-3 head only writes its KV on those steps.
+    # drafting resumes; an EAGLE-3 head is dormant on those steps (it keeps only the target's
+    # features) and resumes from its ring, or from a window after a longer pause.
     "intermittent": (dict(kv_cache_memory_bytes=KV, max_num_batched_tokens=16),
                      dict(disable_by_batch_size=2)),
 }

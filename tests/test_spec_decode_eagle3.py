@@ -31,6 +31,7 @@ from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
 from pagedserve.devtools.eagle3_head import build_eagle3_head
 from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.models.eagle3 import Eagle3LlamaForCausalLM
 from pagedserve.spec_decode.eagle3_proposer import Eagle3Proposer
 
 AUX_LAYERS = [0, 1, 1]  # the tiny target has two layers
@@ -82,10 +83,11 @@ def test_greedy_output_equals_no_speculation(target, heads, scenario, head):
 
 
 class _Recorder:
-    """Every propose call's rows: (their known tokens, the drafts proposed)."""
+    """Every propose call's rows: (their known tokens, the drafts proposed, the first
+    position the head attended to)."""
 
     def __init__(self, monkeypatch) -> None:
-        self.calls: list[tuple[list[int], list[int]]] = []
+        self.calls: list[tuple[list[int], list[int], int]] = []
         propose = Eagle3Proposer.propose
         recorder = self
 
@@ -93,29 +95,32 @@ class _Recorder:
             drafts, counts = propose(self, batch, rows, k)
             for row, d, n in zip(np.asarray(rows).tolist(), drafts.tolist(), counts.tolist()):
                 known = batch.token_ids[row, : batch.num_tokens[row]].tolist()
-                recorder.calls.append((known, d[:n]))
+                recorder.calls.append((known, d[:n], int(self.kv_start[row])))
             return drafts, counts
 
         monkeypatch.setattr(Eagle3Proposer, "propose", recording)
 
 
-def _reference_drafts(target: Path, head: Path, tokens: list[int], k: int) -> list[int]:
+def _reference_drafts(target: Path, head: Path, tokens: list[int], k: int,
+                      start: int = 0) -> list[int]:
     """The head's k greedy drafts after ``tokens``, recomputed from scratch in float64: the
     target's aux states at every position from HF, the head over (token[p + 1], fc(aux[p])) for
-    all p, then k - 1 steps feeding each draft with the head's pre-norm output."""
+    every p from ``start`` (its context after a long dormant spell), then k - 1 steps feeding
+    each draft with the head's pre-norm output."""
     hf = load_hf_model(str(target))
     cfg = json.loads((head / "config.json").read_text())
     w = _reference_weights(head, target)
     with torch.no_grad():
         states = hf(torch.tensor([tokens]), output_hidden_states=True).hidden_states
     layers = cfg["eagle_aux_hidden_state_layer_ids"]
-    aux = torch.cat([states[i][0] for i in layers], -1).double()[:-1]
-    ids = torch.tensor(tokens[1:])
+    aux = torch.cat([states[i][0] for i in layers], -1).double()[start:-1]
+    ids = torch.tensor(tokens[start + 1:])
     hidden = aux @ w["fc.weight"].T
     to_target = torch.arange(len(w["d2t"])) + w["d2t"].long()
     drafts: list[int] = []
     for _ in range(k):
-        pre, _, logits = reference_head(w, cfg, ids, torch.arange(len(ids)), hidden)
+        positions = torch.arange(start, start + len(ids))
+        pre, _, logits = reference_head(w, cfg, ids, positions, hidden)
         drafts.append(int(to_target[logits[-1].argmax()]))
         ids = torch.cat([ids, torch.tensor(drafts[-1:])])
         hidden = torch.cat([hidden, pre[-1:]])
@@ -128,14 +133,19 @@ def test_drafts_equal_a_reference_recomputed_from_the_tokens(target, heads, head
                                                              monkeypatch):
     """Whatever the step (a prefill in chunks, a verification that accepted some drafts, a
     request resumed after preemption, the first drafting step after steps without drafts),
-    the drafts are those of the head run over the row's
-    whole history at once: the catch-up fed every position with the right token and features,
-    and the head's KV holds nothing stale where it attends."""
+    the drafts are those of the head run over the row's whole history at once (from the
+    window it restarted from after a long dormant spell): the catch-up fed every position
+    with the right token and features, and the head's KV holds nothing stale where it
+    attends."""
     kwargs, extra = SCENARIOS[scenario]
     kwargs = dict(kwargs, enable_prefix_caching=False)
     recorder = _Recorder(monkeypatch)
     _, llm = run(target, spec(heads[head], k=3, **extra), **kwargs)
     calls = [c for c in recorder.calls if c[1]]
+    if scenario == "intermittent":  # long dormant spells: windows, as well as whole contexts
+        assert {c[2] == 0 for c in calls} == {True, False}
+    else:  # the head drafted from every step's features: whole contexts
+        assert all(c[2] == 0 for c in calls)
     # A spread of calls (the reference is slow): every 7th, and the last ones; intermittent
     # drafting has fewer, all of them checked.
     if scenario == "intermittent":
@@ -144,10 +154,50 @@ def test_drafts_equal_a_reference_recomputed_from_the_tokens(target, heads, head
     else:
         assert len(calls) > 50
         sample = calls[::7] + calls[-5:]
-    mismatched = [(tokens, drafts) for tokens, drafts in sample
-                  if _reference_drafts(target, heads[head], tokens, len(drafts)) != drafts]
+    mismatched = [(tokens, drafts) for tokens, drafts, start in sample
+                  if _reference_drafts(target, heads[head], tokens, len(drafts), start) != drafts]
     # fp32 against fp64 may flip a near-tie now and then; a bookkeeping error flips most.
     assert len(mismatched) <= len(sample) // 20, mismatched[:2]
+
+
+def test_a_dormant_head_writes_nothing_and_resumes_from_a_window(target, heads, monkeypatch):
+    """While the engine drafts nothing (here: while more than one request runs) the head only
+    keeps the target's features: no KV written, no forward. Once one request is left it drafts
+    again: after a pause longer than its ring holds, from a window that starts at a block
+    boundary; the output stays that of plain decoding, and drafts are made."""
+    written = {False: 0, True: 0}
+    steps = {False: 0, True: 0}
+    drafting_now = [False]
+    catch_up, write_kv = Eagle3Proposer.catch_up, Eagle3LlamaForCausalLM.write_kv
+
+    def counting_catch_up(self, batch, step, drafting):
+        drafting_now[0] = drafting
+        steps[drafting] += 1
+        return catch_up(self, batch, step, drafting)
+
+    def counting_write_kv(self, input_ids, *args):
+        written[drafting_now[0]] += len(input_ids)
+        return write_kv(self, input_ids, *args)
+
+    monkeypatch.setattr(Eagle3Proposer, "catch_up", counting_catch_up)
+    monkeypatch.setattr(Eagle3LlamaForCausalLM, "write_kv", counting_write_kv)
+    recorder = _Recorder(monkeypatch)
+    prompts = ["Once upon a time", "The same long shared prefix"]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in (60, 90)]
+    kwargs = dict(max_model_len=128, block_size=8, kv_cache_memory_bytes=KV)
+
+    def tokens(llm: LLM) -> list:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    expected = tokens(LLM(str(target), **kwargs))
+    llm = LLM(str(target), **kwargs,
+              speculative_config=spec(heads["shared"], disable_by_batch_size=1))
+    assert tokens(llm) == expected
+    assert steps[False] >= 50 and written[False] == 0  # dormant: ~60 steps, nothing written
+    assert steps[True] > 0 and written[True] > 0
+    starts = {start for _, drafts, start in recorder.calls if drafts}
+    assert starts and all(s > 0 and s % 8 == 0 for s in starts)  # a window, block-aligned
+    assert llm.engine.get_stats().spec_decoding.num_draft_tokens > 0
 
 
 def test_seeded_random_sampling_is_identical(target, heads):
@@ -243,10 +293,16 @@ def test_a_head_that_cannot_serve_fails_at_start(target, tiny_model_dir, tmp_pat
             speculative_config=spec(head))
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_trained_head_greedy_output_equals_no_speculation(k):
+@pytest.mark.parametrize("k,extra,max_tokens", [
+    (2, {}, (32, 32)),
+    (4, {}, (32, 32)),
+    # Drafts only once one request is left: dormant for 56 steps before, then from a window.
+    (3, {"disable_by_batch_size": 1}, (56, 100)),
+])
+def test_trained_head_greedy_output_equals_no_speculation(k, extra, max_tokens):
     """The shipped head on the shipped target: the same tokens, most drafts accepted."""
-    expected, got, llm = trained_target_run(spec(TRAINED / "eagle3_head", k))
+    expected, got, llm = trained_target_run(spec(TRAINED / "eagle3_head", k, **extra),
+                                            max_tokens)
     assert got == expected
     s = llm.engine.get_stats().spec_decoding
-    assert s.num_accepted_tokens > 0.3 * s.num_draft_tokens
+    assert s.num_draft_tokens > 0 and s.num_accepted_tokens > 0.3 * s.num_draft_tokens

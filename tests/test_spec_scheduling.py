@@ -214,6 +214,41 @@ def test_controller_does_not_price_the_catch_up_after_steps_without_drafts():
     assert controller.propose_cost.seconds(1, 4) == pytest.approx(4e-4)
 
 
+def test_controller_prices_resuming_after_a_pause():
+    """A proposer's first call after many steps without drafts (a dormant EAGLE-3 head's
+    window, a draft model's skipped tokens) is measured apart, and starting to draft again is
+    priced with it: a resume that costs more than drafting would gain over the next steps
+    keeps k at 0. A short pause (a plain probe while drafting) is not taken for a resume."""
+
+    def paused(resume_seconds: float) -> SpeculationController:
+        controller = SpeculationController(4, cost=_cost(flat_until=16))
+        _observe(controller, 4, 0, 200)  # nothing accepted: no drafts...
+        for _ in range(2):  # ...but probes, after a few steps, then after 16
+            while controller.num_drafts(1) == 0:
+                pass
+            controller.observe_proposal(1, 1, 4, seconds=resume_seconds)  # it caught up first
+        for _ in range(10):  # a pause again
+            assert controller.num_drafts(1) == 0
+        controller.acceptance = [0.9] * 4  # drafting would now pay 4x a step, minus resuming
+        return controller
+
+    assert paused(resume_seconds=1e-3).num_drafts(1) == 4
+    costly = paused(resume_seconds=100e-3)  # 100 steps' worth, spread over 16 steps
+    assert costly.propose_cost.resume_seconds(1) == pytest.approx(100e-3)
+    assert costly.num_drafts(1) == 0
+    # Once drafting (a probe), it goes on: the resume is paid.
+    assert costly.speedup(1, 4) > 2
+
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 3, 200)
+    choices = [controller.num_drafts(1) for _ in range(64)]  # with one plain step
+    assert choices.count(0) == 1
+    while controller.num_drafts(1) == 0:
+        pass
+    controller.observe_proposal(1, 1, 4, seconds=50e-3)
+    assert controller.propose_cost.resume_seconds(1) == 0.0
+
+
 def test_proposer_cost_prices_each_k_as_measured():
     """A draft model's first forward of a call costs more than its one-token steps: the calls
     measured at each k price it, the others are priced from the nearest, a position apart

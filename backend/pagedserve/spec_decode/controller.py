@@ -19,6 +19,10 @@ drafts already), so a large batch runs as if speculation were off. Every ``_PROB
 steps it takes the other side once: a step with one draft while it drafts none (nothing is
 learnt about acceptance otherwise, and the workload may have changed), a plain step while it
 drafts (so that the cost of both is measured, not estimated).
+Starting to draft after a pause also costs the proposer a catch-up (a draft model on every
+token it skipped, a dormant EAGLE-3 head on a window of them): that call is measured apart
+(``ProposerCostModel.resume_seconds``) and spread over ``_RESUME_HORIZON`` drafting steps in the
+choice to start again.
 Every ``_QUICK_PROBE_INTERVAL`` steps it drafts every position once while it drafts fewer
 (the acceptance of the positions it skips is learnt too), or while it drafts none where
 drafting would pay at the prior acceptance (see ``_worth_probing_soon``); each such probe that
@@ -57,6 +61,12 @@ _QUICK_PROBE_GAIN = 1.05
 # How far one measured time moves a cost estimate up, and down (see StepCostModel).
 _COST_EMA_UP = 0.05
 _COST_EMA_DOWN = 0.3
+# A proposer's first call after this many steps without drafts pays a catch-up (a draft model
+# on every token it skipped, an EAGLE-3 head on a window of them: see ProposerCostModel);
+# starting to draft then is priced with it, spread over this many drafting steps. Shorter
+# pauses (a plain probe while drafting) cost the proposer little and are not priced.
+_RESUME_AFTER = 8
+_RESUME_HORIZON = 16
 
 
 @dataclass
@@ -211,6 +221,8 @@ class ProposerCostModel:
     def __init__(self) -> None:
         self.per_position = StepCostModel()
         self._calls: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds at its size
+        # A resuming call's seconds beyond an ordinary one's, by batch size (none: free).
+        self.resume = StepCostModel()
 
     @property
     def known(self) -> bool:
@@ -228,6 +240,16 @@ class ProposerCostModel:
         self._calls[(b, k)] = value if old is None else old + (
             _COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
         self.per_position.observe(num_requests, seconds / k)
+
+    def observe_resume(self, num_requests: int, k: int, seconds: float) -> None:
+        """A call that first caught up after steps without drafts: what it cost beyond an
+        ordinary call of k drafts."""
+        self.resume.observe(num_requests, max(seconds - self.seconds(num_requests, k), 0.0))
+
+    def resume_seconds(self, num_requests: float) -> float:
+        """The catch-up's price when drafting resumes at ``num_requests`` (0 until one was
+        measured)."""
+        return self.resume.seconds(num_requests) if self.resume.known else 0.0
 
     def seconds(self, num_requests: float, k: int) -> float:
         if not self.known:
@@ -271,7 +293,9 @@ class SpeculationController:
         # Steps between probes with every draft: doubled by each one made while drafting
         # did not pay, back to the quickest once it does (see num_drafts).
         self._deep_probe_interval = _QUICK_PROBE_INTERVAL
-        self._catch_up_calls = 0
+        # Per proposer call still to come that first catches up: the steps it skipped.
+        self._catch_up_calls: list[int] = []
+        self._steps_without_drafts = 0  # in a row, up to the last choice
         self.last_choice = max_num_drafts
         self._drafting = False  # whether the last choice, probes aside, was to draft
 
@@ -302,7 +326,9 @@ class SpeculationController:
             self.drafted_fraction += _EMA * (num_with_drafts / num_requests
                                              - self.drafted_fraction)
         if self._catch_up_calls:
-            self._catch_up_calls -= 1
+            skipped = self._catch_up_calls.pop(0)
+            if skipped >= _RESUME_AFTER and k and num_requests:
+                self.propose_cost.observe_resume(num_requests, k, seconds)
         elif k and num_requests:
             self.propose_cost.observe(num_requests, k, seconds)
 
@@ -318,15 +344,18 @@ class SpeculationController:
         return total
 
     def speedup(self, num_running: int, k: int,
-                acceptance: Optional[list[float]] = None) -> float:
+                acceptance: Optional[list[float]] = None, resuming: bool = False) -> float:
         """Estimated tokens per second with k drafts over tokens per second without (at the
-        measured acceptance unless ``acceptance`` is given)."""
+        measured acceptance unless ``acceptance`` is given); ``resuming``: the proposer's
+        catch-up after a pause spread over the drafting steps that follow."""
         if k == 0:
             return 1.0
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         base = self.cost.seconds(b)
         step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b, k)
+        if resuming:
+            step += self.propose_cost.resume_seconds(b) / _RESUME_HORIZON
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
     def num_drafts(self, num_running: int) -> int:
@@ -336,8 +365,9 @@ class SpeculationController:
         if not self.adaptive or not self.cost.known:
             return self.max_num_drafts
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
+        resuming = not self.last_choice and self._steps_without_drafts >= _RESUME_AFTER
         for k in range(1, self.max_num_drafts + 1):
-            gain = self.speedup(num_running, k)
+            gain = self.speedup(num_running, k, resuming=resuming)
             if gain > best:
                 best_k, best = k, gain
         self._drafting = best_k > 0  # the choice itself, probes aside
@@ -364,8 +394,9 @@ class SpeculationController:
             best_k = 1 if best_k == 0 else 0
         if best_k and not self.last_choice:
             # The proposer's next call first catches up on the tokens of the steps without
-            # drafts: not what a draft position costs.
-            self._catch_up_calls += 1
+            # drafts: not what a draft position costs, but what resuming does.
+            self._catch_up_calls.append(self._steps_without_drafts)
+        self._steps_without_drafts = 0 if best_k else self._steps_without_drafts + 1
         self.last_choice = best_k
         return best_k
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ class PagedBatch(Protocol):
 
     token_ids: np.ndarray  # [rows, max_model_len]
     num_tokens: np.ndarray  # [rows]
+    num_computed: np.ndarray  # [rows]: tokens whose target KV is (being) written
     block_table: np.ndarray  # [rows, max_blocks_per_req]
     num_blocks: np.ndarray  # [rows]
     serial: np.ndarray  # [rows]
@@ -161,16 +162,30 @@ class DecodeSteps:
     """Owns the inputs and attention metadata of a drafter's one-token steps over a fixed set
     of rows (row i's first step at ``positions[i]``, its KV at ``table[i]``, which covers its
     last step): built once by ``ragged_metadata``, then moved one position on per step in place
-    (positions, context lengths, slots), since every such step has the same shape."""
+    (positions, context lengths, slots), since every such step has the same shape.
+
+    ``context_start`` (per row, a block boundary; default 0) is the first position a row
+    attends to: an EAGLE-3 head whose keys and values before it are missing or stale. The
+    attention then sees the row's blocks from that one on (a shorter context), while the rotary
+    embedding still gets the true positions (the cached keys were rotated at theirs, so the
+    scores are unchanged)."""
 
     def __init__(self, positions: np.ndarray, table: np.ndarray, block_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, context_start: Optional[np.ndarray] = None) -> None:
         n = len(positions)
         self.block_size = block_size
-        self.table = table
         self.positions = positions.astype(np.int64)  # a copy: advanced in place
+        # Positions as the attention metadata counts them: from each row's context start.
+        self._context = self.positions
+        if context_start is not None and context_start.any():
+            first = context_start.astype(np.int64) // block_size
+            columns = np.minimum(np.arange(table.shape[1])[None, :] + first[:, None],
+                                 table.shape[1] - 1)
+            table = np.take_along_axis(table, columns, axis=1)
+            self._context = self.positions - first * block_size
+        self.table = table
         ones = np.ones(n, dtype=np.int64)
-        self.meta, _ = ragged_metadata(self.positions, table, ones, self.positions + 1,
+        self.meta, _ = ragged_metadata(self._context, table, ones, self._context + 1,
                                        block_size, device)
         self.positions_t = torch.from_numpy(self.positions).to(device)
         self._positions_shared = self.positions_t.device.type == "cpu"  # a view of positions
@@ -180,11 +195,13 @@ class DecodeSteps:
         """The next step: every row one position further."""
         meta, bs = self.meta, self.block_size
         self.positions += 1
-        positions = self.positions
-        slots = self.table[self._rows, positions // bs] * bs + positions % bs
+        if self._context is not self.positions:
+            self._context += 1
+        context = self._context
+        slots = self.table[self._rows, context // bs] * bs + context % bs
         meta.slot_mapping.copy_(torch.from_numpy(slots))
         if not self._positions_shared:
-            self.positions_t.copy_(torch.from_numpy(positions))
+            self.positions_t.copy_(torch.from_numpy(self.positions))
         meta.seq_lens_cpu.add_(1)
         if meta.seq_lens is not meta.seq_lens_cpu:
             meta.seq_lens.add_(1)

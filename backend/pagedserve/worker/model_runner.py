@@ -275,9 +275,8 @@ class ModelRunner:
         logits, prompt_logprobs, aux = self._forward_logits(inputs, prompt_plan)
         self.spec_timing.forward += time.perf_counter() - start
         features = None
-        if aux is not None:  # for the EAGLE-3 head, which catches up on every step
-            features = StepFeatures(rows, batch.num_computed[rows].astype(np.int64),
-                                    num_sched.astype(np.int64), batch.serial[rows], aux)
+        if aux is not None:  # for the EAGLE-3 head, which takes every step's features
+            features = self.eagle3.step_features(batch, rows, num_sched, aux)
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
         start = time.perf_counter()
