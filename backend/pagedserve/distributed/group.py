@@ -59,7 +59,6 @@ class TensorParallelGroup:
         return torch.cat(parts, dim=dim)
 
 
-
 SINGLE_RANK = TensorParallelGroup()
 
 

@@ -114,7 +114,7 @@ class LLMEngine:
             model_config.max_position_embeddings,
             checkpoint_dtype,
             sliding_window=model_config.sliding_window,
-            cuda_device_count=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+            cuda_device_count=torch.cuda.device_count(),  # 0 without CUDA
             quantized=model_config.quant_config is not None,
             placement=placement,
         )

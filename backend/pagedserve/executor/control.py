@@ -8,6 +8,7 @@ import pickle
 import struct
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,6 +45,7 @@ class ControlChannel:
         self.group = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
         self.timeout_s = timeout_s
         self._buffer = torch.zeros(CAPACITY, dtype=torch.uint8)
+        self._view = self._buffer.numpy()  # the same bytes, written and read in place
         self._in_flight: list[tuple[dist.Work, str]] = []
         self._spill: Optional[torch.Tensor] = None  # kept alive while its broadcast runs
 
@@ -64,27 +66,24 @@ class ControlChannel:
         (waiting up to ``timeout_s`` for that, default: the channel's)."""
         self.flush(timeout_s)
         data = pickle.dumps((command, argument), protocol=pickle.HIGHEST_PROTOCOL)
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         first = min(len(data), CAPACITY - _HEADER.size)
-        self._buffer[:_HEADER.size].copy_(
-            torch.frombuffer(bytearray(_HEADER.pack(len(data))), dtype=torch.uint8))
-        self._buffer[_HEADER.size:_HEADER.size + first].copy_(payload[:first])
+        _HEADER.pack_into(self._view, 0, len(data))
+        self._view[_HEADER.size:_HEADER.size + first] = np.frombuffer(data, np.uint8, first)
         self._in_flight.append(
             (dist.broadcast(self._buffer, src=0, group=self.group, async_op=True), command))
         if first < len(data):
-            self._spill = payload[first:].clone()
+            self._spill = torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8)
             self._in_flight.append(
                 (dist.broadcast(self._spill, src=0, group=self.group, async_op=True), command))
 
     def receive(self) -> tuple[str, Any]:
         dist.broadcast(self._buffer, src=0, group=self.group)
-        (size,) = _HEADER.unpack(self._buffer[:_HEADER.size].numpy().tobytes())
-        data = self._buffer[_HEADER.size:_HEADER.size + min(size, CAPACITY - _HEADER.size)]
-        if size > len(data):
-            rest = torch.empty(size - len(data), dtype=torch.uint8)
-            dist.broadcast(rest, src=0, group=self.group)
-            data = torch.cat([data, rest])
-        return pickle.loads(data.numpy().tobytes())
+        (size,) = _HEADER.unpack_from(self._view)
+        if size <= CAPACITY - _HEADER.size:  # unpickling copies out what it keeps
+            return pickle.loads(self._view[_HEADER.size:_HEADER.size + size])
+        rest = torch.empty(size - (CAPACITY - _HEADER.size), dtype=torch.uint8)
+        dist.broadcast(rest, src=0, group=self.group)
+        return pickle.loads(self._view[_HEADER.size:].tobytes() + rest.numpy().tobytes())
 
     def min_over_ranks(self, value: int, timeout_s: Optional[float] = None) -> int:
         """The smallest of every rank's ``value``; rank 0 waits up to ``timeout_s`` (default:
