@@ -25,8 +25,9 @@ greedy with ``max_tokens`` fixed and ``ignore_eos``, so base and speculative run
 same number of tokens; each speculative run's token ids are checked against the base's, and a
 difference fails the command (exit 1, "OUTPUT MISMATCH") after the table is printed. The base
 engine and each speculative one (fixed k, ``adaptive: false``, and adaptive with the same
-largest k) are loaded once and run in turn, --repeat times; the table gives medians, the speedup
-being the median of the paired ratios. The time split is the share of a speculative run's wall
+largest k) are loaded once and run in turn B requests at a time (the order rotating from one
+group of B to the next), --repeat times; the table gives medians, the speedup being the median
+of the paired ratios. The time split is the share of a speculative run's wall
 time in the runner's proposer, forward (the verification forward) and sampling/verification
 (``engine.runner.spec_timing``); the rest is the engine's own work (scheduling, input
 preparation, output processing). Mean acceptance length is vLLM's: 1 + accepted / drafts.
@@ -147,6 +148,16 @@ class RunFigures:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted: int = 0
+
+    @staticmethod
+    def combine(parts: list[RunFigures]) -> RunFigures:
+        """The figures of runs taken one after another, as one run."""
+        seconds = sum(p.seconds for p in parts)
+        tokens = sum(len(t) for p in parts for t in p.token_ids)
+        return RunFigures(tokens / seconds, [t for p in parts for t in p.token_ids], seconds,
+                          *(sum(getattr(p, name) for p in parts)
+                            for name in ("propose", "forward", "sample", "num_drafts",
+                                         "num_draft_tokens", "num_accepted")))
 
 
 class Engine:
@@ -278,15 +289,24 @@ def load_speculative(method: str, configs: list[tuple[bool, dict[str, Any]]], ma
 def measure(workload: Workload, base: Engine, engines: list[Engine], method: str, k: int,
             batches: list[int], min_requests: int, repeat: int) -> list[Row]:
     rows = []
+    everyone = [base, *engines]
     for batch in batches:
         prompts = workload.prompts[:max(batch, min_requests)]
+        groups = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
         batch_rows = [Row(method, e.config["adaptive"], batch, k) for e in engines]
         for rep in range(repeat):
-            # Interleaved, so that every engine sees the same (noisy) machine.
-            base_run = base.run(prompts, batch)
-            for row, engine in zip(batch_rows, engines):
+            # Interleaved group by group (B requests at a time), the order rotating, so that
+            # every engine sees the same (noisy) machine: on a 2-vCPU VM whose speed drifted by
+            # 30% within seconds, whole runs in turn gave one engine's five paired ratios from
+            # 0.79 to 1.26.
+            parts: list[list[RunFigures]] = [[] for _ in everyone]
+            for g, group in enumerate(groups):
+                first = (rep + g) % len(everyone)
+                for i in list(range(first, len(everyone))) + list(range(first)):
+                    parts[i].append(everyone[i].run(group, batch))
+            base_run, *spec_runs = (RunFigures.combine(p) for p in parts)
+            for row, engine, spec_run in zip(batch_rows, engines, spec_runs):
                 row.base.append(base_run)
-                spec_run = engine.run(prompts, batch)
                 row.spec.append(spec_run)
                 if row.mismatch is None:
                     row.mismatch = first_difference(base_run.token_ids, spec_run.token_ids)

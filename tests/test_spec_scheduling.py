@@ -266,6 +266,35 @@ def test_proposer_cost_prices_each_k_as_measured():
     assert cost.seconds(1, 2) == pytest.approx(2.0e-3 + step, rel=0.01)  # nearest: k 1
 
 
+def test_proposer_cost_counts_the_forwards_beyond_the_drafts():
+    """An EAGLE-3 head's call makes k + 1 forwards (its catch-up over the accepted tokens,
+    then k drafting steps): priced so from the start-up timing of one, and a measured call
+    divides into k + 1 positions."""
+    cost = ProposerCostModel(extra_forwards=1)
+    cost.seed(1, 1e-3)
+    assert cost.seconds(1, 3) == pytest.approx(4e-3)
+    assert cost.seconds(1, 1) == pytest.approx(2e-3)
+    for _ in range(300):
+        cost.observe(1, 3, 6e-3)
+    assert cost.per_position.seconds(1) == pytest.approx(1.5e-3, rel=0.01)
+    assert cost.seconds(1, 1) == pytest.approx(6e-3 - 2 * 1.5e-3, rel=0.01)  # from k 3
+
+
+@pytest.mark.parametrize("extra_forwards, drafts", [(0, True), (1, False)])
+def test_controller_prices_a_head_that_catches_up_before_drafting(extra_forwards, drafts):
+    """At 60% acceptance a position, with a step of 1 ms and a proposer forward of 0.3 ms,
+    k forwards a call pay (k 3: 2.18 tokens for 1.9 ms), k + 1 do not (2.2 ms). Priced at k,
+    an EAGLE-3 head went on drafting at a loss at batch 1."""
+    controller = SpeculationController(3, cost=_cost(flat_until=16),
+                                       propose_cost=ProposerCostModel(extra_forwards))
+    controller.propose_cost.seed(1, 0.3e-3)
+    stats = SpecDecodingStats()
+    for accepted in [0] * 40 + [1] * 24 + [2] * 14 + [3] * 22:  # 0.6, 0.6, 0.61 a position
+        stats.observe(3, accepted)
+    controller.observe_acceptance(stats)
+    assert (controller.num_drafts(1) > 0) == drafts
+
+
 def test_controller_prices_the_proposer():
     controller = SpeculationController(4, cost=_cost(flat_until=16))
     _observe(controller, 4, 2, 200)

@@ -179,14 +179,15 @@ class LLMEngine:
         spec = self.config.speculative
         if spec is None:
             return None
-        cost, propose_cost = StepCostModel(), ProposerCostModel()
+        drafter = self.runner.paged_proposer  # a drafting step's price, before measured
+        cost = StepCostModel()
+        propose_cost = ProposerCostModel(0 if drafter is None else drafter.EXTRA_FORWARDS)
         if spec.adaptive:
             # The best of two rounds: a step size timed while the host was busy with other
             # work made the next size look nearly free.
             rounds = [self.executor.time_forwards() for _ in range(2)]
             for timings in zip(*rounds):
                 cost.seed(timings[0][0], min(seconds for _, seconds in timings))
-            drafter = self.runner.paged_proposer  # a drafting step's price, before measured
             if drafter is not None:
                 sizes = [1 << i for i in range(self.config.max_num_seqs.bit_length())]
                 for num_requests, seconds in drafter.time_steps(sizes):

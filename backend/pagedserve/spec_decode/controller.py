@@ -31,6 +31,7 @@ finds drafting still not paying doubles the wait for the next, up to ``_PROBE_IN
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -149,6 +150,9 @@ class StepCostModel:
         self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
         self._observed: dict[int, float] = {}  # bucket exponent -> running average
         self._calibration = 1.0  # measured / start-up, where both are known
+        # (sizes, times) as ``seconds`` reads them, rebuilt after a change: the controller
+        # prices several step sizes every step, where a rebuild each time cost ~0.2 ms.
+        self._curve: Optional[tuple[list[float], list[float]]] = None
 
     @staticmethod
     def _bucket(num_tokens: int) -> tuple[int, float]:
@@ -160,6 +164,7 @@ class StepCostModel:
     def seed(self, num_tokens: int, seconds: float) -> None:
         b, scale = self._bucket(num_tokens)
         self._seeded[b] = seconds * scale
+        self._curve = None
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         b, scale = self._bucket(num_tokens)
@@ -175,32 +180,38 @@ class StepCostModel:
         self._observed[b] = new
         if seeded:
             self._calibration += _EMA * (new / seeded - self._calibration)
+        self._curve = None
 
     @property
     def known(self) -> bool:
         return bool(self._seeded or self._observed)
 
-    def seconds(self, num_tokens: float) -> float:
+    def _build_curve(self) -> tuple[list[float], list[float]]:
         table = {b: t * self._calibration for b, t in self._seeded.items()}
         table.update(self._observed)
         points = sorted(table.items())
-        if not points:
-            return 1.0
-        n = max(num_tokens, 1.0)
         sizes = [2.0**b for b, _ in points]
         times = [t for _, t in points]
         # A step of fewer tokens never costs more than one of more: a time above a larger
         # size's is noise (a start-up timing or a measurement slowed by other work).
         for i in range(len(times) - 2, -1, -1):
             times[i] = min(times[i], times[i + 1])
+        return sizes, times
+
+    def seconds(self, num_tokens: float) -> float:
+        if self._curve is None:
+            self._curve = self._build_curve()
+        sizes, times = self._curve
+        if not sizes:
+            return 1.0
+        n = max(num_tokens, 1.0)
         if n <= sizes[0]:
             return times[0]
         if n >= sizes[-1]:
             return times[-1] * n / sizes[-1]
-        for (n0, t0), (n1, t1) in zip(zip(sizes, times), zip(sizes[1:], times[1:])):
-            if n <= n1:
-                return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
-        return times[-1]  # unreachable
+        i = bisect.bisect_left(sizes, n)  # sizes[i - 1] < n <= sizes[i]
+        n0, t0, n1, t1 = sizes[i - 1], times[i - 1], sizes[i], times[i]
+        return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
 
 
 class ProposerCostModel:
@@ -216,9 +227,17 @@ class ProposerCostModel:
     minus that many positions. That a time above the estimate moves it slowly matters here
     twice: a draft model that was idle (k = 0 steps, a new request's prompt) first catches up
     on every token it missed, a call that costs many drafting steps once and says nothing
-    about what drafting costs from then on."""
+    about what drafting costs from then on.
 
-    def __init__(self) -> None:
+    ``extra_forwards``: the forwards a call makes beyond its k drafting steps (an EAGLE-3
+    head's catch-up over the tokens the last step accepted, before its first draft; none for
+    a draft model, whose first drafting forward takes them). Without it, a call of k drafts
+    was priced at k forwards where it makes k + 1, and where drafting stays off but for
+    probes, every call is a resume (priced apart) and the ordinary price never learns better:
+    EAGLE-3 at batch 1 went on drafting at a loss."""
+
+    def __init__(self, extra_forwards: int = 0) -> None:
+        self.extra_forwards = extra_forwards
         self.per_position = StepCostModel()
         self._calls: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds at its size
         # A resuming call's seconds beyond an ordinary one's, by batch size (none: free).
@@ -239,7 +258,7 @@ class ProposerCostModel:
         value = seconds * scale
         self._calls[(b, k)] = value if old is None else old + (
             _COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
-        self.per_position.observe(num_requests, seconds / k)
+        self.per_position.observe(num_requests, seconds / (k + self.extra_forwards))
 
     def observe_resume(self, num_requests: int, k: int, seconds: float) -> None:
         """A call that first caught up after steps without drafts: what it cost beyond an
@@ -257,7 +276,7 @@ class ProposerCostModel:
         b, scale = StepCostModel._bucket(round(num_requests))
         measured = [j for (bucket, j) in self._calls if bucket == b]
         if not measured:
-            return k * self.per_position.seconds(num_requests)
+            return (k + self.extra_forwards) * self.per_position.seconds(num_requests)
         nearest = min(measured, key=lambda j: (abs(j - k), j))  # a tie: a step added
         call = self._calls[(b, nearest)] / scale
         return max(call + (k - nearest) * self.per_position.seconds(num_requests), 0.0)

@@ -95,6 +95,10 @@ class DraftModelProposer:
     block ids, plus per-row scratch blocks) and, per batch row, which positions of those caches
     hold the row's tokens (see the module docstring). Implements the runner's Proposer."""
 
+    # Forwards per proposing call beyond its k drafting steps: none, the first drafting
+    # forward also takes the tokens the last step accepted.
+    EXTRA_FORWARDS = 0
+
     def __init__(
         self,
         config: EngineConfig,

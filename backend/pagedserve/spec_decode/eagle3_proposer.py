@@ -97,6 +97,10 @@ class Eagle3Proposer:
     after it, each row's last head state. Implements the runner's Proposer; the runner hands
     it each step's features first (``catch_up``)."""
 
+    # Forwards of the head per proposing call beyond its k drafting steps: the catch-up over
+    # the positions the last step accepted (the speculation controller prices calls by it).
+    EXTRA_FORWARDS = 1
+
     def __init__(
         self,
         config: EngineConfig,
