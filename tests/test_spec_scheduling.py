@@ -295,6 +295,23 @@ def test_controller_prices_a_head_that_catches_up_before_drafting(extra_forwards
     assert (controller.num_drafts(1) > 0) == drafts
 
 
+def test_controller_prices_verification_steps_apart():
+    """Verifying 1 + k tokens of one request costs more than decoding 1 + k requests (on the
+    CPU at batch 1, 1.6x a plain step where start-up timed 4 requests' decode at 1.2x): the
+    measured verification steps price drafting, and the sizes not verified yet scale with
+    them, whatever the plain steps cost."""
+    controller = SpeculationController(3, cost=_cost(flat_until=16),
+                                       verify_cost=_cost(flat_until=16))
+    _observe(controller, 3, 2, 200)
+    assert controller.num_drafts(1) == 3
+    for _ in range(200):
+        controller.observe_step(1, 1e-3)
+        controller.observe_step(4, 3.2e-3, verified=True)  # 3 drafts and its token
+    assert controller.cost.seconds(4) == pytest.approx(1e-3)  # the plain curve: unchanged
+    assert controller.verify_cost.seconds(2) == pytest.approx(3.2e-3, rel=0.01)
+    assert controller.num_drafts(1) == 0
+
+
 def test_controller_prices_the_proposer():
     controller = SpeculationController(4, cost=_cost(flat_until=16))
     _observe(controller, 4, 2, 200)

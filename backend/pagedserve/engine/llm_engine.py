@@ -180,21 +180,22 @@ class LLMEngine:
         if spec is None:
             return None
         drafter = self.runner.paged_proposer  # a drafting step's price, before measured
-        cost = StepCostModel()
+        cost, verify_cost = StepCostModel(), StepCostModel()
         propose_cost = ProposerCostModel(0 if drafter is None else drafter.EXTRA_FORWARDS)
         if spec.adaptive:
             # The best of two rounds: a step size timed while the host was busy with other
             # work made the next size look nearly free.
             rounds = [self.executor.time_forwards() for _ in range(2)]
             for timings in zip(*rounds):
-                cost.seed(timings[0][0], min(seconds for _, seconds in timings))
+                for model in (cost, verify_cost):
+                    model.seed(timings[0][0], min(seconds for _, seconds in timings))
             if drafter is not None:
                 sizes = [1 << i for i in range(self.config.max_num_seqs.bit_length())]
                 for num_requests, seconds in drafter.time_steps(sizes):
                     propose_cost.seed(num_requests, seconds)
         return SpeculationController(
             spec.num_speculative_tokens, spec.adaptive, spec.disable_by_batch_size, cost,
-            propose_cost,
+            propose_cost, verify_cost,
         )
 
     # ---- requests ------------------------------------------------------------------------
@@ -318,7 +319,8 @@ class LLMEngine:
             sched.num_scheduled_tokens.values()
         ) <= 1 + self.config.speculative.num_speculative_tokens:
             self.speculation.observe_step(sched.total_num_scheduled_tokens,
-                                          seconds - propose_seconds)
+                                          seconds - propose_seconds,
+                                          verified=bool(sched.scheduled_spec_decode_tokens))
 
     def _update(self, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(runner_output)

@@ -9,7 +9,8 @@ Whether that pays depends on three measured things:
   at all (an n-gram proposer finds none without a match);
 - the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
   (small batches), growing with n once it is bound by compute (large batches). It is seeded by
-  timing forwards at start-up and then follows the measured steps;
+  timing forwards at start-up and then follows the measured steps, those that verify drafts
+  apart (b requests of 1 + k tokens cost more than b(1 + k) requests of one);
 - the proposer's cost at a batch of B requests and k drafts each (a draft model's k drafts
   are k forwards over the batch), seeded likewise by timing a drafting step at start-up.
 
@@ -186,6 +187,10 @@ class StepCostModel:
     def known(self) -> bool:
         return bool(self._seeded or self._observed)
 
+    @property
+    def observed(self) -> bool:
+        return bool(self._observed)
+
     def _build_curve(self) -> tuple[list[float], list[float]]:
         table = {b: t * self._calibration for b, t in self._seeded.items()}
         table.update(self._observed)
@@ -295,11 +300,19 @@ class SpeculationController:
         disable_by_batch_size: Optional[int] = None,
         cost: Optional[StepCostModel] = None,
         propose_cost: Optional[ProposerCostModel] = None,
+        verify_cost: Optional[StepCostModel] = None,
     ) -> None:
         self.max_num_drafts = max_num_drafts
         self.adaptive = adaptive
         self.disable_by_batch_size = disable_by_batch_size
         self.cost = cost if cost is not None else StepCostModel()
+        # Steps that verify drafts, apart: b requests of 1 + k tokens are not b(1 + k)
+        # requests of one (at batch 1 on the CPU, a verification of 4 tokens cost 1.6x a
+        # plain step where 4 requests' decode cost 1.2x), and a size verified now and then
+        # would otherwise keep the plain steps' price. Seeded with the same start-up
+        # timings, its calibration learns what verifying adds; until one is measured, the
+        # plain steps' curve prices it.
+        self.verify_cost = verify_cost if verify_cost is not None else StepCostModel()
         self._prior = [_PRIOR_ACCEPTANCE] * max_num_drafts
         self.acceptance = list(self._prior)  # conditional, per position
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
@@ -333,8 +346,10 @@ class SpeculationController:
                 self.acceptance[j] += weight * (rate - self.acceptance[j])
         self._seen_accepted, self._seen_reached = accepted, reached
 
-    def observe_step(self, num_tokens: int, seconds: float) -> None:
-        self.cost.observe(num_tokens, seconds)
+    def observe_step(self, num_tokens: int, seconds: float, verified: bool = False) -> None:
+        """A decode step of ``num_tokens`` took ``seconds`` (the proposer's share apart);
+        ``verified``: some of its requests had drafts."""
+        (self.verify_cost if verified else self.cost).observe(num_tokens, seconds)
 
     def observe_proposal(self, num_requests: int, num_with_drafts: int, k: int,
                          seconds: float) -> None:
@@ -372,7 +387,8 @@ class SpeculationController:
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         base = self.cost.seconds(b)
-        step = self.cost.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b, k)
+        verify = self.verify_cost if self.verify_cost.observed else self.cost
+        step = verify.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b, k)
         if resuming:
             step += self.propose_cost.resume_seconds(b) / _RESUME_HORIZON
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
