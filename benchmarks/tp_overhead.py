@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import socket
 import statistics
 import time
 
@@ -29,6 +28,7 @@ import torch.multiprocessing as mp
 
 from pagedserve.core.scheduler_output import SchedulerOutput
 from pagedserve.executor import control
+from pagedserve.executor.multi_rank import free_port
 from pagedserve.executor.rank import RankZeroTokens, join_ranks
 
 # The all-reduce standing for the model's first collective: one token's hidden state (8B).
@@ -50,6 +50,11 @@ def decode_step(num_running: int, step: int) -> SchedulerOutput:
     )
 
 
+def _message(num_running: int, step: int) -> tuple[SchedulerOutput, RankZeroTokens]:
+    """The EXECUTE argument of a decode step: its diff and rank 0's tokens of the step before."""
+    return decode_step(num_running, step), RankZeroTokens(np.zeros((num_running, 1), np.int64))
+
+
 def _rank(rank: int, world: int, port: int, running: list[int], steps: int,
           results: mp.Queue) -> None:
     torch.set_num_threads(1)
@@ -58,12 +63,11 @@ def _rank(rank: int, world: int, port: int, running: list[int], steps: int,
     hidden = torch.zeros(HIDDEN_SIZE)
     for n in running:
         alone_ms, with_ms, send_ms = [], [], []
-        size = 0
+        size = len(pickle.dumps((control.EXECUTE, _message(n, 1)), pickle.HIGHEST_PROTOCOL))
         for step in range(2 * steps):
             with_message = step % 2 == 1
             if rank == 0:
-                message = (decode_step(n, step), RankZeroTokens(np.zeros((n, 1), np.int64)))
-                size = len(pickle.dumps((control.EXECUTE, message), pickle.HIGHEST_PROTOCOL))
+                message = _message(n, step) if with_message else None
                 t0 = time.perf_counter()
                 if with_message:
                     channel.send(control.EXECUTE, message)
@@ -85,12 +89,6 @@ def _rank(rank: int, world: int, port: int, running: list[int], steps: int,
         channel.receive()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _p(values: list[float], q: float) -> float:
     return sorted(values)[min(len(values) - 1, int(q * len(values)))]
 
@@ -103,7 +101,7 @@ def main() -> int:
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank, args=(r, args.tp, port, args.running, args.steps, results))
              for r in range(args.tp)]
     for p in procs:

@@ -5,13 +5,13 @@ the channel still usable after), and the minimum over ranks."""
 from __future__ import annotations
 
 import pickle
-import socket
 import time
 import traceback
 
 import torch.multiprocessing as mp
 
 from pagedserve.executor import control
+from pagedserve.executor.multi_rank import free_port
 from pagedserve.executor.rank import join_ranks
 
 SMALL = ("execute", {"req-1": 1, "req-2": 1})
@@ -45,9 +45,7 @@ def _rank(rank: int, port: int, results: mp.Queue) -> None:
 
 
 def test_messages_of_any_size_arrive_and_a_late_worker_times_the_wait_out():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]

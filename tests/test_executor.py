@@ -16,12 +16,14 @@ import weakref
 
 import pytest
 from tp_workload import (
+    ARCHITECTURE,
     ENGINE,
     GREEDY,
     KILL_NOTICE_S,
     SHARED,
     assert_a_kill_fails_the_run,
     assert_same,
+    executor_of,
     gone,
     greedy,
     one_rank_reference,
@@ -36,13 +38,11 @@ from pagedserve.executor.mp_executor import MultiprocExecutor
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return str(tiny_model_dir("llama"))  # 4 heads, 2 KV heads: 2 ranks of 2 and 1
+    return str(tiny_model_dir(ARCHITECTURE))
 
 
 def _worker_processes(llm: LLM) -> list:
-    executor = llm.engine.executor
-    assert isinstance(executor, MultiprocExecutor)
-    return list(executor._workers.processes)
+    return list(executor_of(llm, MultiprocExecutor)._workers.processes)
 
 
 @pytest.fixture(scope="module")

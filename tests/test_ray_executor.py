@@ -15,11 +15,13 @@ import time
 import pytest
 import torch.distributed as dist
 from tp_workload import (
+    ARCHITECTURE,
     ENGINE,
     GREEDY,
     KILL_NOTICE_S,
     assert_a_kill_fails_the_run,
     assert_same,
+    executor_of,
     gone,
     greedy,
     one_rank_reference,
@@ -47,13 +49,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    return str(tiny_model_dir("llama"))  # 4 heads, 2 KV heads: 2 ranks of 2 and 1
-
-
-def _executor(llm: LLM) -> RayExecutor:
-    executor = llm.engine.executor
-    assert isinstance(executor, RayExecutor)
-    return executor
+    return str(tiny_model_dir(ARCHITECTURE))
 
 
 def _all_gone(pids: list[int], within_s: float = 5.0) -> bool:
@@ -72,7 +68,7 @@ def test_without_a_cluster_the_engine_starts_and_stops_its_own(model, monkeypatc
         pytest.skip("runs before the module's Ray cluster starts (run the whole module)")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     llm = LLM(model, **RAY, **ENGINE)
-    executor = _executor(llm)
+    executor = executor_of(llm, RayExecutor)
     assert executor._workers.started_ray and ray.is_initialized()
     assert ray.cluster_resources().get("CPU") == 2.0  # tensor_parallel_size CPUs
     [pid] = executor.worker_pids
@@ -87,7 +83,7 @@ def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
     expected = one_rank_reference(model)
     llm = LLM(model, **RAY, **ENGINE)
     assert llm.engine.config.executor_backend == "ray"
-    executor = _executor(llm)
+    executor = executor_of(llm, RayExecutor)
     [pid] = executor.worker_pids
     assert not gone(pid)
     assert ray.available_resources().get("CPU", 0.0) == 0.0  # both ranks' bundles held
@@ -114,7 +110,7 @@ def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
 
 def test_a_killed_actor_fails_the_requests_at_once(cluster, model):
     llm = LLM(model, **RAY, **ENGINE)
-    executor = _executor(llm)
+    executor = executor_of(llm, RayExecutor)
     [actor], [pid] = executor._workers.actors, executor.worker_pids
     assert_a_kill_fails_the_run(
         llm, lambda: ray.kill(actor),
@@ -132,7 +128,7 @@ def test_a_cluster_too_small_fails_the_load_naming_tensor_parallel_size(cluster,
 
 def test_a_hung_actor_fails_the_step_after_the_timeout(cluster, model):
     llm = LLM(model, **RAY, distributed_timeout_seconds=2.0, **ENGINE)
-    [pid] = _executor(llm).worker_pids
+    [pid] = executor_of(llm, RayExecutor).worker_pids
     params = SamplingParams(max_tokens=4, **GREEDY)
     assert len(llm.generate("Before", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
     os.kill(pid, signal.SIGSTOP)  # alive to Ray, but answers nothing

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import shutil
-import socket
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,6 +20,7 @@ from tensor_parallel_ranks import greedy_run, rank_main
 
 from pagedserve.devtools.quantized_model import write_quantized
 from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
+from pagedserve.executor.multi_rank import free_port
 from pagedserve.layers.linear import LinearBase
 from pagedserve.layers.quantization.w8a8_linear import W8A8LinearMethod, W8A8Scheme
 from pagedserve.models.loader import load_model
@@ -62,16 +63,10 @@ WRITTEN = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(model_dirs: list[str], out_dir: pathlib.Path) -> list[dict]:
     """Runs greedy_run on WORLD spawned gloo ranks; returns each rank's results."""
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=rank_main,
                          args=(rank, WORLD, port, model_dirs, str(out_dir), COLLECTIVE_TIMEOUT_S))
              for rank in range(WORLD)]
@@ -222,6 +217,19 @@ W8A8_FIXTURES = {
 }
 
 
+def _row_parallel_sum(make_layer: Callable[[TensorParallelGroup], LinearBase],
+                      x: torch.Tensor, ranks: list[TensorParallelGroup]) -> torch.Tensor:
+    """A row-parallel layer's output: each rank's layer on its share of ``x``'s columns,
+    summed over the ranks (what the all-reduce does)."""
+    share = x.shape[-1] // len(ranks)
+    out = torch.zeros(())
+    for tp in ranks:
+        layer = make_layer(tp)
+        out = out + layer.linear_method.apply(layer, x[:, tp.rank * share:(tp.rank + 1) * share],
+                                              None)
+    return out
+
+
 def _check_rank_parts(path: pathlib.Path, qkv_sizes: list[int], hidden: int,
                       intermediate: int, rtol: float, atol: float) -> None:
     """Rank 0's and rank 1's q/k/v (column-parallel) and down_proj (row-parallel) parts of
@@ -240,15 +248,12 @@ def _check_rank_parts(path: pathlib.Path, qkv_sizes: list[int], hidden: int,
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol * float(want.abs().max()))
     down = {"down_proj": None}
     h = torch.randn(5, intermediate)
-    share = intermediate // WORLD
     with torch.inference_mode():
         want = _layer(path, "model.layers.0.mlp.down_proj", down, [hidden], intermediate,
                       SINGLE_RANK, "row")(h)
-        got = sum(layer.linear_method.apply(layer, h[:, tp.rank * share:(tp.rank + 1) * share],
-                                            None)
-                  for tp in ranks
-                  for layer in [_layer(path, "model.layers.0.mlp.down_proj", down, [hidden],
-                                       intermediate, tp, "row")])
+        got = _row_parallel_sum(
+            lambda tp: _layer(path, "model.layers.0.mlp.down_proj", down, [hidden],
+                              intermediate, tp, "row"), h, ranks)
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol * float(want.abs().max()))
 
 
@@ -293,10 +298,8 @@ def test_block_fp8_rank_parts_make_the_whole_layer():
         want = _block_fp8_layer(weight, scales, (64, 128), SINGLE_RANK, None)(x)
         columns = torch.cat([_block_fp8_layer(weight, scales, (64, 128), tp, "column")(x)
                              for tp in ranks], dim=-1)
-        rows = sum(layer.linear_method.apply(layer, x[:, tp.rank * 256:(tp.rank + 1) * 256],
-                                             None)
-            for tp in ranks
-            for layer in [_block_fp8_layer(weight, scales, (64, 128), tp, "row")])
+        rows = _row_parallel_sum(
+            lambda tp: _block_fp8_layer(weight, scales, (64, 128), tp, "row"), x, ranks)
     scale = float(want.abs().max())
     torch.testing.assert_close(columns, want, rtol=RTOL, atol=ATOL * scale)
     torch.testing.assert_close(rows, want, rtol=RTOL, atol=ATOL * scale)

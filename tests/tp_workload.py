@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 
@@ -22,6 +23,17 @@ ENGINE = dict(dtype="float32", max_model_len=128, block_size=8, num_kv_blocks=24
 SHARED = "The same long shared prefix for several requests, so that blocks are reused: "
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 KILL_NOTICE_S = 5.0  # a dead worker must fail the engine within this
+# The tiny model the executors split: 4 heads, 2 KV heads (2 ranks of 2 and 1).
+ARCHITECTURE = "llama"
+
+E = TypeVar("E", bound=Executor)
+
+
+def executor_of(llm: LLM, kind: type[E]) -> E:
+    """``llm``'s executor, which must be a ``kind``."""
+    executor = llm.engine.executor
+    assert isinstance(executor, kind)
+    return executor
 
 
 def greedy_workload() -> tuple[list, list[SamplingParams]]:

@@ -187,8 +187,9 @@ class LLMEngine:
             # work made the next size look nearly free.
             rounds = [self.executor.time_forwards() for _ in range(2)]
             for timings in zip(*rounds):
-                for model in (cost, verify_cost):
-                    model.seed(timings[0][0], min(seconds for _, seconds in timings))
+                num_tokens, seconds = timings[0][0], min(seconds for _, seconds in timings)
+                cost.seed(num_tokens, seconds)
+                verify_cost.seed(num_tokens, seconds)
             if drafter is not None:
                 sizes = [1 << i for i in range(self.config.max_num_seqs.bit_length())]
                 for num_requests, seconds in drafter.time_steps(sizes):

@@ -198,4 +198,3 @@ class MultiRankExecutor(Executor):
 
     def shutdown(self) -> None:
         self._finalizer()
-
