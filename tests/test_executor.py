@@ -19,8 +19,10 @@ from tp_workload import (
     ARCHITECTURE,
     ENGINE,
     GREEDY,
+    HANG_TIMEOUT_S,
     KILL_NOTICE_S,
     SHARED,
+    assert_a_hang_fails_the_run,
     assert_a_kill_fails_the_run,
     assert_same,
     executor_of,
@@ -130,18 +132,10 @@ def test_config_errors_name_the_field(model, kwargs, message):
 
 
 def test_a_hung_worker_fails_the_step_after_the_timeout(model):
-    llm = LLM(model, tensor_parallel_size=2, distributed_timeout_seconds=2.0, **ENGINE)
+    llm = LLM(model, tensor_parallel_size=2, distributed_timeout_seconds=HANG_TIMEOUT_S,
+              **ENGINE)
     [worker] = _worker_processes(llm)
-    params = SamplingParams(max_tokens=4, **GREEDY)
-    assert len(llm.generate("Before", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
-    os.kill(worker.pid, signal.SIGSTOP)  # alive, but answers nothing
-    start = time.monotonic()
-    try:
-        with pytest.raises(RuntimeError, match=r"distributed_timeout_seconds \(2.0 s\)"):
-            llm.generate("After", params, use_tqdm=False)
-        assert time.monotonic() - start < 2.0 + KILL_NOTICE_S
-    finally:
-        llm.engine.shutdown()  # kills it: a stopped process cannot be told to stop
+    assert_a_hang_fails_the_run(llm, worker.pid)
     assert not worker.is_alive() and gone(worker.pid)
 
 

@@ -8,8 +8,6 @@ shuts it down with itself."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
@@ -18,7 +16,8 @@ from tp_workload import (
     ARCHITECTURE,
     ENGINE,
     GREEDY,
-    KILL_NOTICE_S,
+    HANG_TIMEOUT_S,
+    assert_a_hang_fails_the_run,
     assert_a_kill_fails_the_run,
     assert_same,
     executor_of,
@@ -127,16 +126,7 @@ def test_a_cluster_too_small_fails_the_load_naming_tensor_parallel_size(cluster,
 
 
 def test_a_hung_actor_fails_the_step_after_the_timeout(cluster, model):
-    llm = LLM(model, **RAY, distributed_timeout_seconds=2.0, **ENGINE)
+    llm = LLM(model, **RAY, distributed_timeout_seconds=HANG_TIMEOUT_S, **ENGINE)
     [pid] = executor_of(llm, RayExecutor).worker_pids
-    params = SamplingParams(max_tokens=4, **GREEDY)
-    assert len(llm.generate("Before", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
-    os.kill(pid, signal.SIGSTOP)  # alive to Ray, but answers nothing
-    start = time.monotonic()
-    try:
-        with pytest.raises(RuntimeError, match=r"distributed_timeout_seconds \(2.0 s\)"):
-            llm.generate("After", params, use_tqdm=False)
-        assert time.monotonic() - start < 2.0 + KILL_NOTICE_S
-    finally:
-        llm.engine.shutdown()  # kills it: a stopped process cannot be told to stop
+    assert_a_hang_fails_the_run(llm, pid)  # alive to Ray, but it answers nothing
     assert _all_gone([pid])

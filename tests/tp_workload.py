@@ -5,6 +5,7 @@ through chunked prefill, preemption and prefix caching; and what the tests check
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -111,3 +112,24 @@ def assert_a_kill_fails_the_run(llm: LLM, kill: Callable[[], None], error: str) 
     with pytest.raises(EngineDeadError):
         llm.engine.step()
     llm.engine.shutdown()
+
+
+# The distributed_timeout_seconds a hang test's engine runs with.
+HANG_TIMEOUT_S = 2.0
+
+
+def assert_a_hang_fails_the_run(llm: LLM, pid: int) -> None:
+    """Stops worker process ``pid`` (SIGSTOP: alive, but it answers nothing) after a first
+    run: the next must fail naming distributed_timeout_seconds (HANG_TIMEOUT_S) within
+    KILL_NOTICE_S past it; then shuts ``llm`` down, which kills the stopped worker."""
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    assert len(llm.generate("Before", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError,
+                           match=rf"distributed_timeout_seconds \({HANG_TIMEOUT_S} s\)"):
+            llm.generate("After", params, use_tqdm=False)
+        assert time.monotonic() - start < HANG_TIMEOUT_S + KILL_NOTICE_S
+    finally:
+        llm.engine.shutdown()  # kills it: a stopped process cannot be told to stop
