@@ -3,6 +3,9 @@ rejected ones rolled back, limits, and the adaptive choice of k."""
 
 from __future__ import annotations
 
+import random
+import statistics
+
 import pytest
 from test_scheduler import BS, FakeRunner, make_request, make_scheduler, run_to_end
 
@@ -330,6 +333,46 @@ def test_step_cost_follows_measured_steps_and_calibrates_the_rest():
     assert cost.seconds(4) == pytest.approx(2e-3, rel=1e-3)
     # Sizes never measured scale with it, so their ratio to measured ones stays right.
     assert cost.seconds(64) == pytest.approx(8e-3, rel=0.01)
+
+
+def _draft_steps(controller: SpeculationController, rates: list[float], steps: int,
+                 batch: int, rng: random.Random) -> list[list[float]]:
+    """``steps`` verifications of ``batch`` requests with len(rates) drafts each, draft j
+    accepted with probability rates[j] once drafts 0..j-1 were; the estimate after each."""
+    estimates = []
+    stats = SpecDecodingStats()  # cumulative, as the engine's
+    controller.observe_acceptance(stats)
+    for _ in range(steps):
+        for _ in range(batch):
+            accepted = 0
+            while accepted < len(rates) and rng.random() < rates[accepted]:
+                accepted += 1
+            stats.observe(len(rates), accepted)
+        controller.observe_acceptance(stats)
+        estimates.append(list(controller.acceptance))
+    return estimates
+
+
+def test_acceptance_holds_steady_on_a_steady_workload_and_follows_a_change():
+    """At batch 4 the estimate rests on enough drafts not to swing from step to step (a
+    running average of the last ~10 drafts went from 0.4 to 0.85 and back within a workload),
+    and still follows a workload whose drafts stop being accepted within ~60 steps."""
+    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    rng = random.Random(0)
+    steady = _draft_steps(controller, [0.7, 0.8, 0.85], 400, 4, rng)[50:]
+    first = [e[0] for e in steady]
+    assert max(abs(a - 0.7) for a in first) < 0.12
+    assert statistics.pstdev(first) < 0.04
+    later = _draft_steps(controller, [0.1, 0.8, 0.85], 64, 4, rng)
+    assert later[-1][0] < 0.3
+
+
+def test_a_position_seldom_reached_is_priced_like_the_one_before():
+    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    _observe(controller, 1, 1, 200)  # one draft a step, always accepted
+    assert controller.acceptance[0] > 0.95
+    assert controller.acceptance[1] == pytest.approx(controller.acceptance[0])
+    assert controller.expected_tokens(3) > 3.8
 
 
 def test_controller_limits():
