@@ -335,6 +335,21 @@ def test_step_cost_follows_measured_steps_and_calibrates_the_rest():
     assert cost.seconds(64) == pytest.approx(8e-3, rel=0.01)
 
 
+def test_step_cost_prices_a_size_measured_now_and_then_from_what_it_cost():
+    """A size measured only in a few steps (verifying drafts at a large batch) is priced
+    from those times, whatever its start-up figure said; times slowed by other work on the
+    host (a third of them, twice as long) do not move an estimate."""
+    cost = _cost(flat_until=16)
+    for i in range(200):
+        cost.observe(32, 2e-3)  # as at start-up
+        if i % 25 == 0:
+            cost.observe(64, 6e-3)  # 1.5x its start-up figure, 8 times
+    assert cost.seconds(64) == pytest.approx(6e-3)
+    for i in range(48):
+        cost.observe(32, 4e-3 if i % 3 == 0 else 2e-3)
+    assert cost.seconds(32) == pytest.approx(2e-3)
+
+
 def _draft_steps(controller: SpeculationController, rates: list[float], steps: int,
                  batch: int, rng: random.Random) -> list[list[float]]:
     """``steps`` verifications of ``batch`` requests with len(rates) drafts each, draft j

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -67,9 +68,9 @@ _PROBE_INTERVAL = 64
 # acceptance, at least _QUICK_PROBE_GAIN faster (see _worth_probing_soon).
 _QUICK_PROBE_INTERVAL = 8
 _QUICK_PROBE_GAIN = 1.05
-# How far one measured time moves a cost estimate up, and down (see StepCostModel).
-_COST_EMA_UP = 0.05
-_COST_EMA_DOWN = 0.3
+# A cost estimate of one size is the lower third of its last this many measured times (see
+# StepCostModel).
+_COST_WINDOW = 16
 # A proposer's first call after this many steps without drafts pays a catch-up (a draft model
 # on every token it skipped, an EAGLE-3 head on a window of them: see ProposerCostModel);
 # starting to draft then is priced with it, spread over this many drafting steps. Shorter
@@ -141,22 +142,39 @@ def _tail_sums(hist: list[int]) -> list[int]:
     return out[::-1]
 
 
+class RecentTimes:
+    """The last ``_COST_WINDOW`` times measured of one size, and the estimate they give: their
+    lower third. Whatever else runs on the host slows a step and never speeds one up, so the
+    low end is what the step itself costs (on a shared CPU, times of one size were seen to
+    vary by 2x, and a plain average made whichever size was measured last look dearest); a
+    window, not a running average that a time above it moves slowly, so that a size measured
+    only now and then is priced from what it cost, not held near a low start (verifying 32
+    requests' drafts was priced 57 ms where it took 74, and EAGLE-3 drafted at a loss)."""
+
+    __slots__ = ("times", "estimate")
+
+    def __init__(self) -> None:
+        self.times: deque[float] = deque(maxlen=_COST_WINDOW)
+        self.estimate = 0.0
+
+    def add(self, seconds: float) -> float:
+        self.times.append(seconds)
+        self.estimate = sorted(self.times)[(len(self.times) - 1) // 3]
+        return self.estimate
+
+
 class StepCostModel:
     """Owns t(n), the seconds of a decode step that computes n tokens, by power-of-two bucket.
 
-    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) move a
-    bucket's value as they come, and scale the buckets not measured yet by how measured steps
-    compare with their start-up figure (real steps also attend to long contexts, sample and
-    prepare inputs). A measured time above the estimate moves it slowly, one below quickly:
-    whatever else runs on the host slows a step and never speeds one up, so the estimate
-    follows the low end of the measured times, which is what the step itself costs (on a
-    shared CPU, times of one step size were seen to vary by 2x, and a plain average made
-    whichever size was measured last look dearest). Between known buckets t is linear in n;
-    below the smallest it is flat, above the largest proportional to n (compute-bound)."""
+    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) price a
+    bucket as they come (RecentTimes), and scale the buckets not measured yet by how measured
+    steps compare with their start-up figure (real steps also attend to long contexts, sample
+    and prepare inputs). Between known buckets t is linear in n; below the smallest it is
+    flat, above the largest proportional to n (compute-bound)."""
 
     def __init__(self) -> None:
         self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
-        self._observed: dict[int, float] = {}  # bucket exponent -> running average
+        self._observed: dict[int, RecentTimes] = {}  # bucket exponent -> measured
         self._calibration = 1.0  # measured / start-up, where both are known
         # (sizes, times) as ``seconds`` reads them, rebuilt after a change: the controller
         # prices several step sizes every step, where a rebuild each time cost ~0.2 ms.
@@ -176,16 +194,8 @@ class StepCostModel:
 
     def observe(self, num_tokens: int, seconds: float) -> None:
         b, scale = self._bucket(num_tokens)
-        value = seconds * scale
+        new = self._observed.setdefault(b, RecentTimes()).add(seconds * scale)
         seeded = self._seeded.get(b)
-        old = self._observed.get(b)
-        if old is None and seeded:
-            old = seeded * self._calibration
-        if old is None:
-            new = value
-        else:
-            new = old + (_COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
-        self._observed[b] = new
         if seeded:
             self._calibration += _EMA * (new / seeded - self._calibration)
         self._curve = None
@@ -200,7 +210,7 @@ class StepCostModel:
 
     def _build_curve(self) -> tuple[list[float], list[float]]:
         table = {b: t * self._calibration for b, t in self._seeded.items()}
-        table.update(self._observed)
+        table.update((b, recent.estimate) for b, recent in self._observed.items())
         points = sorted(table.items())
         sizes = [2.0**b for b, _ in points]
         times = [t for _, t in points]
@@ -236,10 +246,10 @@ class ProposerCostModel:
     n: a draft model's first forward of a call also catches up on the tokens the last step
     accepted and costs more than its one-token steps, so k x (a position) underprices small k;
     a k not measured yet at that batch size is priced from the nearest one measured, plus or
-    minus that many positions. That a time above the estimate moves it slowly matters here
-    twice: a draft model that was idle (k = 0 steps, a new request's prompt) first catches up
-    on every token it missed, a call that costs many drafting steps once and says nothing
-    about what drafting costs from then on.
+    minus that many positions. Both follow the low end of the times measured (RecentTimes),
+    which matters here twice: a draft model that was idle for a few steps (a plain probe, a new
+    request's prompt) first catches up on every token it missed, a call that costs many
+    drafting steps once and says nothing about what drafting costs from then on.
 
     ``extra_forwards``: the forwards a call makes beyond its k drafting steps (an EAGLE-3
     head's catch-up over the tokens the last step accepted, before its first draft; none for
@@ -251,7 +261,7 @@ class ProposerCostModel:
     def __init__(self, extra_forwards: int = 0) -> None:
         self.extra_forwards = extra_forwards
         self.per_position = StepCostModel()
-        self._calls: dict[tuple[int, int], float] = {}  # (bucket, k) -> seconds at its size
+        self._calls: dict[tuple[int, int], RecentTimes] = {}  # (bucket, k) -> at its size
         # A resuming call's seconds beyond an ordinary one's, by batch size (none: free).
         self.resume = StepCostModel()
 
@@ -264,12 +274,7 @@ class ProposerCostModel:
 
     def observe(self, num_requests: int, k: int, seconds: float) -> None:
         b, scale = StepCostModel._bucket(num_requests)
-        old = self._calls.get((b, k))
-        if old is None and self.known:  # from the estimate, not from one call's figure
-            old = self.seconds(num_requests, k) * scale
-        value = seconds * scale
-        self._calls[(b, k)] = value if old is None else old + (
-            _COST_EMA_DOWN if value < old else _COST_EMA_UP) * (value - old)
+        self._calls.setdefault((b, k), RecentTimes()).add(seconds * scale)
         self.per_position.observe(num_requests, seconds / (k + self.extra_forwards))
 
     def observe_resume(self, num_requests: int, k: int, seconds: float) -> None:
@@ -290,7 +295,7 @@ class ProposerCostModel:
         if not measured:
             return (k + self.extra_forwards) * self.per_position.seconds(num_requests)
         nearest = min(measured, key=lambda j: (abs(j - k), j))  # a tie: a step added
-        call = self._calls[(b, nearest)] / scale
+        call = self._calls[(b, nearest)].estimate / scale
         return max(call + (k - nearest) * self.per_position.seconds(num_requests), 0.0)
 
 
