@@ -382,6 +382,19 @@ def test_acceptance_holds_steady_on_a_steady_workload_and_follows_a_change():
     assert later[-1][0] < 0.3
 
 
+def test_acceptance_measured_long_ago_gives_way_to_the_probes():
+    """After a long pause without drafts, a few probes' drafts outweigh what was measured
+    before it (drafts that became good again are drafted for soon)."""
+    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    rng = random.Random(1)
+    _draft_steps(controller, [0.2, 0.2, 0.2], 800, 1, rng)
+    assert controller.acceptance[0] < 0.3
+    for _ in range(1024):
+        controller.num_drafts(1)
+    _draft_steps(controller, [1.0, 1.0, 1.0], 8, 1, rng)
+    assert controller.acceptance[0] > 0.6
+
+
 def test_a_position_seldom_reached_is_priced_like_the_one_before():
     controller = SpeculationController(3, cost=_cost(flat_until=16))
     _observe(controller, 1, 1, 200)  # one draft a step, always accepted

@@ -47,6 +47,10 @@ _EMA = 0.1
 # switching drafting off and on (0.87x where k fixed gained 1.06x).
 _ACCEPTANCE_HORIZON = 128
 _PRIOR_WEIGHT = 4.0
+# ... and they fade with the steps too, so that after a long pause without drafts the prior
+# and the probes count again (each probe is one or a few drafts, ~1% of the weight otherwise:
+# a workload whose drafts became good again would wait thousands of steps to be drafted for).
+_ACCEPTANCE_STEPS = 256
 # Prior acceptance per position before anything is measured: speculate where that pays
 # even at an even chance per draft, then learn. Not more: a draft model that starts drafting
 # must first catch up on every prompt, which at a large batch costs several steps for a gain
@@ -330,6 +334,8 @@ class SpeculationController:
         # Per position: recent drafts that reached it, and those accepted (both fading).
         self._reached_weight = [0.0] * max_num_drafts
         self._accepted_weight = [0.0] * max_num_drafts
+        self._steps = 0  # choices made (one a step), and how many when acceptance was observed
+        self._steps_observed = 0
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
         # The proposer's time per draft position, for the whole batch, by batch size.
         self.propose_cost = propose_cost if propose_cost is not None else ProposerCostModel()
@@ -353,7 +359,11 @@ class SpeculationController:
         stats.changed = False
         accepted = stats.num_accepted_tokens_per_pos
         reached = stats.num_reached_per_pos
+        elapsed = (1.0 - 1.0 / _ACCEPTANCE_STEPS) ** (self._steps - self._steps_observed)
+        self._steps_observed = self._steps
         for j in range(self.max_num_drafts):
+            self._reached_weight[j] *= elapsed
+            self._accepted_weight[j] *= elapsed
             new_reached = _at(reached, j) - _at(self._seen_reached, j)
             if new_reached > 0:
                 fade = (1.0 - 1.0 / _ACCEPTANCE_HORIZON) ** new_reached
@@ -422,6 +432,7 @@ class SpeculationController:
             return 0
         if not self.adaptive or not self.cost.known:
             return self.max_num_drafts
+        self._steps += 1
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
         resuming = not self.last_choice and self._steps_without_drafts >= _RESUME_AFTER
         for k in range(1, self.max_num_drafts + 1):
