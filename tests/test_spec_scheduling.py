@@ -100,6 +100,30 @@ def test_drafts_are_clipped_at_max_tokens_and_min_tokens():
     assert request.max_num_drafts() == 50 - 5 - 1
 
 
+def test_no_drafts_are_asked_for_when_no_request_can_take_one():
+    """A step whose requests all sample their last token asks the proposer for nothing (its
+    drafts would be dropped), and an adaptive controller spends no probe on it."""
+    sched = _speculating(k=3)
+    sched.add_request(make_request("a", 4, max_tokens=3))
+    runner = FakeRunner(token_fn=_token, draft_fn=lambda rid, pos, k: [1] * k)
+    out = sched.schedule()  # the prompt; its token is the first of three
+    assert out.num_lookahead_tokens == 3
+    sched.update_from_output(runner.run(sched, out))
+    out = sched.schedule()  # the second token, and a draft of the third: the last
+    assert len(out.scheduled_spec_decode_tokens["a"]) == 1
+    assert out.num_lookahead_tokens == 0
+
+    controllers = [SpeculationController(3, cost=_cost(flat_until=16)) for _ in range(2)]
+    for controller in controllers:
+        _observe(controller, 3, 0, 200)  # drafting does not pay: a probe now and then
+    unblocked = [controllers[0].num_drafts(1) for _ in range(252)]
+    blocked = [controllers[1].num_drafts(1, can_draft=i % 64 != 63) for i in range(256)]
+    assert all(c == 0 for c in blocked[63::64])
+    # The steps that could not draft changed nothing: the others choose as if they were not.
+    assert [c for i, c in enumerate(blocked) if i % 64 != 63] == unblocked
+    assert sum(map(bool, unblocked)) >= 4
+
+
 def test_a_stop_token_inside_an_accepted_run_ends_the_output_there():
     stop = _token("a", 7)
     sched = _speculating(k=4)

@@ -198,7 +198,8 @@ class Scheduler:
             scheduled_spec_decode_tokens=spec_tokens,
             num_lookahead_tokens=(
                 0 if self.speculation is None
-                else self.speculation.num_drafts(len(self.running))
+                else self.speculation.num_drafts(
+                    len(self.running), any(r.max_num_drafts() for r in self.running))
             ),
         )
 

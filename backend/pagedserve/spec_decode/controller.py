@@ -426,8 +426,14 @@ class SpeculationController:
             step += self.propose_cost.resume_seconds(b) / _RESUME_HORIZON
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
-    def num_drafts(self, num_running: int) -> int:
-        """How many tokens to draft per request for the next step of ``num_running``."""
+    def num_drafts(self, num_running: int, can_draft: bool = True) -> int:
+        """How many tokens to draft per request for the next step of ``num_running``;
+        ``can_draft`` False: none of them may take a draft next step (each is at its last
+        token), so none is proposed, and no probe is spent: at batch 1 with 64-token requests
+        the probe every 64 steps fell on each request's last step, drafted for nothing, and
+        the controller never learnt that drafts had become good."""
+        if not can_draft:
+            return 0
         if self.disable_by_batch_size is not None and num_running > self.disable_by_batch_size:
             return 0
         if not self.adaptive or not self.cost.known:
