@@ -44,7 +44,7 @@ _EMA = 0.1
 # that reached it (older ones fade), plus _PRIOR_WEIGHT drafts at the prior: a running
 # average weighting each new draft by _EMA rested on the last ~10 drafts, and at batch 4
 # (up to 4 drafts a step) swung between 0.4 and 0.85 within a few steps of one workload,
-# switching drafting off and on (0.87x where k fixed gained 1.06x).
+# switching drafting off and on.
 _ACCEPTANCE_HORIZON = 128
 _PRIOR_WEIGHT = 4.0
 # ... and they fade with the steps too, so that after a long pause without drafts the prior
