@@ -197,12 +197,9 @@ class Eagle3Proposer:
         query_lens = num_scheduled.astype(np.int64)
         bs = self.block_size
         first = starts // bs
-        if query_lens.max(initial=0) == 1:  # a decode step: one block per row
-            blocks = batch.block_table[rows, first]
-        else:
-            count = (starts + query_lens - 1) // bs + 1 - first
-            owner = np.repeat(np.arange(len(rows)), count)
-            blocks = batch.block_table[rows[owner], first[owner] + ragged_arange(count)]
+        count = (starts + query_lens - 1) // bs + 1 - first
+        owner = np.repeat(np.arange(len(rows)), count)
+        blocks = batch.block_table[rows[owner], first[owner] + ragged_arange(count)]
         return StepFeatures(rows, starts, query_lens, batch.serial[rows].copy(),
                             blocks.astype(np.int64), aux)
 
@@ -218,8 +215,6 @@ class Eagle3Proposer:
         self._hidden = None
         # The target wrote these blocks: the head's KV there is stale until it writes it too.
         self.block_valid[step.blocks] = False
-        if not drafting and self._keep_decode_aux(batch, step):
-            return
         alive = batch.serial[step.rows] == step.serials
         num_tokens = batch.num_tokens[step.rows].astype(np.int64)
         ends = np.minimum(step.starts + step.query_lens, num_tokens - 1)
@@ -237,28 +232,6 @@ class Eagle3Proposer:
         # After the writes: an n > 1 sibling may share blocks its first row wrote just now.
         self._extend_back(batch, rows[fresh], starts[fresh])
         self._retain(rows, starts, ends, first, step.aux)
-
-    def _keep_decode_aux(self, batch: PagedBatch, step: StepFeatures) -> bool:
-        """A dormant catch_up's work for the step that is the usual one while the head is
-        dormant, a decode step of rows whose ring reaches up to it (one position per row, its
-        next token known, the row's request unchanged), in a handful of array calls instead of
-        the general path's ~60: at batch 1 on the CPU those took 0.35-0.6 ms of a 12 ms step,
-        a cost a head that does not draft must not add. False (nothing done) for any other
-        step."""
-        rows, starts = step.rows, step.starts
-        if (step.query_lens.max(initial=0) != 1 or len(step.aux) != len(rows)
-                or (self.serial[rows] != step.serials).any()
-                or (batch.serial[rows] != step.serials).any()
-                or (self.ring_end[rows] != starts).any()
-                or (batch.num_tokens[rows] <= starts + 1).any()):
-            return False
-        ends = starts + 1
-        self.kv_end[rows] = np.minimum(self.kv_end[rows], starts)
-        slots = torch.from_numpy(rows * self.ring_size + starts % self.ring_size)
-        self._ring[slots.to(self.device)] = step.aux
-        self.ring_end[rows] = ends
-        self.ring_start[rows] = np.maximum(self.ring_start[rows], ends - self.ring_size)
-        return True
 
     def _adopt(self, rows: np.ndarray, serials: np.ndarray, starts: np.ndarray) -> np.ndarray:
         """Resets the rows handed to another request (returned, as a mask): the head's KV
