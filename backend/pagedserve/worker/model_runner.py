@@ -276,7 +276,9 @@ class ModelRunner:
         self.spec_timing.forward += time.perf_counter() - start
         features = None
         if aux is not None:  # for the EAGLE-3 head, which takes every step's features
-            features = self.eagle3.step_features(batch, rows, num_sched, aux)
+            total = inputs.metadata.num_actual_tokens
+            slots = self.buffers.host(self.buffers.slot_mapping)[:total]
+            features = self.eagle3.step_features(batch, rows, num_sched, slots, aux)
         batch.num_computed[rows] += num_sched
         sample_rows = rows[sample_mask]
         start = time.perf_counter()
