@@ -185,6 +185,10 @@ class MultiRankExecutor(Executor):
     def capture_graphs(self) -> None:
         self._start_up(control.CAPTURE_GRAPHS, None, self.runner.capture_graphs)
 
+    def time_forwards(self) -> list[tuple[int, float]]:
+        # Every rank runs the forwards: their collectives meet.
+        return self._on_all_ranks(control.TIME_FORWARDS, None, self.runner.time_forwards)
+
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         output = self._on_all_ranks(control.EXECUTE, (sched, self._sampled),
                                     lambda: self.runner.execute_model(sched))
