@@ -80,12 +80,19 @@ def counts_differ(rank_zero: InputBatch, worker: InputBatch) -> bool:
                 or (worker.num_computed[rows] != rank_zero.num_computed[rows]).any())
 
 
-def test_a_workers_batch_equals_rank_zeros_after_taking_its_tokens(monkeypatch):
+@pytest.mark.parametrize("spec, kwargs", [
+    (NGRAM, {}),
+    # 20 blocks of 16 tokens (a 256-token request needs 16) and a 24-token step budget:
+    # preemption and chunked prefill.
+    (NGRAM, dict(num_kv_blocks=20, block_size=16, max_num_batched_tokens=24)),
+    (DRAFT_MODEL, {}),
+], ids=["ngram", "ngram-preempting", "draft_model"])
+def test_a_workers_batch_equals_rank_zeros_after_taking_its_tokens(monkeypatch, spec, kwargs):
     """A worker's runner (no proposer, nothing sampled or verified) runs every step beside rank
     0's on the same scheduler outputs; after it takes rank 0's tokens its batch must equal rank
     0's. Before, it must differ in counts at some step (drafts accepted), or the check proves
     nothing about the correction."""
-    llm = LLM(str(TARGET), speculative_config=NGRAM, **ENGINE)
+    llm = LLM(str(TARGET), speculative_config=spec, **{**ENGINE, **kwargs})
     engine = llm.engine
     rank_zero = engine.runner
     worker = ModelRunner(engine.config, engine.model_config, proposes=False)
@@ -110,5 +117,7 @@ def test_a_workers_batch_equals_rank_zeros_after_taking_its_tokens(monkeypatch):
         SamplingParams(temperature=0.8, seed=3, max_tokens=24)]
     llm.generate(PROMPTS + PROMPTS[:1], params, use_tqdm=False)
     assert any(steps_with_other_counts)
+    if "num_kv_blocks" in kwargs:
+        assert engine.get_stats().num_preemptions_total > 0
     drafted, accepted = spec_counts(llm)
     assert drafted > 0 and accepted > 0, "nothing was speculated"

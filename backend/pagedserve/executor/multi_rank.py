@@ -3,7 +3,8 @@ engine's process drives ranks 1..tp-1 over the control channel, all joined by
 torch.distributed (gloo on the CPU, NCCL on GPUs).
 
 Each step rank 0 broadcasts the SchedulerOutput to the workers over the control channel, then
-every rank runs it: the ranks' collectives meet inside the model. Only rank 0 samples; its
+every rank runs it: the ranks' collectives meet inside the model. Only rank 0 samples (and
+proposes and verifies drafts, which reach the workers in the step that verifies them); its
 tokens ride to the workers with the next step's message (see rank.py), so a step costs one
 control broadcast besides the model's own collectives. A worker that dies fails the next step
 at once (its liveness is checked before each command, and gloo reports the closed connection
