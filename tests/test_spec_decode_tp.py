@@ -10,6 +10,9 @@ speculating."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
 import numpy as np
 import pytest
 from spec_workload import NGRAM, PROMPTS, TARGET, TRAINED, spec_counts
@@ -62,11 +65,13 @@ def test_two_ranks_speculating_give_one_ranks_tokens(one_rank, spec):
     llm.engine.shutdown()
 
 
-def assert_same_rows(rank_zero: InputBatch, worker: InputBatch) -> None:
+def assert_same_rows(rank_zero: InputBatch, worker: InputBatch, failed: set[str]) -> None:
     """The two batches hold the same requests in the same rows, each with the same known
-    tokens, count and computed positions."""
+    tokens, count and computed positions; but for the rows of requests rank 0 ``failed``,
+    which both leave at the next step, unread."""
     assert worker.row_of == rank_zero.row_of
-    rows = np.array(sorted(rank_zero.row_of.values()), dtype=np.int64)
+    rows = np.array(sorted(row for req_id, row in rank_zero.row_of.items()
+                           if req_id not in failed), dtype=np.int64)
     np.testing.assert_array_equal(worker.num_tokens[rows], rank_zero.num_tokens[rows])
     np.testing.assert_array_equal(worker.num_computed[rows], rank_zero.num_computed[rows])
     for row in rows.tolist():
@@ -80,6 +85,46 @@ def counts_differ(rank_zero: InputBatch, worker: InputBatch) -> bool:
                 or (worker.num_computed[rows] != rank_zero.num_computed[rows]).any())
 
 
+@dataclass
+class Steps:
+    """What happened at the steps a worker's runner ran beside rank 0's."""
+
+    counts_differed: list[bool] = field(default_factory=list)  # before taking the tokens
+    failed_with_drafts: int = 0  # steps where rank 0 alone failed a row, drafts scheduled
+
+
+def beside_a_worker(llm: LLM, monkeypatch: pytest.MonkeyPatch,
+                    before_step: Callable[[SchedulerOutput], None] = lambda sched: None,
+                    ) -> Steps:
+    """From now on every step of ``llm`` (one rank) also runs on a worker's runner (no
+    proposer, nothing sampled or verified) with the same scheduler output, which then takes
+    rank 0's tokens as a tensor-parallel worker does; its batch must then equal rank 0's.
+    ``before_step`` sees each step's scheduler output first."""
+    engine = llm.engine
+    rank_zero = engine.runner
+    worker = ModelRunner(engine.config, engine.model_config, proposes=False)
+    follow_rank_zero(worker)
+    assert worker.proposer is None
+    worker.initialize_kv_cache(rank_zero.kv_caches[0].shape[1])
+    run_rank_zero = engine.executor.execute_model
+    steps = Steps()
+
+    def both_ranks(sched: SchedulerOutput) -> ModelRunnerOutput:
+        before_step(sched)
+        output = run_rank_zero(sched)
+        worker.execute_model(sched)
+        if output.req_ids:
+            steps.counts_differed.append(counts_differ(rank_zero.batch, worker.batch))
+        if rank_zero.failures and sched.scheduled_spec_decode_tokens:
+            steps.failed_with_drafts += 1
+        take_rank_zero_tokens(worker, rank_zero_tokens(rank_zero, output))
+        assert_same_rows(rank_zero.batch, worker.batch, set(rank_zero.failures))
+        return output
+
+    monkeypatch.setattr(engine.executor, "execute_model", both_ranks)
+    return steps
+
+
 @pytest.mark.parametrize("spec, kwargs", [
     (NGRAM, {}),
     # 20 blocks of 16 tokens (a 256-token request needs 16) and a 24-token step budget:
@@ -88,36 +133,42 @@ def counts_differ(rank_zero: InputBatch, worker: InputBatch) -> bool:
     (DRAFT_MODEL, {}),
 ], ids=["ngram", "ngram-preempting", "draft_model"])
 def test_a_workers_batch_equals_rank_zeros_after_taking_its_tokens(monkeypatch, spec, kwargs):
-    """A worker's runner (no proposer, nothing sampled or verified) runs every step beside rank
-    0's on the same scheduler outputs; after it takes rank 0's tokens its batch must equal rank
-    0's. Before, it must differ in counts at some step (drafts accepted), or the check proves
-    nothing about the correction."""
+    """Before taking rank 0's tokens the worker's batch must differ in counts at some step
+    (drafts accepted), or the check proves nothing about the correction."""
     llm = LLM(str(TARGET), speculative_config=spec, **{**ENGINE, **kwargs})
-    engine = llm.engine
-    rank_zero = engine.runner
-    worker = ModelRunner(engine.config, engine.model_config, proposes=False)
-    follow_rank_zero(worker)
-    assert worker.proposer is None
-    worker.initialize_kv_cache(rank_zero.kv_caches[0].shape[1])
-    run_rank_zero = engine.executor.execute_model
-    steps_with_other_counts = []
-
-    def both_ranks(sched: SchedulerOutput) -> ModelRunnerOutput:
-        output = run_rank_zero(sched)
-        worker.execute_model(sched)
-        if output.req_ids:
-            steps_with_other_counts.append(counts_differ(rank_zero.batch, worker.batch))
-        take_rank_zero_tokens(worker, rank_zero_tokens(rank_zero, output))
-        assert_same_rows(rank_zero.batch, worker.batch)
-        return output
-
-    monkeypatch.setattr(engine.executor, "execute_model", both_ranks)
+    steps = beside_a_worker(llm, monkeypatch)
     # A seeded sampled request too: the worker's placeholders differ from its tokens.
     params = [greedy(24)] * len(PROMPTS) + [
         SamplingParams(temperature=0.8, seed=3, max_tokens=24)]
     llm.generate(PROMPTS + PROMPTS[:1], params, use_tqdm=False)
-    assert any(steps_with_other_counts)
+    assert any(steps.counts_differed)
     if "num_kv_blocks" in kwargs:
-        assert engine.get_stats().num_preemptions_total > 0
+        assert llm.engine.get_stats().num_preemptions_total > 0
     drafted, accepted = spec_counts(llm)
     assert drafted > 0 and accepted > 0, "nothing was speculated"
+
+
+def test_a_row_that_fails_on_rank_zero_alone(monkeypatch):
+    """A row whose verification and sampling fail on rank 0 alone (its logprobs count set past
+    the vocabulary in rank 0's batch, at a step that verifies its drafts): rank 0 names the
+    rows it sampled, the others' drafts are dropped on both ranks, and the worker's batch
+    still equals rank 0's."""
+    llm = LLM(str(TARGET), speculative_config=NGRAM, **ENGINE)
+    engine = llm.engine
+    rank_zero = engine.runner.batch
+
+    def break_rank_zeros_row(sched: SchedulerOutput) -> None:
+        if "bad" in (sched.scheduled_spec_decode_tokens or {}) and not steps.failed_with_drafts:
+            rank_zero.num_logprobs[rank_zero.row_of["bad"]] = engine.model_config.vocab_size + 5
+
+    steps = beside_a_worker(llm, monkeypatch, break_rank_zeros_row)
+    for i, prompt in enumerate(PROMPTS[1:3]):
+        engine.add_request(f"good-{i}", prompt, greedy(32))
+    engine.add_request("bad", PROMPTS[3], greedy(32, logprobs=1))
+    finished, errors = set(), []
+    while engine.has_unfinished_requests():
+        finished |= {out.request_id for out in engine.step() if out.finished}
+        errors += engine.take_request_errors()
+    assert finished == {"good-0", "good-1"}
+    assert [(e.request_id, e.stage) for e in errors] == [("bad", "sampling")]
+    assert steps.failed_with_drafts == 1 and any(steps.counts_differed)
