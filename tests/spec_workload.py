@@ -1,6 +1,7 @@
-"""What the draft-model and EAGLE-3 speculative-decoding tests share: a greedy workload over
-the length edges, prefix-cache hits and n>1, the engine set-ups it runs under, and checks
-on the KV cache afterwards."""
+"""What the speculative-decoding tests share: the n-gram proposer's prompts and set-up; for
+the draft model and EAGLE-3, a greedy workload over the length edges, prefix-cache hits and
+n>1, and the engine set-ups it runs under; the drafts' counts, and checks on the KV cache
+afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +14,29 @@ from pagedserve import LLM, SamplingParams
 KV = 32 << 20
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = ROOT / "model_repository/llm/1"  # the shipped target, draft model and EAGLE-3 head
+TARGET = TRAINED / "default_model"
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+         "prompt_lookup_max": 4, "adaptive": False}
+
+
+def _code(name: str, chars: int) -> str:
+    return (ROOT / "backend" / "pagedserve" / name).read_text()[:chars]
+
+
+# Prompts whose continuation repeats what they hold (the n-gram proposer's workload), and two
+# that do not.
+PROMPTS = [
+    _code("core/block_pool.py", 500) + "\n# The same, again:\n" + _code("core/block_pool.py", 120),
+    _code("outputs.py", 400) + "\n\n" + _code("outputs.py", 80),
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+]
+
+
+def spec_counts(llm: LLM) -> tuple[int, int]:
+    """The drafts proposed and accepted so far."""
+    stats = llm.engine.get_stats().spec_decoding
+    return stats.num_draft_tokens, stats.num_accepted_tokens
 
 
 def workload() -> tuple[list, list[SamplingParams]]:
@@ -57,8 +81,8 @@ def trained_target_run(speculative_config,
     def tokens(llm: LLM) -> list:
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    expected = tokens(LLM(str(TRAINED / "default_model"), **kwargs))
-    llm = LLM(str(TRAINED / "default_model"), **kwargs, speculative_config=speculative_config)
+    expected = tokens(LLM(str(TARGET), **kwargs))
+    llm = LLM(str(TARGET), **kwargs, speculative_config=speculative_config)
     return expected, tokens(llm), llm
 
 

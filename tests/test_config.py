@@ -27,8 +27,11 @@ from pagedserve.config import EngineArgs, resolve_engine_config
         ({"distributed_executor_backend": "uni", "tensor_parallel_size": 2}, "needs mp"),
         ({"distributed_timeout_seconds": 0}, "distributed_timeout_seconds"),
         ({"tensor_parallel_size": 2, "async_scheduling": True}, "async_scheduling"),
-        ({"tensor_parallel_size": 2, "speculative_config": {"method": "ngram",
-          "num_speculative_tokens": 2}}, "speculative_config"),
+        # n-gram lookup and a draft model run on rank 0 alone; an EAGLE-3 head would read the
+        # target's split embedding and aux states.
+        ({"tensor_parallel_size": 2, "speculative_config": {"method": "eagle3",
+          "model": "head", "num_speculative_tokens": 2}},
+         r"'speculative_config' method 'eagle3' is not supported with tensor_parallel_size 2"),
         ({"num_kv_blocks": 1}, "num_kv_blocks"),
         ({"max_model_len": 0}, "max_model_len"),
         ({"max_model_len": 2**31}, "max_model_len"),
@@ -119,3 +122,13 @@ def test_ray_missing_is_named(monkeypatch):
     # One machine's ranks need no Ray.
     assert resolve_engine_config(args, 4096, "float32",
                                  cuda_device_count=4).executor_backend == "mp"
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "ngram", "num_speculative_tokens": 2},
+    {"model": "draft", "num_speculative_tokens": 2},  # method draft_model
+], ids=["ngram", "draft_model"])
+def test_speculation_with_several_ranks(spec):
+    args = EngineArgs.from_dict({"model": "m", "tensor_parallel_size": 2,
+                                 "speculative_config": spec})
+    assert args.tensor_parallel_size == 2 and args.speculative_config == spec

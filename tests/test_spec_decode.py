@@ -7,34 +7,15 @@ pass by never speculating.
 
 from __future__ import annotations
 
-import pathlib
 import random
 
 import numpy as np
 import pytest
 import torch
+from spec_workload import NGRAM, PROMPTS, TARGET, spec_counts
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.worker import rejection_sampler
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TARGET = ROOT / "model_repository" / "llm" / "1" / "default_model"
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
-         "prompt_lookup_max": 4, "adaptive": False}
-
-
-def _code(name: str, chars: int) -> str:
-    return (ROOT / "backend" / "pagedserve" / name).read_text()[:chars]
-
-
-# Prompts whose continuation repeats what they hold (the n-gram proposer's workload), and two
-# that do not.
-PROMPTS = [
-    _code("core/block_pool.py", 500) + "\n# The same, again:\n" + _code("core/block_pool.py", 120),
-    _code("outputs.py", 400) + "\n\n" + _code("outputs.py", 80),
-    "def fibonacci(n):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-]
 
 
 def make_llm(spec: dict | None = NGRAM, **kwargs) -> LLM:
@@ -44,11 +25,6 @@ def make_llm(spec: dict | None = NGRAM, **kwargs) -> LLM:
 
 def token_ids(outputs) -> list[list[list[int]]]:
     return [[c.token_ids for c in o.outputs] for o in outputs]
-
-
-def spec_counts(llm: LLM) -> tuple[int, int]:
-    stats = llm.engine.get_stats().spec_decoding
-    return stats.num_draft_tokens, stats.num_accepted_tokens
 
 
 def assert_no_leaks(llm: LLM) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pagedserve.config_vllm import check_unsupported
 from pagedserve.placement import UNPLACED, InstancePlacement, rank_devices
-from pagedserve.spec_decode.config import SpeculativeConfig
+from pagedserve.spec_decode.config import TENSOR_PARALLEL_METHODS, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,12 @@ class EngineArgs:
             raise bad("enable_log_requests",
                       f"contradicts disable_log_requests={self.disable_log_requests}")
         if self.speculative_config is not None:
-            SpeculativeConfig.from_dict(self.speculative_config)
+            method = SpeculativeConfig.from_dict(self.speculative_config).method
+            if self.tensor_parallel_size > 1 and method not in TENSOR_PARALLEL_METHODS:
+                raise bad("speculative_config",
+                          f"method {method!r} is not supported with tensor_parallel_size "
+                          f"{self.tensor_parallel_size} (with several ranks use one of "
+                          f"{', '.join(TENSOR_PARALLEL_METHODS)})")
         for name in ("model", "tokenizer", "revision", "tokenizer_revision", "download_dir"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
@@ -185,10 +190,6 @@ class EngineArgs:
                       "needs mp, ray (or auto)")
         if not 0.0 < self.distributed_timeout_seconds < float("inf"):
             raise bad("distributed_timeout_seconds", "must be a positive number of seconds")
-        if self.tensor_parallel_size > 1 and self.speculative_config is not None:
-            raise bad("speculative_config",
-                      f"is not supported with tensor_parallel_size {self.tensor_parallel_size} "
-                      "yet (speculative decoding runs with tensor_parallel_size 1)")
         if self.tensor_parallel_size > 1 and self.async_scheduling:
             raise bad("async_scheduling",
                       f"is not supported with tensor_parallel_size {self.tensor_parallel_size} "

@@ -28,6 +28,7 @@ _HEADER = struct.Struct("<q")  # the pickled message's length
 NUM_BLOCKS = "num_blocks"  # None; every rank then takes part in min_over_ranks
 INIT_KV_CACHE = "init_kv_cache"  # the number of blocks
 CAPTURE_GRAPHS = "capture_graphs"  # None
+TIME_FORWARDS = "time_forwards"  # None (the speculation controller's start-up timings)
 EXECUTE = "execute"  # (the step's SchedulerOutput, rank 0's tokens of the step before or None)
 STOP = "stop"  # None
 

@@ -3,7 +3,8 @@ engine's process drives ranks 1..tp-1 over the control channel, all joined by
 torch.distributed (gloo on the CPU, NCCL on GPUs).
 
 Each step rank 0 broadcasts the SchedulerOutput to the workers over the control channel, then
-every rank runs it: the ranks' collectives meet inside the model. Only rank 0 samples; its
+every rank runs it: the ranks' collectives meet inside the model. Only rank 0 samples (and
+proposes and verifies drafts, which reach the workers in the step that verifies them); its
 tokens ride to the workers with the next step's message (see rank.py), so a step costs one
 control broadcast besides the model's own collectives. A worker that dies fails the next step
 at once (its liveness is checked before each command, and gloo reports the closed connection
@@ -184,6 +185,10 @@ class MultiRankExecutor(Executor):
 
     def capture_graphs(self) -> None:
         self._start_up(control.CAPTURE_GRAPHS, None, self.runner.capture_graphs)
+
+    def time_forwards(self) -> list[tuple[int, float]]:
+        # Every rank runs the forwards: their collectives meet.
+        return self._on_all_ranks(control.TIME_FORWARDS, None, self.runner.time_forwards)
 
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         output = self._on_all_ranks(control.EXECUTE, (sched, self._sampled),

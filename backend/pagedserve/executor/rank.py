@@ -18,6 +18,7 @@ from pagedserve.distributed import TensorParallelGroup, init_tensor_parallel
 from pagedserve.executor import control
 from pagedserve.models.model_config import ModelConfig
 from pagedserve.worker.model_runner import ModelRunner
+from pagedserve.worker.rejection_sampler import PLACEHOLDER_TOKEN_ID, RejectionSamplerOutput
 from pagedserve.worker.sampler import SamplerOutput
 
 logger = logging.getLogger(__name__)
@@ -59,11 +60,29 @@ class WorkerSampler:
             sampled=torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device))
 
 
+class WorkerRejectionSampler:
+    """A worker rank's verification, as WorkerSampler's sampling: it verifies nothing, and
+    emits one placeholder token per row (every draft rejected) in the rejection sampler's
+    shapes. Rank 0's tokens then give each row the tokens it accepted and roll its computed
+    positions back by the drafts it rejected (InputBatch.overwrite_sampled)."""
+
+    def __call__(self, draft_token_ids: torch.Tensor, num_draft: torch.Tensor,
+                 target_logits: torch.Tensor, meta: object) -> RejectionSamplerOutput:
+        width = int(num_draft.max()) + 1 if num_draft.numel() else 1
+        rows = len(num_draft)
+        token_ids = torch.full((rows, width), PLACEHOLDER_TOKEN_ID, dtype=torch.int64,
+                               device=num_draft.device)
+        token_ids[:, 0] = 0
+        return RejectionSamplerOutput(token_ids, torch.zeros_like(num_draft))
+
+
 @dataclass
 class RankZeroTokens:
     """Rank 0's tokens of a step, which the workers take with the next step's message."""
 
-    tokens: np.ndarray  # [n, 1], in the order of the step's sampling rows
+    # [n, W] in the order of the step's sampling rows: per row the tokens it emitted, then
+    # PLACEHOLDER_TOKEN_ID (W = 1 unless the step verified drafts).
+    tokens: np.ndarray
     # The requests they belong to, sent only when rank 0 sampled fewer rows than the workers
     # (a row whose sampling failed): otherwise they are the workers' own latest rows, in order.
     req_ids: Optional[list[str]] = None
@@ -79,27 +98,45 @@ def rank_zero_tokens(runner: ModelRunner, output: ModelRunnerOutput) -> Optional
 
 def take_rank_zero_tokens(runner: ModelRunner, sent: Optional[RankZeroTokens]) -> None:
     """Puts rank 0's tokens of the step before in place of the placeholders a worker's runner
-    recorded for it."""
+    recorded for it, leaving its rows as rank 0's (tokens, their count, computed positions)."""
     if sent is None:
         return
+    own = runner.latest_sampled
+    own_rows, own_tokens = own if own is not None else (
+        np.empty(0, dtype=np.int64), np.empty((0, 1), dtype=np.int64))
+    own_counts = (own_tokens >= 0).sum(axis=1)
     if sent.req_ids is None:
-        own = runner.latest_sampled
-        rows = own[0] if own is not None else np.empty(0, dtype=np.int64)
+        rows, counts = own_rows, own_counts
     else:
         row_of = runner.batch.row_of
         rows = np.fromiter((row_of[r] for r in sent.req_ids), np.int64, len(sent.req_ids))
+        index = np.full(runner.batch.max_num_reqs, -1, dtype=np.int64)
+        index[own_rows] = np.arange(len(own_rows))
+        if (index[rows] < 0).any():
+            raise RuntimeError("tensor-parallel ranks out of step: rank 0 sampled a row this "
+                               "rank did not")
+        counts = own_counts[index[rows]]
     if len(rows) != len(sent.tokens):
         raise RuntimeError(f"tensor-parallel ranks out of step: rank 0 sampled "
                            f"{len(sent.tokens)} rows, this rank {len(rows)}")
-    runner.batch.overwrite_sampled(rows, sent.tokens)
+    runner.batch.overwrite_sampled(rows, sent.tokens, counts)
+
+
+def follow_rank_zero(runner: ModelRunner) -> None:
+    """Makes ``runner`` a worker rank's: it samples and verifies nothing (its batch takes rank
+    0's tokens, take_rank_zero_tokens). Build it with ``proposes=False``: rank 0's drafts
+    reach it with each step."""
+    runner.sampler = WorkerSampler()
+    if runner.rejection_sampler is not None:
+        runner.rejection_sampler = WorkerRejectionSampler()
 
 
 def build_rank_runner(config: EngineConfig, model_config: ModelConfig,
                       tp: TensorParallelGroup) -> ModelRunner:
-    """``tp``'s rank of the model; a worker rank (not 0) samples nothing (WorkerSampler)."""
-    runner = ModelRunner(config, model_config, tp=tp)
+    """``tp``'s rank of the model; a worker rank (not 0) samples and proposes nothing."""
+    runner = ModelRunner(config, model_config, tp=tp, proposes=tp.rank == 0)
     if tp.rank > 0:
-        runner.sampler = WorkerSampler()
+        follow_rank_zero(runner)
     return runner
 
 
@@ -123,6 +160,8 @@ def serve_commands(channel: control.ControlChannel, runner: ModelRunner, rank: i
             runner.initialize_kv_cache(argument)
         elif command == control.CAPTURE_GRAPHS:
             runner.capture_graphs()
+        elif command == control.TIME_FORWARDS:
+            runner.time_forwards()  # rank 0's timings seed its speculation controller
         elif command == control.STOP:
             return
         else:

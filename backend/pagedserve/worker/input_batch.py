@@ -173,8 +173,13 @@ class InputBatch:
     def write_drafts(self, rows: np.ndarray, drafts: np.ndarray) -> None:
         """Puts each row's drafts (``[n, k_max]``, -1 past a row's own) after its known tokens,
         where the step reads its inputs; they stay uncounted (``num_tokens``) until accepted."""
-        row, j = np.nonzero(drafts >= 0)
-        self.token_ids[rows[row], self.num_tokens[rows[row]] + j] = drafts[row, j]
+        self._write_runs(rows, self.num_tokens[rows], drafts)
+
+    def _write_runs(self, rows: np.ndarray, starts: np.ndarray, runs: np.ndarray) -> None:
+        """Writes each row's run of tokens (``runs[i]``: its tokens, then -1) from ``starts[i]``
+        on."""
+        row, j = np.nonzero(runs >= 0)
+        self.token_ids[rows[row], starts[row] + j] = runs[row, j]
 
     def fill_sampled(
         self,
@@ -197,9 +202,8 @@ class InputBatch:
             counts = np.ones(len(rows), dtype=np.int64)
         else:  # each row's tokens, then -1
             counts = (tokens >= 0).sum(axis=1)
-            row, j = np.nonzero(tokens[same] >= 0)
             mine = rows[same]
-            self.token_ids[mine[row], positions[same][row] + j] = tokens[same][row, j]
+            self._write_runs(mine, positions[same], tokens[same])
             self.num_tokens[mine] += (counts[same] - 1).astype(np.int32)
         if num_drafts is not None:
             self.num_computed[rows[same]] -= (num_drafts[same] - (counts[same] - 1)).astype(
@@ -207,12 +211,20 @@ class InputBatch:
             )
         return counts
 
-    def overwrite_sampled(self, rows: np.ndarray, tokens: np.ndarray) -> None:
-        """Replaces the last token of each of ``rows`` (``tokens``: [n, 1]), as filled in by
-        the latest step, by another rank's choice of it."""
-        if tokens.shape[1] != 1:
-            raise ValueError("only one sampled token per row can be overwritten")
-        self.token_ids[rows, self.num_tokens[rows] - 1] = tokens[:, 0]
+    def overwrite_sampled(self, rows: np.ndarray, tokens: np.ndarray,
+                          own_counts: np.ndarray) -> None:
+        """Replaces what ``fill_sampled`` gave each of ``rows`` at the latest step (its
+        ``own_counts`` tokens) by another rank's tokens of that step (``tokens``, as
+        ``fill_sampled`` takes them: ``[n, W]``, per row its emitted tokens then -1), leaving
+        the rows as that rank's ``fill_sampled`` left its own: the tokens, ``num_tokens``, and
+        ``num_computed``, which a verification step rolled back by the drafts it rejected (one
+        fewer for each token more that the other rank accepted)."""
+        counts = (tokens >= 0).sum(axis=1).astype(np.int32)
+        own_counts = own_counts.astype(np.int32)
+        starts = self.num_tokens[rows] - own_counts
+        self._write_runs(rows, starts, tokens)
+        self.num_tokens[rows] = starts + counts
+        self.num_computed[rows] += counts - own_counts
 
     def prompt_logprobs_plan(
         self, rows: np.ndarray, num_sched: np.ndarray

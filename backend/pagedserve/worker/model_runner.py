@@ -95,7 +95,7 @@ class ModelRunner:
     Sampler."""
 
     def __init__(self, config: EngineConfig, model_config: ModelConfig,
-                 tp: TensorParallelGroup = SINGLE_RANK) -> None:
+                 tp: TensorParallelGroup = SINGLE_RANK, proposes: bool = True) -> None:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.rank_device(tp.rank))
@@ -137,7 +137,9 @@ class ModelRunner:
         # budget).
         self.draft_model: Optional[DraftModelProposer] = None
         self.eagle3: Optional[Eagle3Proposer] = None
-        method = None if self.speculative is None else self.speculative.method
+        # Without ``proposes`` (a tensor-parallel worker) no proposer: the step brings rank
+        # 0's drafts, and a draft model runs unsharded on rank 0 alone.
+        method = None if self.speculative is None or not proposes else self.speculative.method
         if method == "ngram":
             self.proposer = NgramBatchProposer(self.speculative.ngram)
         elif method == "draft_model":
