@@ -27,11 +27,6 @@ from pagedserve.config import EngineArgs, resolve_engine_config
         ({"distributed_executor_backend": "uni", "tensor_parallel_size": 2}, "needs mp"),
         ({"distributed_timeout_seconds": 0}, "distributed_timeout_seconds"),
         ({"tensor_parallel_size": 2, "async_scheduling": True}, "async_scheduling"),
-        # n-gram lookup and a draft model run on rank 0 alone; an EAGLE-3 head would read the
-        # target's split embedding and aux states.
-        ({"tensor_parallel_size": 2, "speculative_config": {"method": "eagle3",
-          "model": "head", "num_speculative_tokens": 2}},
-         r"'speculative_config' method 'eagle3' is not supported with tensor_parallel_size 2"),
         ({"num_kv_blocks": 1}, "num_kv_blocks"),
         ({"max_model_len": 0}, "max_model_len"),
         ({"max_model_len": 2**31}, "max_model_len"),
@@ -127,7 +122,8 @@ def test_ray_missing_is_named(monkeypatch):
 @pytest.mark.parametrize("spec", [
     {"method": "ngram", "num_speculative_tokens": 2},
     {"model": "draft", "num_speculative_tokens": 2},  # method draft_model
-], ids=["ngram", "draft_model"])
+    {"method": "eagle3", "model": "head", "num_speculative_tokens": 2},
+], ids=["ngram", "draft_model", "eagle3"])
 def test_speculation_with_several_ranks(spec):
     args = EngineArgs.from_dict({"model": "m", "tensor_parallel_size": 2,
                                  "speculative_config": spec})

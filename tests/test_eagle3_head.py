@@ -63,8 +63,8 @@ def _load(target_dir: pathlib.Path, head_dir: pathlib.Path):
     target = load_model(target_config, torch.float32, torch.device("cpu"),
                         _backend(target_config))
     head_config = Eagle3Config.from_pretrained(head_dir, target_config)
-    head = load_eagle3_head(head_config, target, torch.float32, torch.device("cpu"),
-                            _backend(head_config.model_config))
+    head = load_eagle3_head(head_config, target, target_dir, torch.float32,
+                            torch.device("cpu"), _backend(head_config.model_config))
     return target_config, target, head_config, head
 
 

@@ -1,9 +1,9 @@
-"""Speculative decoding with tensor parallelism: with n-gram lookup and with a draft model (each
-on rank 0 alone), tensor_parallel_size 2 (mp, gloo on the CPU, fp32) gives the greedy tokens one
-rank gives without speculation, drafts accepted, stop tokens and max_tokens met inside accepted
-runs; and a worker's batch, corrected by rank 0's tokens, equals rank 0's row for row after
-every step, accepted drafts included (checked on the arrays, with a worker's runner beside rank
-0's in one process).
+"""Speculative decoding with tensor parallelism: with n-gram lookup, a draft model and an EAGLE-3
+head (each on rank 0 alone), tensor_parallel_size 2 (mp, gloo on the CPU, fp32) gives the
+greedy tokens one rank gives without speculation, drafts accepted, stop tokens and max_tokens
+met inside accepted runs; and a worker's batch, corrected by rank 0's tokens, equals rank 0's
+row for row after every step, accepted drafts included (checked on the arrays, with a worker's
+runner beside rank 0's in one process).
 
 Every test asserts that drafts were proposed and accepted, so that it cannot pass by never
 speculating."""
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import torch
 from spec_workload import NGRAM, PROMPTS, TARGET, TRAINED, spec_counts
 
 from pagedserve import LLM, SamplingParams
@@ -26,6 +27,10 @@ from pagedserve.worker.model_runner import ModelRunner
 ENGINE = dict(dtype="float32", max_model_len=256)
 DRAFT_MODEL = {"method": "draft_model", "model": str(TRAINED / "draft_model"),
                "num_speculative_tokens": 3, "adaptive": False}
+# The shipped head has no embedding of its own: on rank 0 it takes a whole copy of the
+# target's, whose ranks each hold half.
+EAGLE3 = {"method": "eagle3", "model": str(TRAINED / "eagle3_head"),
+          "num_speculative_tokens": 3, "adaptive": False}
 
 
 def greedy(max_tokens: int, **kwargs) -> SamplingParams:
@@ -46,7 +51,8 @@ def one_rank() -> LLM:
     NGRAM,
     # Adaptive: the controller's start-up timings run the target's forwards on both ranks.
     {**DRAFT_MODEL, "adaptive": True},
-], ids=["ngram", "draft_model"])
+    EAGLE3,
+], ids=["ngram", "draft_model", "eagle3"])
 def test_two_ranks_speculating_give_one_ranks_tokens(one_rank, spec):
     # A stop token and a max_tokens bound met inside the repetitive prompts' accepted runs.
     [looping] = one_rank.generate(PROMPTS[3], greedy(24), use_tqdm=False)
@@ -59,6 +65,10 @@ def test_two_ranks_speculating_give_one_ranks_tokens(one_rank, spec):
     llm = LLM(str(TARGET), tensor_parallel_size=2, speculative_config=spec, **ENGINE)
     assert llm.engine.config.executor_backend == "mp"
     assert llm.engine.runner.proposer is not None  # rank 0's
+    if spec is EAGLE3:  # the head's embedding: the whole table, as one rank's target holds it
+        torch.testing.assert_close(llm.engine.runner.eagle3.head.embed_tokens.weight,
+                                   one_rank.engine.runner.model.model.embed_tokens.weight,
+                                   rtol=0, atol=0)
     assert tokens(llm, prompts, params) == expected
     drafted, accepted = spec_counts(llm)
     assert drafted > 0 and accepted > 0, "nothing was speculated"
@@ -131,7 +141,8 @@ def beside_a_worker(llm: LLM, monkeypatch: pytest.MonkeyPatch,
     # preemption and chunked prefill.
     (NGRAM, dict(num_kv_blocks=20, block_size=16, max_num_batched_tokens=24)),
     (DRAFT_MODEL, {}),
-], ids=["ngram", "ngram-preempting", "draft_model"])
+    (EAGLE3, {}),
+], ids=["ngram", "ngram-preempting", "draft_model", "eagle3"])
 def test_a_workers_batch_equals_rank_zeros_after_taking_its_tokens(monkeypatch, spec, kwargs):
     """Before taking rank 0's tokens the worker's batch must differ in counts at some step
     (drafts accepted), or the check proves nothing about the correction."""

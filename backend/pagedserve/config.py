@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pagedserve.config_vllm import check_unsupported
 from pagedserve.placement import UNPLACED, InstancePlacement, rank_devices
-from pagedserve.spec_decode.config import TENSOR_PARALLEL_METHODS, SpeculativeConfig
+from pagedserve.spec_decode.config import SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -165,12 +165,7 @@ class EngineArgs:
             raise bad("enable_log_requests",
                       f"contradicts disable_log_requests={self.disable_log_requests}")
         if self.speculative_config is not None:
-            method = SpeculativeConfig.from_dict(self.speculative_config).method
-            if self.tensor_parallel_size > 1 and method not in TENSOR_PARALLEL_METHODS:
-                raise bad("speculative_config",
-                          f"method {method!r} is not supported with tensor_parallel_size "
-                          f"{self.tensor_parallel_size} (with several ranks use one of "
-                          f"{', '.join(TENSOR_PARALLEL_METHODS)})")
+            SpeculativeConfig.from_dict(self.speculative_config)
         for name in ("model", "tokenizer", "revision", "tokenizer_revision", "download_dir"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():

@@ -14,7 +14,7 @@ from torch import nn
 from pagedserve.attention.base import AttentionBackend
 from pagedserve.attention.layer import Attention
 from pagedserve.distributed import SINGLE_RANK, TensorParallelGroup
-from pagedserve.layers.embedding import LMHead
+from pagedserve.layers.embedding import LMHead, VocabEmbedding
 from pagedserve.layers.linear import LinearBase
 from pagedserve.layers.quantization import QuantizationConfig
 from pagedserve.models.eagle3 import Eagle3Config, Eagle3LlamaForCausalLM
@@ -44,6 +44,20 @@ def iterate_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, f.get_tensor(name)
         else:
             yield from torch.load(file, map_location="cpu", weights_only=True).items()
+
+
+def read_weight(path: Path, name: str) -> torch.Tensor:
+    """One tensor of a checkpoint, read alone where the format allows (safetensors)."""
+    for file in checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                if name in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                    return f.get_tensor(name)
+        else:
+            weights = torch.load(file, map_location="cpu", weights_only=True)
+            if name in weights:
+                return weights[name]
+    raise ValueError(f"checkpoint {path} holds no tensor {name!r}")
 
 
 def load_model(
@@ -82,6 +96,7 @@ def load_model(
 def load_eagle3_head(
     head: Eagle3Config,
     target: nn.Module,
+    target_path: Path,
     dtype: torch.dtype,
     device: torch.device,
     attn: AttentionBackend,
@@ -93,5 +108,23 @@ def load_eagle3_head(
     model = load_model(head.model_config, dtype, device, attn, cls=cls)
     assert isinstance(model, Eagle3LlamaForCausalLM)
     if model.embed_tokens is None:
-        model.share_embedding(target.model.embed_tokens)
+        embedding = target.model.embed_tokens
+        if embedding.tp.world_size > 1:
+            # The target's rank holds a slice of the vocabulary, and the head drafts on rank 0
+            # alone: it gets its own copy of the whole table, read from the target's checkpoint.
+            embedding = _whole_embedding(head.model_config, target, target_path, embedding,
+                                         dtype, device)
+        model.share_embedding(embedding)
     return model
+
+
+def _whole_embedding(config: ModelConfig, target: nn.Module, path: Path,
+                     sharded: VocabEmbedding, dtype: torch.dtype,
+                     device: torch.device) -> VocabEmbedding:
+    """``sharded``'s table whole (``config``'s vocabulary and width), on one rank, read from
+    ``target``'s checkpoint at ``path``."""
+    name = next(n for n, p in target.named_parameters() if p is sharded.weight)
+    with torch.device(device):
+        whole = VocabEmbedding(config.vocab_size, config.hidden_size, dtype)
+    whole.weight.weight_loader(whole.weight, read_weight(path, name))
+    return whole

@@ -9,10 +9,6 @@ from typing import Any, Optional
 from pagedserve.spec_decode.ngram_proposer import MAX_NUM_SPECULATIVE_TOKENS, NgramConfig
 
 METHODS = ("ngram", "draft_model", "eagle3")
-# The methods served with tensor_parallel_size > 1, whose proposer runs on rank 0 alone: from
-# the batch's tokens (ngram) or from a draft model of its own, unsharded (draft_model). An
-# EAGLE-3 head reads the target's embedding and its aux hidden states, which the ranks split.
-TENSOR_PARALLEL_METHODS = ("ngram", "draft_model")
 # vLLM's other methods, named so that their error says they are known but not served here.
 _OTHER_VLLM_METHODS = ("eagle", "medusa", "mlp_speculator", "mtp", "deepseek_mtp", "suffix")
 _KEYS = (

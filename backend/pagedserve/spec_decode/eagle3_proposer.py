@@ -124,7 +124,7 @@ class Eagle3Proposer:
         self.kv_cache_dtype = kv_cache_dtype
         self.attn = drafter_attention(config, mc, device, kv_cache_dtype)
         self.head: Eagle3LlamaForCausalLM = load_eagle3_head(
-            self.head_config, target, dtype, device, self.attn)
+            self.head_config, target, target_config.path, dtype, device, self.attn)
         use_dense_linears(self.head)  # as a draft model's: small matmuls, per-call costs
         target.set_aux_hidden_state_layers(self.head_config.aux_layer_ids)
         self.max_model_len = config.max_model_len
