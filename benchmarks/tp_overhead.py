@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pagedserve.core.scheduler_output import SchedulerOutput
@@ -87,6 +88,7 @@ def _rank(rank: int, world: int, port: int, running: list[int], steps: int,
         channel.flush()
     else:
         channel.receive()
+    dist.destroy_process_group()
 
 
 def _p(values: list[float], q: float) -> float:

@@ -123,6 +123,8 @@ def beside_a_worker(llm: LLM, monkeypatch: pytest.MonkeyPatch,
         before_step(sched)
         output = run_rank_zero(sched)
         worker.execute_model(sched)
+        # Its tokens are placeholders: it computes no logprobs of them, even where asked.
+        assert worker._latest is None or worker._latest.logprobs_host is None
         if output.req_ids:
             steps.counts_differed.append(counts_differ(rank_zero.batch, worker.batch))
         if rank_zero.failures and sched.scheduled_spec_decode_tokens:
@@ -148,9 +150,10 @@ def test_a_workers_batch_equals_rank_zeros_after_taking_its_tokens(monkeypatch, 
     (drafts accepted), or the check proves nothing about the correction."""
     llm = LLM(str(TARGET), speculative_config=spec, **{**ENGINE, **kwargs})
     steps = beside_a_worker(llm, monkeypatch)
-    # A seeded sampled request too: the worker's placeholders differ from its tokens.
+    # A seeded sampled request too: the worker's placeholders differ from its tokens; it asks
+    # for logprobs, which rank 0 alone computes.
     params = [greedy(24)] * len(PROMPTS) + [
-        SamplingParams(temperature=0.8, seed=3, max_tokens=24)]
+        SamplingParams(temperature=0.8, seed=3, max_tokens=24, logprobs=2)]
     llm.generate(PROMPTS + PROMPTS[:1], params, use_tqdm=False)
     assert any(steps.counts_differed)
     if "num_kv_blocks" in kwargs:

@@ -66,7 +66,7 @@ def verify(
     drafts = torch.from_numpy(layout.draft_token_ids).to(device)
     result = rejection_sampler(drafts, num_drafts, logits, meta)
     out = SamplerOutput(sampled=result.token_ids)
-    if meta.max_num_logprobs >= 0:
+    if meta.max_num_logprobs >= 0 and rejection_sampler.decides_tokens:
         emitted = result.token_ids != PLACEHOLDER_TOKEN_ID
         first = torch.from_numpy(layout.first_logit).to(device)
         offsets = torch.arange(result.token_ids.shape[1], device=device)
