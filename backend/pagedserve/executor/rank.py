@@ -66,9 +66,6 @@ class WorkerRejectionSampler:
     shapes. Rank 0's tokens then give each row the tokens it accepted and roll its computed
     positions back by the drafts it rejected (InputBatch.overwrite_sampled)."""
 
-    # Nothing is returned from a worker: verify() computes no logprobs of its placeholders.
-    decides_tokens = False
-
     def __call__(self, draft_token_ids: torch.Tensor, num_draft: torch.Tensor,
                  target_logits: torch.Tensor, meta: object) -> RejectionSamplerOutput:
         width = int(num_draft.max()) + 1 if num_draft.numel() else 1
@@ -130,6 +127,7 @@ def follow_rank_zero(runner: ModelRunner) -> None:
     0's tokens, take_rank_zero_tokens). Build it with ``proposes=False``: rank 0's drafts
     reach it with each step."""
     runner.sampler = WorkerSampler()
+    runner.returns_tokens = False
     if runner.rejection_sampler is not None:
         runner.rejection_sampler = WorkerRejectionSampler()
 

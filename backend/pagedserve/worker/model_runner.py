@@ -132,6 +132,9 @@ class ModelRunner:
         self.sampler = Sampler()
         self.speculative = config.speculative
         self.rejection_sampler = RejectionSampler() if self.speculative is not None else None
+        # False on a tensor-parallel worker (follow_rank_zero): its tokens are placeholders,
+        # which nobody reads the logprobs of.
+        self.returns_tokens = True
         self.proposer: Optional[Proposer] = None
         # A draft model's or EAGLE-3 head's KV cache shares the target's block ids (and
         # budget).
@@ -328,7 +331,8 @@ class ModelRunner:
         the layout returned is that of the rows that sampled."""
         meta = self.batch.sampling_metadata(rows, self.device)
         try:
-            return verify(self.rejection_sampler, logits, layout, meta), rows, layout
+            return verify(self.rejection_sampler, logits, layout, meta,
+                          self.returns_tokens), rows, layout
         except Exception as e:
             logger.warning("verifying drafts failed (%s: %s); sampling without them",
                            type(e).__name__, e)

@@ -72,9 +72,6 @@ class RejectionSampler:
     a run is therefore enforced for the whole step (conservative). Logprobs are not computed.
     """
 
-    # Its tokens are the step's (a tensor-parallel worker's stand-in emits placeholders).
-    decides_tokens = True
-
     def __call__(
         self,
         draft_token_ids: torch.Tensor,

@@ -56,17 +56,18 @@ def verify(
     logits: torch.Tensor,
     layout: DraftLayout,
     meta: SamplingMetadata,
+    with_logprobs: bool = True,
 ) -> SamplerOutput:
     """Verifies the drafts against ``logits`` (flat: each sampling row's 1 + k positions in
     order); ``sampled`` is ``[n, 1 + k_max]``, PLACEHOLDER_TOKEN_ID past each row's tokens.
-    Logprobs, when asked, are those of the raw logits at each emitted token's position, one
-    row per emitted token."""
+    Logprobs, when asked (and ``with_logprobs``), are those of the raw logits at each emitted
+    token's position, one row per emitted token."""
     device = logits.device
     num_drafts = torch.from_numpy(layout.num_drafts).to(device)
     drafts = torch.from_numpy(layout.draft_token_ids).to(device)
     result = rejection_sampler(drafts, num_drafts, logits, meta)
     out = SamplerOutput(sampled=result.token_ids)
-    if meta.max_num_logprobs >= 0 and rejection_sampler.decides_tokens:
+    if with_logprobs and meta.max_num_logprobs >= 0:
         emitted = result.token_ids != PLACEHOLDER_TOKEN_ID
         first = torch.from_numpy(layout.first_logit).to(device)
         offsets = torch.arange(result.token_ids.shape[1], device=device)
