@@ -26,7 +26,6 @@ from pagedserve.config import EngineArgs, resolve_engine_config
         ({"distributed_executor_backend": "threads"}, "distributed_executor_backend"),
         ({"distributed_executor_backend": "uni", "tensor_parallel_size": 2}, "needs mp"),
         ({"distributed_timeout_seconds": 0}, "distributed_timeout_seconds"),
-        ({"tensor_parallel_size": 2, "async_scheduling": True}, "async_scheduling"),
         ({"num_kv_blocks": 1}, "num_kv_blocks"),
         ({"max_model_len": 0}, "max_model_len"),
         ({"max_model_len": 2**31}, "max_model_len"),

@@ -3,7 +3,9 @@ here, rank 1 a spawned worker, gloo on the CPU) gives the tokens one rank gives,
 chunked prefill, preemption and prefix caching (llama; qwen2 with a vocabulary split unevenly
 and mistral with one replicated KV head, greedy); random sampling keeps the ranks in step; a
 killed worker fails the engine (and the async engine's streams) at once, a hung one after the
-timeout, and no worker outlives its engine."""
+timeout, and no worker outlives its engine. With async scheduling too (the worker then takes
+rank 0's tokens within each step), where a row that fails to sample on rank 0 alone ends
+only its own request."""
 
 from __future__ import annotations
 
@@ -62,10 +64,22 @@ def test_two_ranks_give_one_ranks_tokens(model, reference):
     stats = llm.engine.get_stats()
     assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits_total > 0
 
-    # Random sampling, seeded and not: only rank 0's tokens count, the worker's batch must
-    # hold them too. A greedy continuation of each sampled text reuses the cached blocks
-    # that both ranks computed from those tokens: it matches one rank's only if the worker
-    # stayed in step.
+    _assert_the_worker_follows_random_sampling(llm, model)
+
+    # Dropping the LLM stops its worker.
+    engine = weakref.ref(llm.engine)
+    del llm
+    gc.collect()
+    assert engine() is None
+    assert not worker.is_alive() and worker.exitcode == 0  # told to stop, not killed
+    assert gone(worker.pid)
+
+
+def _assert_the_worker_follows_random_sampling(llm: LLM, model: str) -> None:
+    """Random sampling, seeded and not: only rank 0's tokens count, the worker's batch must
+    hold them too. A greedy continuation of each sampled text reuses the cached blocks that
+    both ranks computed from those tokens: it matches one rank's only if the worker stayed in
+    step."""
     sampled = llm.generate(
         [SHARED + "random", SHARED + "seeded"],
         [SamplingParams(max_tokens=20, temperature=1.0, ignore_eos=True),
@@ -86,13 +100,45 @@ def test_two_ranks_give_one_ranks_tokens(model, reference):
                 for o in one_rank.generate(follow_ups, follow, use_tqdm=False)]
     assert got == expected
 
-    # Dropping the LLM stops its worker.
-    engine = weakref.ref(llm.engine)
-    del llm
-    gc.collect()
-    assert engine() is None
-    assert not worker.is_alive() and worker.exitcode == 0  # told to stop, not killed
-    assert gone(worker.pid)
+
+def test_two_ranks_with_async_scheduling_give_one_ranks_tokens(model, reference):
+    # Step N + 1 goes to the worker before step N's tokens reach rank 0's host: the worker
+    # takes them from rank 0's device within step N (SampledTokenShare). Without them its
+    # next inputs would be placeholders, its half of every later all-reduce wrong.
+    llm = LLM(model, tensor_parallel_size=2, async_scheduling=True, **ENGINE)
+    assert llm.engine.config.async_scheduling
+    assert_same(greedy(llm), reference)
+    stats = llm.engine.get_stats()
+    assert stats.num_preemptions_total > 0 and stats.prefix_cache_hits_total > 0
+    _assert_the_worker_follows_random_sampling(llm, model)
+
+    # A row whose sampling fails on rank 0 alone (the worker samples nothing): rank 0 sends
+    # placeholders for it, that request ends, the others' tokens are as without it.
+    engine = llm.engine
+    prompts, params = [SHARED + "one", "Once upon a time"], SamplingParams(max_tokens=12,
+                                                                           **GREEDY)
+
+    def run(with_bad: bool) -> tuple[list, list]:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"good-{i}", prompt, params)
+        if with_bad:
+            bad = params.clone(logprobs=1)
+            engine.add_request("bad", "a bad row", bad)
+            bad.logprobs = engine.model_config.vocab_size + 5  # after validation
+        done, errors = {}, []
+        while engine.has_unfinished_requests():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step()
+                        if o.finished)
+            errors += engine.take_request_errors()
+        return [done[f"good-{i}"] for i in range(len(prompts))], errors
+
+    expected, _ = run(with_bad=False)
+    got, errors = run(with_bad=True)
+    assert got == expected
+    assert [(e.request_id, e.stage) for e in errors] == [("bad", "sampling")]
+    stats = engine.get_stats()
+    assert stats.num_free_kv_blocks == stats.num_kv_blocks
+    engine.shutdown()
 
 
 def test_mp_with_one_rank_is_uniproc(model, reference):
@@ -102,8 +148,9 @@ def test_mp_with_one_rank_is_uniproc(model, reference):
     assert_same(greedy(llm), reference)
 
 
-def test_a_killed_worker_fails_the_requests_at_once(model):
-    llm = LLM(model, tensor_parallel_size=2, **ENGINE)
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+def test_a_killed_worker_fails_the_requests_at_once(model, async_scheduling):
+    llm = LLM(model, tensor_parallel_size=2, async_scheduling=async_scheduling, **ENGINE)
     [worker] = _worker_processes(llm)
     assert_a_kill_fails_the_run(
         llm, lambda: os.kill(worker.pid, signal.SIGKILL),

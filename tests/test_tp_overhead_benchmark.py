@@ -31,3 +31,14 @@ def test_the_benchmark_prints_every_batch_size_and_judges_the_target():
         assert added == pytest.approx(both - alone, abs=2e-3)
     verdict = re.search(r"at 256 running: (met|MISSED)", run.stdout)
     assert verdict and (verdict.group(1) == "met") == (run.returncode == 0), run.stdout
+
+
+def test_async_scheduling_steps_broadcast_their_tokens_unjudged():
+    # The message without tokens, then their broadcast in the step; the target is the
+    # synchronous steps' (async scheduling is off on the CPU).
+    run = subprocess.run([sys.executable, str(BENCHMARK), "--steps", "5", "--running", "256",
+                          "--async-scheduling"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "their broadcast in the step" in run.stdout
+    [row] = ROW.findall(run.stdout)
+    assert int(row[0]) == 256 and "target" not in run.stdout

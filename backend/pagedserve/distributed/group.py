@@ -58,6 +58,16 @@ class TensorParallelGroup:
             raise CollectiveError(f"all_gather over {self.world_size} ranks failed: {e}") from e
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``src``'s ``x`` on every rank (received into ``x`` in place elsewhere)."""
+        if self.world_size == 1:
+            return x
+        try:
+            dist.broadcast(x, src=src, group=self.process_group)
+        except RuntimeError as e:
+            raise CollectiveError(f"broadcast over {self.world_size} ranks failed: {e}") from e
+        return x
+
 
 SINGLE_RANK = TensorParallelGroup()
 

@@ -30,6 +30,7 @@ INIT_KV_CACHE = "init_kv_cache"  # the number of blocks
 CAPTURE_GRAPHS = "capture_graphs"  # None
 TIME_FORWARDS = "time_forwards"  # None (the speculation controller's start-up timings)
 EXECUTE = "execute"  # (the step's SchedulerOutput, rank 0's tokens of the step before or None)
+LAUNCH = "launch"  # the step's SchedulerOutput (async scheduling: its tokens come within it)
 STOP = "stop"  # None
 
 

@@ -6,10 +6,12 @@ Each step rank 0 broadcasts the SchedulerOutput to the workers over the control 
 every rank runs it: the ranks' collectives meet inside the model. Only rank 0 samples (and
 proposes and verifies drafts, which reach the workers in the step that verifies them); its
 tokens ride to the workers with the next step's message (see rank.py), so a step costs one
-control broadcast besides the model's own collectives. A worker that dies fails the next step
-at once (its liveness is checked before each command, and gloo reports the closed connection
-within a step); one that hangs fails it after distributed_timeout_seconds. How workers are
-started, watched and stopped is the ``RankWorkers`` subclass's business."""
+control broadcast besides the model's own collectives. With async scheduling that message
+leaves before the step's tokens reach rank 0's host: they go to the workers' devices within
+the step instead (one more collective, rank.SampledTokenShare). A worker that dies fails the
+next step at once (its liveness is checked before each command, and gloo reports the closed
+connection within a step); one that hangs fails it after distributed_timeout_seconds. How
+workers are started, watched and stopped is the ``RankWorkers`` subclass's business."""
 
 from __future__ import annotations
 
@@ -197,9 +199,8 @@ class MultiRankExecutor(Executor):
         return output
 
     def launch(self, sched: SchedulerOutput) -> Optional[LaunchedStep]:
-        if self._workers.size:
-            raise RuntimeError("async scheduling is off with tensor_parallel_size > 1")
-        return super().launch(sched)
+        # The workers launch it too, and take its tokens within it (SampledTokenShare).
+        return self._on_all_ranks(control.LAUNCH, sched, lambda: self.runner.launch(sched))
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -53,7 +53,9 @@ class WorkerSampler:
     """A worker rank's sampler: it samples nothing. The engine sees only rank 0's tokens, and
     they reach the workers with the next step's message (RankZeroTokens) before
     anything reads them: a token sampled at a step is first an input at the next. So a step
-    needs no collective for its tokens, and an unseeded draw cannot differ between ranks."""
+    needs no collective for its tokens, and an unseeded draw cannot differ between ranks.
+    (With async scheduling the next step's message leaves before the tokens are known: they
+    come within the step instead, SampledTokenShare.)"""
 
     def __call__(self, logits: torch.Tensor, metadata: object) -> SamplerOutput:
         return SamplerOutput(
@@ -76,6 +78,33 @@ class WorkerRejectionSampler:
         return RejectionSamplerOutput(token_ids, torch.zeros_like(num_draft))
 
 
+class SampledTokenShare:
+    """With async scheduling, where the next step is sent before a step's tokens reach the
+    host: each step's tokens go from rank 0's device to the workers' within the step (one
+    broadcast over the tensor-parallel group, NCCL on GPUs), in place of a worker's own
+    placeholders, so that a worker's next step reads them on its device as rank 0's does.
+    The runner calls it with the step's tokens, its sampling rows (every rank's) and the rows
+    that sampled (fewer on rank 0 where a row's sampling failed: that row gets placeholders,
+    and its request ends before its next step)."""
+
+    def __init__(self, tp: TensorParallelGroup) -> None:
+        self.tp = tp
+
+    def __call__(self, sampled: torch.Tensor, rows: np.ndarray,
+                 sampled_rows: np.ndarray) -> torch.Tensor:
+        if not len(rows):  # the same on every rank: a step of prompt chunks only
+            return sampled
+        if self.tp.rank:
+            return self.tp.broadcast(torch.empty_like(sampled))
+        whole = sampled
+        if len(sampled_rows) != len(rows):
+            whole = torch.full((len(rows), sampled.shape[1]), PLACEHOLDER_TOKEN_ID,
+                               dtype=sampled.dtype, device=sampled.device)
+            whole[torch.from_numpy(np.isin(rows, sampled_rows)).to(sampled.device)] = sampled
+        self.tp.broadcast(whole.contiguous())
+        return sampled
+
+
 @dataclass
 class RankZeroTokens:
     """Rank 0's tokens of a step, which the workers take with the next step's message."""
@@ -89,8 +118,11 @@ class RankZeroTokens:
 
 
 def rank_zero_tokens(runner: ModelRunner, output: ModelRunnerOutput) -> Optional[RankZeroTokens]:
-    """What rank 0 sends the workers of the step that gave ``output`` (None if none ran)."""
-    sampled = runner.latest_sampled if output.req_ids else None
+    """What rank 0 sends the workers of the step that gave ``output`` (None if none ran, or
+    the workers got its tokens within the step: SampledTokenShare)."""
+    if not output.req_ids or runner.share_sampled is not None:
+        return None
+    sampled = runner.latest_sampled
     if sampled is None:
         return None
     return RankZeroTokens(sampled[1], list(output.req_ids) if runner.failures else None)
@@ -138,6 +170,8 @@ def build_rank_runner(config: EngineConfig, model_config: ModelConfig,
     runner = ModelRunner(config, model_config, tp=tp, proposes=tp.rank == 0)
     if tp.rank > 0:
         follow_rank_zero(runner)
+    if tp.world_size > 1 and config.async_scheduling:
+        runner.share_sampled = SampledTokenShare(tp)
     return runner
 
 
@@ -150,6 +184,9 @@ def serve_commands(channel: control.ControlChannel, runner: ModelRunner, rank: i
             take_rank_zero_tokens(runner, rank_zero)
             runner.execute_model(sched)
             runner.take_failures()  # rank 0 reports them; here they only must not pile up
+        elif command == control.LAUNCH:  # async scheduling: rank 0 collects, this rank later
+            runner.launch(argument)
+            runner.take_failures()
         elif command == control.NUM_BLOCKS:
             try:
                 num_blocks = runner.determine_num_blocks()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -135,6 +136,9 @@ class ModelRunner:
         # False on a tensor-parallel worker (follow_rank_zero): its tokens are placeholders,
         # which nobody reads the logprobs of.
         self.returns_tokens = True
+        # With async scheduling and several ranks: puts rank 0's tokens of each step in place
+        # of a worker's own, on the device, within the step (executor/rank.SampledTokenShare).
+        self.share_sampled: Optional[Callable[..., torch.Tensor]] = None
         self.proposer: Optional[Proposer] = None
         # A draft model's or EAGLE-3 head's KV cache shares the target's block ids (and
         # budget).
@@ -285,7 +289,7 @@ class ModelRunner:
             slots = self.buffers.host(self.buffers.slot_mapping)[:total]
             features = self.eagle3.step_features(batch, rows, num_sched, slots, aux)
         batch.num_computed[rows] += num_sched
-        sample_rows = rows[sample_mask]
+        sample_rows = sampling = rows[sample_mask]
         start = time.perf_counter()
         out = None
         if len(sample_rows) and layout is not None:
@@ -299,6 +303,8 @@ class ModelRunner:
         if out is None:  # only partial prefill chunks this step (or only failed rows)
             out = SamplerOutput(sampled=torch.empty(0, dtype=torch.int64, device=self.device))
         sampled = out.sampled if out.sampled.dim() == 2 else out.sampled[:, None]
+        if self.share_sampled is not None:
+            sampled = self.share_sampled(sampled, sampling, sample_rows)
         launched = LaunchedStep(
             req_ids=[batch.req_id_of[r] for r in sample_rows.tolist()],
             rows=sample_rows,
