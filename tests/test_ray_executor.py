@@ -4,7 +4,7 @@ prefill, preemption and prefix caching (tp_workload, as the mp executor); a kill
 the engine at once naming its rank, a hung one after distributed_timeout_seconds; shutdown
 leaves no actor, process or placement group; a cluster too small for the ranks fails the load
 naming tensor_parallel_size; without a cluster (no RAY_ADDRESS) the engine starts its own and
-shuts it down with itself."""
+shuts it down with itself. With async scheduling the actor gives the same tokens."""
 
 from __future__ import annotations
 
@@ -105,6 +105,16 @@ def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
     llm.engine.shutdown()  # idempotent
     with pytest.raises(EngineDeadError, match="shut down"):
         llm.engine.step()
+
+
+def test_ray_ranks_with_async_scheduling_give_one_ranks_tokens(cluster, model):
+    # The actor launches each step as rank 0 does and takes its tokens within it.
+    llm = LLM(model, **RAY, async_scheduling=True, **ENGINE)
+    assert llm.engine.config.async_scheduling
+    try:
+        assert_same(greedy(llm), one_rank_reference(model))
+    finally:
+        llm.engine.shutdown()
 
 
 def test_a_killed_actor_fails_the_requests_at_once(cluster, model):
