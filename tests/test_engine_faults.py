@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from traffic import run_beside_a_failing_row
 
 from pagedserve import EngineArgs, RequestOutputKind, SamplingParams
 from pagedserve.engine.async_engine import AsyncLLMEngine
@@ -130,26 +131,8 @@ def test_sampling_failure_fails_only_that_request(model, async_scheduling):
     sampling call fail; that request ends, the seeded and greedy ones draw what they would
     have drawn without it."""
     engine = LLMEngine(_args(model, async_scheduling=async_scheduling))
-
-    def run(with_bad: bool):
-        ids = []
-        for i, (prompt, params) in enumerate(GOOD):
-            engine.add_request(f"good-{i}", prompt, params)
-            ids.append(f"good-{i}")
-        if with_bad:
-            bad = GREEDY.clone(logprobs=1)
-            engine.add_request("bad", "a bad row", bad)
-            bad.logprobs = engine.model_config.vocab_size + 5  # after validation
-        done, errors = {}, []
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = [c.token_ids for c in out.outputs]
-            errors += engine.take_request_errors()
-        return [done[i] for i in ids], errors
-
-    reference, no_errors = run(with_bad=False)
-    tokens, errors = run(with_bad=True)
+    reference, no_errors = run_beside_a_failing_row(engine, GOOD, with_bad=False)
+    tokens, errors = run_beside_a_failing_row(engine, GOOD, with_bad=True)
     assert not no_errors and tokens == reference
     assert [(e.request_id, e.stage) for e in errors] == [("bad", "sampling")]
     stats = engine.get_stats()

@@ -32,6 +32,7 @@ from tp_workload import (
     greedy,
     one_rank_reference,
 )
+from traffic import run_beside_a_failing_row
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.config import EngineArgs
@@ -115,25 +116,10 @@ def test_two_ranks_with_async_scheduling_give_one_ranks_tokens(model, reference)
     # A row whose sampling fails on rank 0 alone (the worker samples nothing): rank 0 sends
     # placeholders for it, that request ends, the others' tokens are as without it.
     engine = llm.engine
-    prompts, params = [SHARED + "one", "Once upon a time"], SamplingParams(max_tokens=12,
-                                                                           **GREEDY)
-
-    def run(with_bad: bool) -> tuple[list, list]:
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"good-{i}", prompt, params)
-        if with_bad:
-            bad = params.clone(logprobs=1)
-            engine.add_request("bad", "a bad row", bad)
-            bad.logprobs = engine.model_config.vocab_size + 5  # after validation
-        done, errors = {}, []
-        while engine.has_unfinished_requests():
-            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step()
-                        if o.finished)
-            errors += engine.take_request_errors()
-        return [done[f"good-{i}"] for i in range(len(prompts))], errors
-
-    expected, _ = run(with_bad=False)
-    got, errors = run(with_bad=True)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    requests = [(SHARED + "one", params), ("Once upon a time", params)]
+    expected, _ = run_beside_a_failing_row(engine, requests, with_bad=False)
+    got, errors = run_beside_a_failing_row(engine, requests, with_bad=True)
     assert got == expected
     assert [(e.request_id, e.stage) for e in errors] == [("bad", "sampling")]
     stats = engine.get_stats()

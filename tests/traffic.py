@@ -66,3 +66,25 @@ def play(engine: LLMEngine, plan: TrafficPlan, min_steps: int) -> tuple[dict[str
     assert stats.num_free_kv_blocks == stats.num_kv_blocks
     assert stats.num_preemptions_total > 0
     return finished, num_live_aborted
+
+
+def run_beside_a_failing_row(engine: LLMEngine, requests: list[tuple[str, SamplingParams]],
+                             with_bad: bool) -> tuple[list, list]:
+    """Runs ``requests`` (prompt, params) to the end on ``engine``, with one more request whose
+    sampling fails (``with_bad``: a logprobs count above the vocabulary, set after validation,
+    which makes the batched sampling call fail); returns each request's completions' tokens
+    and the request errors taken meanwhile."""
+    ids = [f"good-{i}" for i in range(len(requests))]
+    for rid, (prompt, params) in zip(ids, requests):
+        engine.add_request(rid, prompt, params)
+    if with_bad:
+        bad = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+        engine.add_request("bad", "a bad row", bad)
+        bad.logprobs = engine.model_config.vocab_size + 5
+    done, errors = {}, []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [c.token_ids for c in out.outputs]
+        errors += engine.take_request_errors()
+    return [done[rid] for rid in ids], errors
