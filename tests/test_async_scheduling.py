@@ -1,5 +1,5 @@
 """Async scheduling (step N+1 scheduled and launched before step N's tokens reach the host)
-gives every request exactly what the synchronous engine gives it."""
+gives every request exactly what the synchronous engine gives it, with one rank or two."""
 
 from __future__ import annotations
 
@@ -84,6 +84,32 @@ def test_async_outputs_equal_sync(model, probe, tight):
     _assert_idle(async_llm)
     if tight:
         assert async_llm.engine.get_stats().num_preemptions_total > 0
+
+
+def test_two_ranks_async_equal_sync(model, probe):
+    """tensor_parallel_size 2 (a worker process; it takes each step's tokens from rank 0's
+    device within the step): the workload's outputs and random traffic with aborts give what
+    the same two ranks give synchronously."""
+    plan = random_traffic(1234, 30, last_arrival=40, last_abort=60, num_aborts=6)
+    tight = dict(num_kv_blocks=24, max_num_batched_tokens=16, max_num_seqs=6)
+
+    def run(async_scheduling: bool) -> tuple[list, dict[str, tuple]]:
+        outputs, llm = _run(model, probe, tensor_parallel_size=2,
+                            async_scheduling=async_scheduling, **tight)
+        try:
+            assert llm.engine.config.async_scheduling == async_scheduling
+            _assert_idle(llm)
+            finished, num_live_aborted = play(llm.engine, plan, min_steps=60)
+            assert num_live_aborted >= 2
+            return outputs, finished
+        finally:
+            llm.engine.shutdown()  # one set of ranks per process at a time
+
+    expected, got = run(False), run(True)
+    assert got[0] == expected[0]
+    live = set(expected[1]) - plan.aborted
+    assert len(live) >= 20
+    assert {r: got[1][r] for r in live} == {r: expected[1][r] for r in live}
 
 
 def test_abort_with_a_step_in_flight(model):
