@@ -164,9 +164,10 @@ def test_config_errors_name_the_field(model, kwargs, message):
         LLM(model, **ENGINE, **kwargs)
 
 
-def test_a_hung_worker_fails_the_step_after_the_timeout(model):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async-scheduling"])
+def test_a_hung_worker_fails_the_step_after_the_timeout(model, async_scheduling):
     llm = LLM(model, tensor_parallel_size=2, distributed_timeout_seconds=HANG_TIMEOUT_S,
-              **ENGINE)
+              async_scheduling=async_scheduling, **ENGINE)
     [worker] = _worker_processes(llm)
     assert_a_hang_fails_the_run(llm, worker.pid)
     assert not worker.is_alive() and gone(worker.pid)
