@@ -17,6 +17,8 @@ from tp_workload import (
     ENGINE,
     GREEDY,
     HANG_TIMEOUT_S,
+    RAY,
+    all_gone,
     assert_a_hang_fails_the_run,
     assert_a_kill_fails_the_run,
     assert_same,
@@ -31,8 +33,6 @@ from pagedserve.errors import EngineDeadError
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'pagedserve[ray]')")
 from pagedserve.executor.ray_executor import RayExecutor  # noqa: E402  (needs ray)
-
-RAY = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +51,6 @@ def model(tiny_model_dir):
     return str(tiny_model_dir(ARCHITECTURE))
 
 
-def _all_gone(pids: list[int], within_s: float = 5.0) -> bool:
-    """ray.kill ends an actor's process asynchronously: it must be gone within a while."""
-    deadline = time.monotonic() + within_s
-    while not all(gone(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_without_a_cluster_the_engine_starts_and_stops_its_own(model, monkeypatch):
     # First in the module: before the cluster fixture starts the test's own.
     if ray.is_initialized():
@@ -75,7 +65,7 @@ def test_without_a_cluster_the_engine_starts_and_stops_its_own(model, monkeypatc
     assert len(llm.generate("Own cluster", params, use_tqdm=False)[0].outputs[0].token_ids) == 4
     llm.engine.shutdown()
     assert not ray.is_initialized()  # the cluster it started is shut down with it
-    assert _all_gone([pid]) and not dist.is_initialized()
+    assert all_gone([pid]) and not dist.is_initialized()
 
 
 def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
@@ -94,7 +84,7 @@ def test_ray_ranks_give_one_ranks_tokens_and_leave_nothing(cluster, model):
     llm.engine.shutdown()
     # Told to stop: its serve call returned (no error), then the actor was ended.
     assert ray.get(serving, timeout=0) == [None]
-    assert _all_gone([pid])
+    assert all_gone([pid])
     assert not dist.is_initialized()
     # The placement group is gone, its CPUs free again; the test's cluster is still up.
     deadline = time.monotonic() + 5.0
@@ -124,7 +114,7 @@ def test_a_killed_actor_fails_the_requests_at_once(cluster, model):
     assert_a_kill_fails_the_run(
         llm, lambda: ray.kill(actor),
         rf"tensor-parallel worker rank 1 \(Ray actor pid {pid} on [^)]+\) died: .+")
-    assert _all_gone([pid])
+    assert all_gone([pid])
     assert not dist.is_initialized()
 
 
@@ -139,4 +129,4 @@ def test_a_hung_actor_fails_the_step_after_the_timeout(cluster, model):
     llm = LLM(model, **RAY, distributed_timeout_seconds=HANG_TIMEOUT_S, **ENGINE)
     [pid] = executor_of(llm, RayExecutor).worker_pids
     assert_a_hang_fails_the_run(llm, pid)  # alive to Ray, but it answers nothing
-    assert _all_gone([pid])
+    assert all_gone([pid])

@@ -9,16 +9,15 @@ to the nodes) is not covered here."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from tp_workload import (
     ARCHITECTURE,
     ENGINE,
+    RAY,
+    all_gone,
     assert_a_kill_fails_the_run,
     assert_same,
     executor_of,
-    gone,
     greedy,
     one_rank_reference,
 )
@@ -30,8 +29,6 @@ from ray.cluster_utils import Cluster  # noqa: E402  (needs ray)
 from ray.util.placement_group import placement_group_table  # noqa: E402
 
 from pagedserve.executor.ray_executor import RayExecutor  # noqa: E402
-
-RAY = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +86,7 @@ def test_losing_the_node_of_a_rank_fails_the_run_at_once(cluster, model):
         assert_a_kill_fails_the_run(
             llm, lambda: cluster.remove_node(victim, allow_graceful=False),
             r"tensor-parallel worker rank 1 \(Ray actor pid \d+ on [^)]+\) died")
-        deadline = time.monotonic() + 5.0  # the node's processes end with its raylet
-        while not gone(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert gone(pid)
+        assert all_gone([pid])  # the node's processes end with its raylet
     finally:
         llm.engine.shutdown()
         cluster.add_node(num_cpus=1)  # whole again for whatever runs next

@@ -26,6 +26,8 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 KILL_NOTICE_S = 5.0  # a dead worker must fail the engine within this
 # The tiny model the executors split: 4 heads, 2 KV heads (2 ranks of 2 and 1).
 ARCHITECTURE = "llama"
+# Two ranks, rank 1 in a Ray actor.
+RAY = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
 
 E = TypeVar("E", bound=Executor)
 
@@ -84,6 +86,17 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+def all_gone(pids: list[int], within_s: float = 5.0) -> bool:
+    """Whether processes ``pids`` are all gone within ``within_s`` (a Ray actor's process
+    ends asynchronously after ray.kill, or after its node's raylet is gone)."""
+    deadline = time.monotonic() + within_s
+    while not all(gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def assert_a_kill_fails_the_run(llm: LLM, kill: Callable[[], None], error: str) -> None:

@@ -94,8 +94,8 @@ class SampledTokenShare:
                  sampled_rows: np.ndarray) -> torch.Tensor:
         if not len(rows):  # the same on every rank: a step of prompt chunks only
             return sampled
-        if self.tp.rank:
-            return self.tp.broadcast(torch.empty_like(sampled))
+        if self.tp.rank:  # into the worker's own placeholders
+            return self.tp.broadcast(sampled)
         whole = sampled
         if len(sampled_rows) != len(rows):
             whole = torch.full((len(rows), sampled.shape[1]), PLACEHOLDER_TOKEN_ID,
