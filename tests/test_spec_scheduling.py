@@ -293,6 +293,22 @@ def test_proposer_cost_prices_each_k_as_measured():
     assert cost.seconds(1, 2) == pytest.approx(2.0e-3 + step, rel=0.01)  # nearest: k 1
 
 
+def test_proposer_cost_never_prices_more_drafts_below_fewer():
+    """Times measured at k 2 that came out lower than those at k 1 (noise on a shared CPU)
+    do not make k 2 the cheaper call: it makes the forwards k 1 makes, and one more."""
+    cost = ProposerCostModel(extra_forwards=1)
+    cost.seed(1, 1e-3)
+    for _ in range(20):
+        cost.observe(1, 1, 3.3e-3)
+        cost.observe(1, 2, 2.8e-3)
+    assert cost.seconds(1, 1) == pytest.approx(3.3e-3)
+    assert cost.seconds(1, 2) == pytest.approx(3.3e-3)
+    assert cost.seconds(1, 3) >= cost.seconds(1, 2)
+    for _ in range(20):
+        cost.observe(1, 2, 4.0e-3)  # measured dearer since: its own price again
+    assert cost.seconds(1, 2) == pytest.approx(4.0e-3)
+
+
 def test_proposer_cost_counts_the_forwards_beyond_the_drafts():
     """An EAGLE-3 head's call makes k + 1 forwards (its catch-up over the accepted tokens,
     then k drafting steps): priced so from the start-up timing of one, and a measured call
