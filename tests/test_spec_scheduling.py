@@ -13,6 +13,7 @@ from pagedserve.core.request import RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.controller import (
+    _PROBE_BURST,
     ProposerCostModel,
     SpecDecodingStats,
     SpeculationController,
@@ -187,11 +188,16 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     # ...but looks again now and then, in case the workload changed: soon where drafting
     # would pay at the prior acceptance (a small batch), then less and less often while the
     # probes keep finding nothing (8, 16, 32, 64, 64... steps apart), rarely where not even
-    # then.
+    # then. Each such probe drafts a few steps in a row (the first catches up).
     choices = [controller.num_drafts(1) for _ in range(248)]
     probes = [i for i, c in enumerate(choices) if c == 4]  # every position: each is measured
-    assert [b - a for a, b in zip(probes, probes[1:])] == [16, 32, 64, 64, 64]
-    assert probes[0] < 8 and sum(1 for c in choices if c) <= len(probes) + 248 // 64
+    starts = [i for i in probes if i - 1 not in probes]
+    assert [b - a for a, b in zip(starts, starts[1:])] == [16, 32, 64, 64, 64]
+    for start in starts[:-1]:
+        assert choices[start:start + _PROBE_BURST] == [4] * _PROBE_BURST
+    assert starts[0] < 8 and sum(1 for c in choices if c) <= len(probes) + 248 // 64
+    left = _PROBE_BURST - (len(choices) - starts[-1])  # the last probe goes on
+    assert [controller.num_drafts(1) for _ in range(left + 1)] == [4] * left + [0]
     assert controller.num_drafts(256) == 0
     choices = [controller.num_drafts(256) for _ in range(200)]
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
@@ -254,6 +260,8 @@ def test_controller_prices_resuming_after_a_pause():
             while controller.num_drafts(1) == 0:
                 pass
             controller.observe_proposal(1, 1, 4, seconds=resume_seconds)  # it caught up first
+            for _ in range(_PROBE_BURST - 1):  # the probe goes on a few steps
+                assert controller.num_drafts(1) == 4
         for _ in range(10):  # a pause again
             assert controller.num_drafts(1) == 0
         controller.acceptance = [0.9] * 4  # drafting would now pay 4x a step, minus resuming
@@ -307,6 +315,43 @@ def test_proposer_cost_never_prices_more_drafts_below_fewer():
     for _ in range(20):
         cost.observe(1, 2, 4.0e-3)  # measured dearer since: its own price again
     assert cost.seconds(1, 2) == pytest.approx(4.0e-3)
+
+
+def test_a_resume_cheaper_than_the_ordinary_price_corrects_it():
+    """A call that caught up first costs at least an ordinary one: where it cost less than
+    the ordinary price (a start-up timing), that price comes down to it."""
+    cost = ProposerCostModel()
+    cost.seed(1, 2e-3)
+    assert cost.seconds(1, 3) == pytest.approx(6e-3)
+    cost.observe_resume(1, 3, 3e-3)
+    assert cost.seconds(1, 3) == pytest.approx(3e-3)
+    assert cost.resume_seconds(1) == 0.0
+    cost.observe_resume(1, 3, 5e-3)  # dearer than an ordinary call: the resume's own cost
+    assert cost.seconds(1, 3) == pytest.approx(3e-3)
+
+
+def test_controller_probes_with_the_drafts_that_could_pay():
+    """With nothing measured, probes draft every position where some k would pay at a high
+    acceptance, even where one draft would not pay at the prior (a draft model at batch 1:
+    the first forward of a call costs a step, the next ones little). Where at most two drafts
+    could pay (a batch where verifying costs more with each draft), probes draft two."""
+    propose = ProposerCostModel()
+    for _ in range(16):
+        propose.observe(1, 1, 1.0e-3)
+        propose.observe(1, 3, 1.4e-3)
+    controller = SpeculationController(3, cost=_cost(flat_until=16), propose_cost=propose)
+    assert controller.speedup(1, 1, [0.5] * 3) < 1.0  # one draft: no gain at the prior
+    assert controller.speedup(1, 3, [1.0] * 3) > 1.5
+    choices = [controller.num_drafts(1) for _ in range(16)]
+    assert choices.count(3) >= _PROBE_BURST
+
+    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    stats = SpecDecodingStats()
+    for accepted in [0] * 140 + [1] * 40 + [2] * 13 + [3] * 7:  # ~0.3 a position, often
+        stats.observe(3, accepted)
+    controller.observe_acceptance(stats)
+    choices = [controller.num_drafts(8) for _ in range(64)]
+    assert choices.count(1) > 48 and choices.count(2) >= 4 and 3 not in choices
 
 
 def test_proposer_cost_counts_the_forwards_beyond_the_drafts():

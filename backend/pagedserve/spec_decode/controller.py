@@ -24,10 +24,12 @@ Starting to draft after a pause also costs the proposer a catch-up (a draft mode
 token it skipped, a dormant EAGLE-3 head on a window of them): that call is measured apart
 (``ProposerCostModel.resume_seconds``) and spread over ``_RESUME_HORIZON`` drafting steps in the
 choice to start again.
-Every ``_QUICK_PROBE_INTERVAL`` steps it drafts every position once while it drafts fewer
-(the acceptance of the positions it skips is learnt too), or while it drafts none where
-drafting would pay at the prior acceptance (see ``_worth_probing_soon``); each such probe that
-finds drafting still not paying doubles the wait for the next, up to ``_PROBE_INTERVAL``.
+Every ``_QUICK_PROBE_INTERVAL`` steps it probes with more drafts: as many as would pay at an
+acceptance as high as what was measured lets it be (``_drafts_worth_probing``), where that is
+more than it drafts (the acceptance of the positions it skips is learnt too). A probe made
+while it drafts none goes on for ``_PROBE_BURST`` steps (its first call is a resume; the
+others price drafting as it goes on), and each one that finds drafting still not paying
+doubles the wait for the next, up to ``_PROBE_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -67,11 +69,16 @@ _MIN_GAIN = 1.10
 # _MIN_GAIN switched drafting off and on every few steps).
 _KEEP_GAIN = 1.02
 _PROBE_INTERVAL = 64
-# Every this many steps, a step with every draft while fewer pay (so that the acceptance at
-# every position stays measured), or while none pay where drafting would at the prior
-# acceptance, at least _QUICK_PROBE_GAIN faster (see _worth_probing_soon).
+# Every this many steps, a probe with the drafts that would pay at an optimistic acceptance,
+# at least _QUICK_PROBE_GAIN faster, where those are more than pay now (so that the acceptance
+# at those positions stays measured; see _drafts_worth_probing).
 _QUICK_PROBE_INTERVAL = 8
 _QUICK_PROBE_GAIN = 1.05
+# Such a probe, made while drafting is off, drafts this many steps in a row: the first call
+# is a resume (priced apart), the others price drafting as it goes on. Single-step probes were
+# all resumes; a draft model at batch 1 kept the start-up price of three drafts, 1.4x what they
+# cost, and stayed off where three drafts gave 1.4x.
+_PROBE_BURST = 4
 # A cost estimate of one size is the lower third of its last this many measured times (see
 # StepCostModel).
 _COST_WINDOW = 16
@@ -283,8 +290,15 @@ class ProposerCostModel:
 
     def observe_resume(self, num_requests: int, k: int, seconds: float) -> None:
         """A call that first caught up after steps without drafts: what it cost beyond an
-        ordinary call of k drafts."""
-        self.resume.observe(num_requests, max(seconds - self.seconds(num_requests, k), 0.0))
+        ordinary call of k drafts. It costs at least what an ordinary call does, so one that
+        cost less than an ordinary call's price says that price is too high, and is taken for
+        an ordinary call too: where drafting stays off but for probes, every call is a
+        resume, and a draft model at batch 1 kept the start-up price of three drafts (5.6 ms
+        where they took 3-4) and never found that three paid."""
+        price = self.seconds(num_requests, k)
+        if seconds < price:
+            self.observe(num_requests, k, seconds)
+        self.resume.observe(num_requests, max(seconds - price, 0.0))
 
     def resume_seconds(self, num_requests: float) -> float:
         """The catch-up's price when drafting resumes at ``num_requests`` (0 until one was
@@ -352,6 +366,9 @@ class SpeculationController:
         # Steps between probes with every draft: doubled by each one made while drafting
         # did not pay, back to the quickest once it does (see num_drafts).
         self._deep_probe_interval = _QUICK_PROBE_INTERVAL
+        # A probe made while drafting was off goes on this many more steps, with these drafts.
+        self._burst_left = 0
+        self._burst_k = 0
         # Per proposer call still to come that first catches up: the steps it skipped.
         self._catch_up_calls: list[int] = []
         self._steps_without_drafts = 0  # in a row, up to the last choice
@@ -459,9 +476,14 @@ class SpeculationController:
         self._steps_since_deep_probe += 1
         if best_k:
             self._deep_probe_interval = _QUICK_PROBE_INTERVAL
+        probe_k = 0
         if (best_k < self.max_num_drafts
-                and self._steps_since_deep_probe >= self._deep_probe_interval
-                and self._worth_probing_soon(num_running)):
+                and self._steps_since_deep_probe >= self._deep_probe_interval):
+            probe_k = self._drafts_worth_probing(num_running)
+        if self._burst_left and not best_k:
+            self._burst_left -= 1
+            best_k = self._burst_k
+        elif probe_k > best_k:
             self._steps_since_deep_probe = 0
             if not best_k:
                 # A workload whose drafts do not pay here (a batch too large for this
@@ -469,7 +491,10 @@ class SpeculationController:
                 # for good.
                 self._deep_probe_interval = min(2 * self._deep_probe_interval,
                                                 _PROBE_INTERVAL)
-            best_k = self.max_num_drafts
+                # A probe's first call catches up on the steps without drafts, which says
+                # nothing about what drafting costs from then on: the steps after it do.
+                self._burst_left, self._burst_k = _PROBE_BURST - 1, probe_k
+            best_k = probe_k
         elif self._steps_since_probe >= _PROBE_INTERVAL:
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
@@ -481,15 +506,36 @@ class SpeculationController:
         self.last_choice = best_k
         return best_k
 
-    def _worth_probing_soon(self, num_running: int) -> bool:
-        """Whether drafting would pay here at the prior acceptance (a small batch). Then
-        probes with every draft come soon: while drafting is off (the last requests' drafts
-        were poor, the next ones' may not be: one probe every 64 steps would leave whole
-        requests undrafted), and while fewer drafts pay (the later positions' acceptance is
-        learnt too). Where not (a large batch), probes stay rare: a probe there costs a
-        verification of every row's drafts, and a draft model the catch-up on every token it
-        skipped."""
-        return self.speedup(num_running, 1, self._prior) > _QUICK_PROBE_GAIN
+    def _drafts_worth_probing(self, num_running: int) -> int:
+        """The most drafts that would pay here at an acceptance as high as what was measured
+        lets it be (``optimistic_acceptance``, and at least the prior): 0 if none would. Those
+        probes come soon: while drafting is off (little is known yet, or the last requests'
+        drafts were poor and the next ones' may not be: one probe every 64 steps would leave
+        whole requests undrafted), and while fewer drafts pay (the later positions'
+        acceptance is learnt too). Where none would pay (a large batch, drafts measured poor
+        many times over), probes stay rare: a probe costs a verification of every row's
+        drafts, and a draft model the catch-up on every token it skipped; at a batch where
+        only one draft could pay, a probe drafts one. Judged at the prior acceptance and one
+        draft, a draft model at batch 1 (where one draft does not pay, three do) never
+        probed deeper than one draft, and took a thousand steps to learn what a few probes
+        of three tell."""
+        hoped = [max(a, prior) for a, prior in zip(self.optimistic_acceptance(), self._prior)]
+        for k in range(self.max_num_drafts, 0, -1):
+            if self.speedup(num_running, k, hoped) > _QUICK_PROBE_GAIN:
+                return k
+        return 0
+
+    def optimistic_acceptance(self) -> list[float]:
+        """Per position, the acceptance two standard errors above the measured one, the
+        drafts behind it counted as they fade (``_ACCEPTANCE_STEPS``): 1.0 with nothing
+        measured, close to the measured one after many drafts, and wider again the longer
+        nothing was drafted."""
+        fade = (1.0 - 1.0 / _ACCEPTANCE_STEPS) ** (self._steps - self._steps_observed)
+        out = []
+        for a, weight in zip(self.acceptance, self._reached_weight):
+            n = weight * fade + _PRIOR_WEIGHT
+            out.append(min(1.0, a + 2.0 * math.sqrt(a * (1.0 - a) / n)))
+        return out
 
 
 def _at(values: list[int], j: int) -> int:
