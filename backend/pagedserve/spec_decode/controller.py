@@ -479,7 +479,7 @@ class SpeculationController:
         probe_k = 0
         if (best_k < self.max_num_drafts
                 and self._steps_since_deep_probe >= self._deep_probe_interval):
-            probe_k = self._drafts_worth_probing(num_running)
+            probe_k = self._drafts_worth_probing(num_running, drafting=best_k > 0)
         if self._burst_left and not best_k:
             self._burst_left -= 1
             best_k = self._burst_k
@@ -506,9 +506,12 @@ class SpeculationController:
         self.last_choice = best_k
         return best_k
 
-    def _drafts_worth_probing(self, num_running: int) -> int:
+    def _drafts_worth_probing(self, num_running: int, drafting: bool) -> int:
         """The most drafts that would pay here at an acceptance as high as what was measured
-        lets it be (``optimistic_acceptance``, and at least the prior): 0 if none would. Those
+        lets it be (``optimistic_acceptance``, and at least the prior): 0 if none would. While
+        it drafts none, paying means enough to start drafting (``_MIN_GAIN``): at batch 32,
+        where drafting at best broke even, probes at the lower gain came every few steps and
+        cost more than they found. Those
         probes come soon: while drafting is off (little is known yet, or the last requests'
         drafts were poor and the next ones' may not be: one probe every 64 steps would leave
         whole requests undrafted), and while fewer drafts pay (the later positions'
@@ -520,8 +523,9 @@ class SpeculationController:
         probed deeper than one draft, and took a thousand steps to learn what a few probes
         of three tell."""
         hoped = [max(a, prior) for a, prior in zip(self.optimistic_acceptance(), self._prior)]
+        gain = _QUICK_PROBE_GAIN if drafting else _MIN_GAIN
         for k in range(self.max_num_drafts, 0, -1):
-            if self.speedup(num_running, k, hoped) > _QUICK_PROBE_GAIN:
+            if self.speedup(num_running, k, hoped) > gain:
                 return k
         return 0
 
