@@ -203,6 +203,19 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
 
 
+def test_a_probe_that_finds_drafting_paying_ends_its_burst():
+    """A probe's burst measures drafting once under way; drafting that then starts has done
+    that, and a later stop is not followed by the rest of the burst."""
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 0, 200)
+    while controller.num_drafts(1) == 0:  # a probe: the first step of its burst
+        pass
+    controller.acceptance = [0.9] * 4
+    assert controller.num_drafts(1) == 4  # drafting pays
+    controller.acceptance = [0.0] * 4
+    assert controller.num_drafts(1) == 0
+
+
 def test_controller_needs_a_larger_gain_to_start_drafting_than_to_go_on():
     """Hysteresis: a gain estimated between _KEEP_GAIN and _MIN_GAIN starts no drafting but
     keeps it going (each stop and restart costs a draft model a catch-up)."""

@@ -476,6 +476,7 @@ class SpeculationController:
         self._steps_since_deep_probe += 1
         if best_k:
             self._deep_probe_interval = _QUICK_PROBE_INTERVAL
+            self._burst_left = 0  # drafting under way: a probe's burst has done its work
         probe_k = 0
         if (best_k < self.max_num_drafts
                 and self._steps_since_deep_probe >= self._deep_probe_interval):
