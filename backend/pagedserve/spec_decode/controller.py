@@ -366,9 +366,9 @@ class SpeculationController:
         # Steps between probes with every draft: doubled by each one made while drafting
         # did not pay, back to the quickest once it does (see num_drafts).
         self._deep_probe_interval = _QUICK_PROBE_INTERVAL
-        # A probe made while drafting was off goes on this many more steps, with these drafts.
+        # A probe made while drafting was off goes on this many more steps (with its drafts,
+        # the last choice).
         self._burst_left = 0
-        self._burst_k = 0
         # Per proposer call still to come that first catches up: the steps it skipped.
         self._catch_up_calls: list[int] = []
         self._steps_without_drafts = 0  # in a row, up to the last choice
@@ -382,7 +382,7 @@ class SpeculationController:
         stats.changed = False
         accepted = stats.num_accepted_tokens_per_pos
         reached = stats.num_reached_per_pos
-        elapsed = (1.0 - 1.0 / _ACCEPTANCE_STEPS) ** (self._steps - self._steps_observed)
+        elapsed = self._fade_since_observed()
         self._steps_observed = self._steps
         for j in range(self.max_num_drafts):
             self._reached_weight[j] *= elapsed
@@ -477,14 +477,12 @@ class SpeculationController:
         if best_k:
             self._deep_probe_interval = _QUICK_PROBE_INTERVAL
             self._burst_left = 0  # drafting under way: a probe's burst has done its work
-        probe_k = 0
-        if (best_k < self.max_num_drafts
-                and self._steps_since_deep_probe >= self._deep_probe_interval):
-            probe_k = self._drafts_worth_probing(num_running, drafting=best_k > 0)
-        if self._burst_left and not best_k:
+        if self._burst_left:  # (0 whenever best_k is not)
             self._burst_left -= 1
-            best_k = self._burst_k
-        elif probe_k > best_k:
+            best_k = self.last_choice  # the probe's drafts: each step of it chose them
+        elif (best_k < self.max_num_drafts
+                and self._steps_since_deep_probe >= self._deep_probe_interval
+                and (probe_k := self._drafts_worth_probing(num_running, best_k > 0)) > best_k):
             self._steps_since_deep_probe = 0
             if not best_k:
                 # A workload whose drafts do not pay here (a batch too large for this
@@ -494,7 +492,7 @@ class SpeculationController:
                                                 _PROBE_INTERVAL)
                 # A probe's first call catches up on the steps without drafts, which says
                 # nothing about what drafting costs from then on: the steps after it do.
-                self._burst_left, self._burst_k = _PROBE_BURST - 1, probe_k
+                self._burst_left = _PROBE_BURST - 1
             best_k = probe_k
         elif self._steps_since_probe >= _PROBE_INTERVAL:
             self._steps_since_probe = 0
@@ -510,19 +508,18 @@ class SpeculationController:
     def _drafts_worth_probing(self, num_running: int, drafting: bool) -> int:
         """The most drafts that would pay here at an acceptance as high as what was measured
         lets it be (``optimistic_acceptance``, and at least the prior): 0 if none would. While
-        it drafts none, paying means enough to start drafting (``_MIN_GAIN``): at batch 32,
-        where drafting at best broke even, probes at the lower gain came every few steps and
-        cost more than they found. Those
-        probes come soon: while drafting is off (little is known yet, or the last requests'
-        drafts were poor and the next ones' may not be: one probe every 64 steps would leave
-        whole requests undrafted), and while fewer drafts pay (the later positions'
-        acceptance is learnt too). Where none would pay (a large batch, drafts measured poor
-        many times over), probes stay rare: a probe costs a verification of every row's
-        drafts, and a draft model the catch-up on every token it skipped; at a batch where
-        only one draft could pay, a probe drafts one. Judged at the prior acceptance and one
-        draft, a draft model at batch 1 (where one draft does not pay, three do) never
-        probed deeper than one draft, and took a thousand steps to learn what a few probes
-        of three tell."""
+        it drafts none (``drafting`` False), paying means enough to start drafting
+        (``_MIN_GAIN``): at batch 32, where drafting at best broke even, probes at the lower
+        gain came every few steps and cost more than they found.
+
+        Such probes come soon: while little is known yet, while the last requests' drafts
+        were poor and the next ones' may not be, and while fewer drafts pay (the later
+        positions' acceptance is learnt too). Where none would pay (a large batch, drafts
+        measured poor many times over), probes stay rare: each costs a verification of every
+        row's drafts, and a draft model the catch-up on every token it skipped. Judged at the
+        prior acceptance and one draft, a draft model at batch 1 (where one draft does not
+        pay, three do) never probed deeper than one draft, and took a thousand steps to learn
+        what a few probes of three tell."""
         hoped = [max(a, prior) for a, prior in zip(self.optimistic_acceptance(), self._prior)]
         gain = _QUICK_PROBE_GAIN if drafting else _MIN_GAIN
         for k in range(self.max_num_drafts, 0, -1):
@@ -535,12 +532,18 @@ class SpeculationController:
         drafts behind it counted as they fade (``_ACCEPTANCE_STEPS``): 1.0 with nothing
         measured, close to the measured one after many drafts, and wider again the longer
         nothing was drafted."""
-        fade = (1.0 - 1.0 / _ACCEPTANCE_STEPS) ** (self._steps - self._steps_observed)
+        fade = self._fade_since_observed()
         out = []
         for a, weight in zip(self.acceptance, self._reached_weight):
             n = weight * fade + _PRIOR_WEIGHT
             out.append(min(1.0, a + 2.0 * math.sqrt(a * (1.0 - a) / n)))
         return out
+
+
+    def _fade_since_observed(self) -> float:
+        """How much the drafts counted so far have faded since acceptance was last observed
+        (``_ACCEPTANCE_STEPS``)."""
+        return (1.0 - 1.0 / _ACCEPTANCE_STEPS) ** (self._steps - self._steps_observed)
 
 
 def _at(values: list[int], j: int) -> int:
