@@ -13,7 +13,11 @@ from pagedserve.core.request import RequestStatus
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.spec_decode.config import SpeculativeConfig
 from pagedserve.spec_decode.controller import (
+    _PRIOR_ACCEPTANCE,
     _PROBE_BURST,
+    _PROBE_INTERVAL,
+    _PROBE_SHARE,
+    _QUICK_PROBE_INTERVAL,
     ProposerCostModel,
     SpecDecodingStats,
     SpeculationController,
@@ -203,6 +207,30 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
     assert 0 < sum(1 for c in choices if c) <= 200 // 32
 
 
+@pytest.mark.parametrize("catch_up", [5e-3, 50e-3])
+def test_a_probe_waits_until_its_catch_up_is_a_small_share_of_what_it_may_find(catch_up):
+    """A probe made while drafting is off starts with the proposer's catch-up: it waits until
+    that is at most _PROBE_SHARE of what it hopes to find over the steps since the last drafts
+    (with k drafts at the prior acceptance: 1.94x a 1 ms step at k 4, 1.5x at k 1)."""
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    _observe(controller, 4, 0, 200)
+    controller.propose_cost.resume.observe(1, catch_up)
+
+    def wait(k: int) -> float:
+        hoped = controller.speedup(1, k, [_PRIOR_ACCEPTANCE] * 4) - 1.0
+        return catch_up / (_PROBE_SHARE * hoped * 1e-3)
+
+    choices = [controller.num_drafts(1) for _ in range(1200)]
+    drafted = [i for i, c in enumerate(choices) if c]
+    starts = [i for i in drafted if not choices[i - 1]]
+    assert len(starts) >= 3 and wait(4) - 1 <= starts[0] <= wait(4) + 1
+    for start in starts:
+        plain_before = start - 1 - max((i for i in drafted if i < start), default=-1)
+        assert plain_before >= wait(choices[start]) - 1
+    for start, end in zip(starts, starts[1:]):  # as soon as one may
+        assert end - start <= max(wait(4) + _PROBE_BURST, _PROBE_INTERVAL) + 1
+
+
 def test_a_probe_that_finds_drafting_paying_ends_its_burst():
     """A probe's burst measures drafting once under way; drafting that then starts has done
     that, and a later stop is not followed by the rest of the burst."""
@@ -238,6 +266,16 @@ def test_controller_measures_a_plain_step_now_and_then_while_it_drafts():
     _observe(controller, 4, 3, 200)
     choices = [controller.num_drafts(1) for _ in range(200)]
     assert 0 < choices.count(0) <= 200 // 32 and choices.count(4) > 190
+
+
+def test_controller_measures_the_plain_step_often_while_drafting_only_just_pays():
+    """Drafting for a gain under _CLOSE_GAIN turns on a few percent: the plain step, priced
+    from steps measured now and then, is measured every _QUICK_PROBE_INTERVAL steps."""
+    controller = SpeculationController(4, cost=_cost(flat_until=16))
+    controller.acceptance = [0.15, 0.0, 0.0, 0.0]  # 1.15x at k 1
+    choices = [controller.num_drafts(1) for _ in range(64)]
+    assert choices.count(1) > 32
+    assert 64 // _QUICK_PROBE_INTERVAL - 1 <= choices.count(0) <= 64 // _QUICK_PROBE_INTERVAL + 1
 
 
 def test_controller_measures_every_position_while_it_drafts_fewer():

@@ -69,6 +69,12 @@ _MIN_GAIN = 1.10
 # _MIN_GAIN switched drafting off and on every few steps).
 _KEEP_GAIN = 1.02
 _PROBE_INTERVAL = 64
+# While it drafts for a gain estimated under this, the plain step is measured every
+# _QUICK_PROBE_INTERVAL steps instead: there the choice turns on a few percent, and the plain
+# price, measured only now and then, was seen 7% off the plain steps of the moment (a host
+# busier when it was measured) and kept a draft model drafting at batch 32 for a 0.95x. Such
+# a plain step costs little: the gain it forgoes is small.
+_CLOSE_GAIN = 1.2
 # Every this many steps, a probe with the drafts that would pay at an optimistic acceptance,
 # at least _QUICK_PROBE_GAIN faster, where those are more than pay now (so that the acceptance
 # at those positions stays measured; see _drafts_worth_probing).
@@ -79,6 +85,13 @@ _QUICK_PROBE_GAIN = 1.05
 # all resumes; a draft model at batch 1 kept the start-up price of three drafts, 1.4x what they
 # cost, and stayed off where three drafts gave 1.4x.
 _PROBE_BURST = 4
+# A probe made while drafting is off also waits until the proposer's catch-up it starts with
+# (``ProposerCostModel.resume_seconds``) is at most this share of what it hopes to find (its
+# gain at the optimistic acceptance) over the steps since the last drafts. At batch 32 a draft
+# model's catch-up on 32 prompts cost ~4 plain steps, for a gain hoped of a few percent, and
+# probes 64 steps apart cost more than that; at batch 1, where the hope is 1.3x and more, and
+# for a proposer that never catches up (n-gram), the schedule above is unchanged.
+_PROBE_SHARE = 0.2
 # A cost estimate of one size is the lower third of its last this many measured times (see
 # StepCostModel).
 _COST_WINDOW = 16
@@ -482,7 +495,8 @@ class SpeculationController:
             best_k = self.last_choice  # the probe's drafts: each step of it chose them
         elif (best_k < self.max_num_drafts
                 and self._steps_since_deep_probe >= self._deep_probe_interval
-                and (probe_k := self._drafts_worth_probing(num_running, best_k > 0)) > best_k):
+                and (probe_k := self._drafts_worth_probing(num_running, best_k > 0)) > best_k
+                and (best_k or self._affordable(num_running, probe_k))):
             self._steps_since_deep_probe = 0
             if not best_k:
                 # A workload whose drafts do not pay here (a batch too large for this
@@ -494,7 +508,9 @@ class SpeculationController:
                 # nothing about what drafting costs from then on: the steps after it do.
                 self._burst_left = _PROBE_BURST - 1
             best_k = probe_k
-        elif self._steps_since_probe >= _PROBE_INTERVAL:
+        elif (self._steps_since_probe >= (_QUICK_PROBE_INTERVAL if best_k and best < _CLOSE_GAIN
+                                          else _PROBE_INTERVAL)
+                and (best_k or self._affordable(num_running, 1))):
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
         if best_k and not self.last_choice:
@@ -520,12 +536,27 @@ class SpeculationController:
         prior acceptance and one draft, a draft model at batch 1 (where one draft does not
         pay, three do) never probed deeper than one draft, and took a thousand steps to learn
         what a few probes of three tell."""
-        hoped = [max(a, prior) for a, prior in zip(self.optimistic_acceptance(), self._prior)]
+        hoped = self._hoped_acceptance()
         gain = _QUICK_PROBE_GAIN if drafting else _MIN_GAIN
         for k in range(self.max_num_drafts, 0, -1):
             if self.speedup(num_running, k, hoped) > gain:
                 return k
         return 0
+
+    def _affordable(self, num_running: int, k: int) -> bool:
+        """Whether a probe with k drafts, made now while drafting is off, starts with a
+        catch-up within ``_PROBE_SHARE`` of what it hopes to find (its gain at the hoped
+        acceptance) over the steps since the last drafts."""
+        catch_up = self.propose_cost.resume_seconds(num_running)
+        if not catch_up:
+            return True
+        hoped = self.speedup(num_running, k, self._hoped_acceptance()) - 1.0
+        plain = self.cost.seconds(max(num_running, 1))
+        return catch_up <= _PROBE_SHARE * hoped * self._steps_without_drafts * plain
+
+    def _hoped_acceptance(self) -> list[float]:
+        """What a probe may find: the optimistic acceptance, at least the prior."""
+        return [max(a, prior) for a, prior in zip(self.optimistic_acceptance(), self._prior)]
 
     def optimistic_acceptance(self) -> list[float]:
         """Per position, the acceptance two standard errors above the measured one, the
@@ -538,7 +569,6 @@ class SpeculationController:
             n = weight * fade + _PRIOR_WEIGHT
             out.append(min(1.0, a + 2.0 * math.sqrt(a * (1.0 - a) / n)))
         return out
-
 
     def _fade_since_observed(self) -> float:
         """How much the drafts counted so far have faded since acceptance was last observed
