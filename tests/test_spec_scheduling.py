@@ -18,11 +18,10 @@ from pagedserve.spec_decode.controller import (
     _PROBE_INTERVAL,
     _PROBE_SHARE,
     _QUICK_PROBE_INTERVAL,
-    ProposerCostModel,
     SpecDecodingStats,
     SpeculationController,
-    StepCostModel,
 )
+from pagedserve.spec_decode.costs import ContextScaling, ProposerCostModel, StepCostModel
 
 
 def _token(rid: str, position: int) -> int:
@@ -484,6 +483,45 @@ def test_step_cost_prices_a_size_measured_now_and_then_from_what_it_cost():
     for i in range(48):
         cost.observe(32, 4e-3 if i % 3 == 0 else 2e-3)
     assert cost.seconds(32) == pytest.approx(2e-3)
+
+
+def test_context_scaling_fits_how_a_step_grows_with_context():
+    """t = 10 ms + 0.1 ms per token of context at 32 requests, a third of the steps slowed
+    2x by other work: the factor between two contexts is the line's, within 3%; none while the
+    contexts seen stay close together; a batch size not fitted takes the nearest fit."""
+    scaling = ContextScaling()
+    rng = random.Random(0)
+    for i in range(200):
+        context = 100 + (i * 7) % 101
+        slowed = 2.0 if rng.random() < 1 / 3 else 1.0
+        scaling.observe(32, context, (10e-3 + 0.1e-3 * context) * slowed)
+    assert scaling.factor(32, 200) / scaling.factor(32, 100) == pytest.approx(1.5, rel=0.03)
+    assert scaling.factor(16, 200) == scaling.factor(32, 200)
+    assert scaling.factor(32, 150) == pytest.approx(1.0, abs=0.1)  # its reference: the middle
+    close = ContextScaling()
+    for i in range(200):
+        close.observe(32, 150 + i % 5, (10e-3 + 0.1e-3 * (150 + i % 5)))
+    assert close.factor(32, 300) == 1.0
+
+
+def test_controller_prices_steps_measured_at_other_contexts_at_the_context_of_now():
+    """Plain steps of 32 requests measured as their contexts grew from 100 to 200 tokens
+    (t = 10 ms + 0.1 ms per token), verifications of one draft each at 100 tokens (1.6x a
+    plain step there): at 200 tokens, with 0.6 of drafts accepted, one draft breaks even.
+    Priced as one size each, whatever their context, they said 1.23x."""
+    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    for i in range(256):
+        context = 100 + i % 101
+        controller.num_drafts(32, context=context)
+        controller.observe_step(32, 10e-3 + 0.1e-3 * context, num_requests=32)
+    for _ in range(16):
+        controller.num_drafts(32, context=100)
+        controller.observe_step(64, 1.6 * 20e-3, verified=True, num_requests=32)
+    for context in (200, 199, 198):  # the plain steps just before: 29.8-30 ms
+        controller.num_drafts(32, context=context)
+        controller.observe_step(32, 10e-3 + 0.1e-3 * context, num_requests=32)
+    controller.num_drafts(32, context=200)
+    assert controller.speedup(32, 1, [0.6, 0.0, 0.0]) == pytest.approx(1.0, rel=0.03)
 
 
 def _draft_steps(controller: SpeculationController, rates: list[float], steps: int,

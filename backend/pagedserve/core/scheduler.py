@@ -126,6 +126,8 @@ class Scheduler:
         kv = self.kv
         num_preempted = 0
         spec_tokens: dict[str, list[int]] = {}
+        # The running requests' mean context, for the speculation controller.
+        context, num_running_scheduled = 0, 0
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -157,6 +159,8 @@ class Scheduler:
             request.num_drafts_in_flight = len(drafts)
             request.spec_token_ids = []
             self._advance(request, num_new)
+            context += request.num_computed_tokens
+            num_running_scheduled += 1
             i += 1
 
         while (
@@ -199,7 +203,8 @@ class Scheduler:
             num_lookahead_tokens=(
                 0 if self.speculation is None
                 else self.speculation.num_drafts(
-                    len(self.running), any(r.max_num_drafts() for r in self.running))
+                    len(self.running), any(r.max_num_drafts() for r in self.running),
+                    context / max(num_running_scheduled, 1))
             ),
         )
 

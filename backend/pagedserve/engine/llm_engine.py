@@ -34,12 +34,8 @@ from pagedserve.models.registry import model_class
 from pagedserve.outputs import RequestOutput
 from pagedserve.placement import UNPLACED, InstancePlacement
 from pagedserve.sampling_params import SamplingParams
-from pagedserve.spec_decode.controller import (
-    ProposerCostModel,
-    SpecDecodingStats,
-    SpeculationController,
-    StepCostModel,
-)
+from pagedserve.spec_decode.controller import SpecDecodingStats, SpeculationController
+from pagedserve.spec_decode.costs import ProposerCostModel, StepCostModel
 from pagedserve.tokenizer.tokenizer import load_tokenizer
 from pagedserve.worker.model_runner import LaunchedStep
 
@@ -321,7 +317,8 @@ class LLMEngine:
         ) <= 1 + self.config.speculative.num_speculative_tokens:
             self.speculation.observe_step(sched.total_num_scheduled_tokens,
                                           seconds - propose_seconds,
-                                          verified=bool(sched.scheduled_spec_decode_tokens))
+                                          verified=bool(sched.scheduled_spec_decode_tokens),
+                                          num_requests=len(sched.num_scheduled_tokens))
 
     def _update(self, runner_output: ModelRunnerOutput) -> list[RequestOutput]:
         core_outputs = self.scheduler.update_from_output(runner_output)

@@ -34,14 +34,12 @@ doubles the wait for the next, up to ``_PROBE_INTERVAL``.
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-# Weight of a new observation in the running averages.
-_EMA = 0.1
+from pagedserve.spec_decode.costs import _EMA, ContextScaling, ProposerCostModel, StepCostModel
+
 # The acceptance per position counts the drafts of about this many recent verifications
 # that reached it (older ones fade), plus _PRIOR_WEIGHT drafts at the prior: a running
 # average weighting each new draft by _EMA rested on the last ~10 drafts, and at batch 4
@@ -92,9 +90,6 @@ _PROBE_BURST = 4
 # probes 64 steps apart cost more than that; at batch 1, where the hope is 1.3x and more, and
 # for a proposer that never catches up (n-gram), the schedule above is unchanged.
 _PROBE_SHARE = 0.2
-# A cost estimate of one size is the lower third of its last this many measured times (see
-# StepCostModel).
-_COST_WINDOW = 16
 # A proposer's first call after this many steps without drafts pays a catch-up (a draft model
 # on every token it skipped, an EAGLE-3 head on a window of them: see ProposerCostModel);
 # starting to draft then is priced with it, spread over this many drafting steps. Shorter
@@ -166,176 +161,6 @@ def _tail_sums(hist: list[int]) -> list[int]:
     return out[::-1]
 
 
-class RecentTimes:
-    """The last ``_COST_WINDOW`` times measured of one size, and the estimate they give: their
-    lower third. Whatever else runs on the host slows a step and never speeds one up, so the
-    low end is what the step itself costs (on a shared CPU, times of one size were seen to
-    vary by 2x, and a plain average made whichever size was measured last look dearest); a
-    window, not a running average that a time above it moves slowly, so that a size measured
-    only now and then is priced from what it cost, not held near a low start (verifying 32
-    requests' drafts was priced 57 ms where it took 74, and EAGLE-3 drafted at a loss)."""
-
-    __slots__ = ("times", "estimate")
-
-    def __init__(self) -> None:
-        self.times: deque[float] = deque(maxlen=_COST_WINDOW)
-        self.estimate = 0.0
-
-    def add(self, seconds: float) -> float:
-        self.times.append(seconds)
-        self.estimate = sorted(self.times)[(len(self.times) - 1) // 3]
-        return self.estimate
-
-
-class StepCostModel:
-    """Owns t(n), the seconds of a decode step that computes n tokens, by power-of-two bucket.
-
-    Start-up timings (``seed``) give the curve's shape; measured steps (``observe``) price a
-    bucket as they come (RecentTimes), and scale the buckets not measured yet by how measured
-    steps compare with their start-up figure (real steps also attend to long contexts, sample
-    and prepare inputs). Between known buckets t is linear in n; below the smallest it is
-    flat, above the largest proportional to n (compute-bound)."""
-
-    def __init__(self) -> None:
-        self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
-        self._observed: dict[int, RecentTimes] = {}  # bucket exponent -> measured
-        self._calibration = 1.0  # measured / start-up, where both are known
-        # (sizes, times) as ``seconds`` reads them, rebuilt after a change: the controller
-        # prices several step sizes every step, where a rebuild each time cost ~0.2 ms.
-        self._curve: Optional[tuple[list[float], list[float]]] = None
-
-    @staticmethod
-    def _bucket(num_tokens: int) -> tuple[int, float]:
-        """The bucket of ``num_tokens`` and the factor that scales a step to the bucket's
-        size (so that neighbours in one bucket agree)."""
-        b = max(0, round(math.log2(max(num_tokens, 1))))
-        return b, (2**b) / max(num_tokens, 1) if num_tokens > 2**b else 1.0
-
-    def seed(self, num_tokens: int, seconds: float) -> None:
-        b, scale = self._bucket(num_tokens)
-        self._seeded[b] = seconds * scale
-        self._curve = None
-
-    def observe(self, num_tokens: int, seconds: float) -> None:
-        b, scale = self._bucket(num_tokens)
-        new = self._observed.setdefault(b, RecentTimes()).add(seconds * scale)
-        seeded = self._seeded.get(b)
-        if seeded:
-            self._calibration += _EMA * (new / seeded - self._calibration)
-        self._curve = None
-
-    @property
-    def known(self) -> bool:
-        return bool(self._seeded or self._observed)
-
-    @property
-    def observed(self) -> bool:
-        return bool(self._observed)
-
-    def _build_curve(self) -> tuple[list[float], list[float]]:
-        table = {b: t * self._calibration for b, t in self._seeded.items()}
-        table.update((b, recent.estimate) for b, recent in self._observed.items())
-        points = sorted(table.items())
-        sizes = [2.0**b for b, _ in points]
-        times = [t for _, t in points]
-        # A step of fewer tokens never costs more than one of more: a time above a larger
-        # size's is noise (a start-up timing or a measurement slowed by other work).
-        for i in range(len(times) - 2, -1, -1):
-            times[i] = min(times[i], times[i + 1])
-        return sizes, times
-
-    def seconds(self, num_tokens: float) -> float:
-        if self._curve is None:
-            self._curve = self._build_curve()
-        sizes, times = self._curve
-        if not sizes:
-            return 1.0
-        n = max(num_tokens, 1.0)
-        if n <= sizes[0]:
-            return times[0]
-        if n >= sizes[-1]:
-            return times[-1] * n / sizes[-1]
-        i = bisect.bisect_left(sizes, n)  # sizes[i - 1] < n <= sizes[i]
-        n0, t0, n1, t1 = sizes[i - 1], times[i - 1], sizes[i], times[i]
-        return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
-
-
-class ProposerCostModel:
-    """Owns the proposer's seconds per call for a batch of n requests and k drafts each.
-
-    Per draft position (a draft model's k drafts are k forwards over the batch), as
-    StepCostModel follows steps: seeded by start-up timings of a drafting step (a draft
-    model's; none for a proposer as cheap as n-gram lookup: then 0 until measured), then the
-    measured calls divided by k. And per call at each k measured, by power-of-two bucket of
-    n: a draft model's first forward of a call also catches up on the tokens the last step
-    accepted and costs more than its one-token steps, so k x (a position) underprices small k;
-    a k not measured yet at that batch size is priced from the nearest one measured, plus or
-    minus that many positions. Both follow the low end of the times measured (RecentTimes),
-    which matters here twice: a draft model that was idle for a few steps (a plain probe, a new
-    request's prompt) first catches up on every token it missed, a call that costs many
-    drafting steps once and says nothing about what drafting costs from then on.
-
-    ``extra_forwards``: the forwards a call makes beyond its k drafting steps (an EAGLE-3
-    head's catch-up over the tokens the last step accepted, before its first draft; none for
-    a draft model, whose first drafting forward takes them). Without it, a call of k drafts
-    was priced at k forwards where it makes k + 1, and where drafting stays off but for
-    probes, every call is a resume (priced apart) and the ordinary price never learns better:
-    EAGLE-3 at batch 1 went on drafting at a loss."""
-
-    def __init__(self, extra_forwards: int = 0) -> None:
-        self.extra_forwards = extra_forwards
-        self.per_position = StepCostModel()
-        self._calls: dict[tuple[int, int], RecentTimes] = {}  # (bucket, k) -> at its size
-        # A resuming call's seconds beyond an ordinary one's, by batch size (none: free).
-        self.resume = StepCostModel()
-
-    @property
-    def known(self) -> bool:
-        return self.per_position.known
-
-    def seed(self, num_requests: int, seconds: float) -> None:
-        self.per_position.seed(num_requests, seconds)
-
-    def observe(self, num_requests: int, k: int, seconds: float) -> None:
-        b, scale = StepCostModel._bucket(num_requests)
-        self._calls.setdefault((b, k), RecentTimes()).add(seconds * scale)
-        self.per_position.observe(num_requests, seconds / (k + self.extra_forwards))
-
-    def observe_resume(self, num_requests: int, k: int, seconds: float) -> None:
-        """A call that first caught up after steps without drafts: what it cost beyond an
-        ordinary call of k drafts. It costs at least what an ordinary call does, so one that
-        cost less than an ordinary call's price says that price is too high, and is taken for
-        an ordinary call too: where drafting stays off but for probes, every call is a
-        resume, and a draft model at batch 1 kept the start-up price of three drafts (5.6 ms
-        where they took 3-4) and never found that three paid."""
-        price = self.seconds(num_requests, k)
-        if seconds < price:
-            self.observe(num_requests, k, seconds)
-        self.resume.observe(num_requests, max(seconds - price, 0.0))
-
-    def resume_seconds(self, num_requests: float) -> float:
-        """The catch-up's price when drafting resumes at ``num_requests`` (0 until one was
-        measured)."""
-        return self.resume.seconds(num_requests) if self.resume.known else 0.0
-
-    def seconds(self, num_requests: float, k: int) -> float:
-        if not self.known:
-            return 0.0
-        b, scale = StepCostModel._bucket(round(num_requests))
-        measured = [j for (bucket, j) in self._calls if bucket == b]
-        if not measured:
-            return (k + self.extra_forwards) * self.per_position.seconds(num_requests)
-        nearest = min(measured, key=lambda j: (abs(j - k), j))  # a tie: a step added
-        call = self._calls[(b, nearest)].estimate / scale
-        # A call of k drafts makes every forward one of fewer drafts makes: it never costs
-        # less than one measured at a smaller k. A few lucky times of k 2 priced it below
-        # k 1 (2.8 against 3.3 ms for an EAGLE-3 head at batch 1), and k 2 was chosen where
-        # drafting did not pay.
-        floor = max((self._calls[(b, j)].estimate for j in measured if j < k), default=0.0)
-        return max(call + (k - nearest) * self.per_position.seconds(num_requests),
-                   floor / scale, 0.0)
-
-
 class SpeculationController:
     """Owns the choice of k per step from the measured acceptance, the proposer's cost and the
     step cost model (see the module docstring). ``adaptive=False`` always drafts
@@ -362,6 +187,11 @@ class SpeculationController:
         # timings, its calibration learns what verifying adds; until one is measured, the
         # plain steps' curve prices it.
         self.verify_cost = verify_cost if verify_cost is not None else StepCostModel()
+        # How a step's time grows with its context: both step cost models price steps at a
+        # reference context, and a choice scales them to the context of now.
+        self.context = ContextScaling()
+        self.cost.scaling = self.verify_cost.scaling = self.context
+        self._context = 0.0  # mean context of the step last scheduled (see num_drafts)
         self._prior = [_PRIOR_ACCEPTANCE] * max_num_drafts
         self.acceptance = list(self._prior)  # conditional, per position
         # Per position: recent drafts that reached it, and those accepted (both fading).
@@ -415,10 +245,18 @@ class SpeculationController:
                                   / (self._reached_weight[j] + _PRIOR_WEIGHT))
         self._seen_accepted, self._seen_reached = accepted, reached
 
-    def observe_step(self, num_tokens: int, seconds: float, verified: bool = False) -> None:
-        """A decode step of ``num_tokens`` took ``seconds`` (the proposer's share apart);
-        ``verified``: some of its requests had drafts."""
-        (self.verify_cost if verified else self.cost).observe(num_tokens, seconds)
+    def observe_step(self, num_tokens: int, seconds: float, verified: bool = False,
+                     num_requests: Optional[int] = None) -> None:
+        """A decode step of ``num_tokens`` for ``num_requests`` (default: one token each) took
+        ``seconds`` (the proposer's share apart); ``verified``: some of its requests had
+        drafts. Its mean context is the one given with the last choice (``num_drafts``): the
+        one of this step. The cost models price steps at a reference context
+        (ContextScaling)."""
+        b = num_tokens if num_requests is None else num_requests
+        if not verified:
+            self.context.observe(b, self._context, seconds)
+        (self.verify_cost if verified else self.cost).observe(num_tokens, seconds, b,
+                                                              self._context)
 
     def observe_proposal(self, num_requests: int, num_with_drafts: int, k: int,
                          seconds: float) -> None:
@@ -455,19 +293,23 @@ class SpeculationController:
             return 1.0
         b = float(max(num_running, 1))
         f = self.drafted_fraction
-        base = self.cost.seconds(b)
+        scale = self.context.factor(b, self._context)
+        base = self.cost.seconds(b) * scale
         verify = self.verify_cost if self.verify_cost.observed else self.cost
-        step = verify.seconds(b * (1.0 + f * k)) + self.propose_cost.seconds(b, k)
+        step = verify.seconds(b * (1.0 + f * k)) * scale + self.propose_cost.seconds(b, k)
         if resuming:
             step += self.propose_cost.resume_seconds(b) / _RESUME_HORIZON
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
-    def num_drafts(self, num_running: int, can_draft: bool = True) -> int:
-        """How many tokens to draft per request for the next step of ``num_running``;
+    def num_drafts(self, num_running: int, can_draft: bool = True,
+                   context: float = 0.0) -> int:
+        """How many tokens to draft per request for the next step of ``num_running``, whose
+        mean context is about ``context`` tokens (that of the step just scheduled);
         ``can_draft`` False: none of them may take a draft next step (each is at its last
         token), so none is proposed, and no probe is spent: at batch 1 with 64-token requests
         the probe every 64 steps fell on each request's last step, drafted for nothing, and
         the controller never learnt that drafts had become good."""
+        self._context = context
         if not can_draft:
             return 0
         if self.disable_by_batch_size is not None and num_running > self.disable_by_batch_size:
@@ -551,7 +393,8 @@ class SpeculationController:
         if not catch_up:
             return True
         hoped = self.speedup(num_running, k, self._hoped_acceptance()) - 1.0
-        plain = self.cost.seconds(max(num_running, 1))
+        plain = self.cost.seconds(max(num_running, 1)) * self.context.factor(num_running,
+                                                                              self._context)
         return catch_up <= _PROBE_SHARE * hoped * self._steps_without_drafts * plain
 
     def _hoped_acceptance(self) -> list[float]:
