@@ -208,18 +208,19 @@ def test_controller_turns_speculation_off_when_nothing_is_accepted():
 
 @pytest.mark.parametrize("catch_up", [5e-3, 50e-3])
 def test_a_probe_waits_until_its_catch_up_is_a_small_share_of_what_it_may_find(catch_up):
-    """A probe made while drafting is off starts with the proposer's catch-up: it waits until
-    that is at most _PROBE_SHARE of what it hopes to find over the steps since the last drafts
-    (with k drafts at the prior acceptance: 1.94x a 1 ms step at k 4, 1.5x at k 1)."""
+    """A probe made while drafting is off starts with the proposer's catch-up (here on new
+    requests' prompts, 16 tokens): it waits until that is at most _PROBE_SHARE of what it
+    hopes to find over the steps since the last drafts (with k drafts at the prior acceptance:
+    1.94x a 1 ms step at k 4, 1.5x at k 1)."""
     controller = SpeculationController(4, cost=_cost(flat_until=16))
     _observe(controller, 4, 0, 200)
-    controller.propose_cost.resume.observe(1, catch_up)
+    controller.propose_cost.resume.observe(1, catch_up / 16)  # per token, per request
 
     def wait(k: int) -> float:
         hoped = controller.speedup(1, k, [_PRIOR_ACCEPTANCE] * 4) - 1.0
         return catch_up / (_PROBE_SHARE * hoped * 1e-3)
 
-    choices = [controller.num_drafts(1) for _ in range(1200)]
+    choices = [controller.num_drafts(1, backlog=16) for _ in range(1200)]
     drafted = [i for i, c in enumerate(choices) if c]
     starts = [i for i in drafted if not choices[i - 1]]
     assert len(starts) >= 3 and wait(4) - 1 <= starts[0] <= wait(4) + 1
@@ -297,31 +298,35 @@ def test_controller_does_not_price_the_catch_up_after_steps_without_drafts():
     assert controller.propose_cost.seconds(1, 4) == pytest.approx(4e-4)
 
 
-def test_controller_prices_resuming_after_a_pause():
-    """A proposer's first call after many steps without drafts (a dormant EAGLE-3 head's
-    window, a draft model's skipped tokens) is measured apart, and starting to draft again is
-    priced with it: a resume that costs more than drafting would gain over the next steps
-    keeps k at 0. A short pause (a plain probe while drafting) is not taken for a resume."""
+def test_controller_prices_resuming_by_what_the_proposer_catches_up_on():
+    """A proposer's first call on many tokens it has not seen (a draft model's after steps
+    without drafts, or on new requests' prompts) is measured apart, per token caught up on,
+    and starting to draft with such a backlog is priced with it: a catch-up that costs more
+    than drafting would gain over the next steps keeps k at 0; with little to catch up on,
+    drafting starts. A short pause (a plain probe while drafting) is not taken for a
+    resume."""
 
     def paused(resume_seconds: float) -> SpeculationController:
         controller = SpeculationController(4, cost=_cost(flat_until=16))
         _observe(controller, 4, 0, 200)  # nothing accepted: no drafts...
-        for _ in range(2):  # ...but probes, after a few steps, then after 16
-            while controller.num_drafts(1) == 0:
+        for _ in range(2):  # ...but probes, each after 20 tokens the proposer has not seen
+            while controller.num_drafts(1, backlog=20) == 0:
                 pass
             controller.observe_proposal(1, 1, 4, seconds=resume_seconds)  # it caught up first
             for _ in range(_PROBE_BURST - 1):  # the probe goes on a few steps
-                assert controller.num_drafts(1) == 4
+                assert controller.num_drafts(1, backlog=1) == 4
         for _ in range(10):  # a pause again
-            assert controller.num_drafts(1) == 0
+            assert controller.num_drafts(1, backlog=20) == 0
         controller.acceptance = [0.9] * 4  # drafting would now pay 4x a step, minus resuming
         return controller
 
-    assert paused(resume_seconds=1e-3).num_drafts(1) == 4
+    assert paused(resume_seconds=1e-3).num_drafts(1, backlog=20) == 4
     costly = paused(resume_seconds=100e-3)  # 100 steps' worth, spread over 16 steps
-    assert costly.propose_cost.resume_seconds(1) == pytest.approx(100e-3)
-    assert costly.num_drafts(1) == 0
-    # Once drafting (a probe), it goes on: the resume is paid.
+    assert costly.propose_cost.resume_seconds(1, 20) == pytest.approx(100e-3)
+    assert costly.propose_cost.resume_seconds(1, 40) == pytest.approx(200e-3)
+    assert costly.num_drafts(1, backlog=20) == 0
+    assert costly.num_drafts(1, backlog=2) == 4  # little to catch up on
+    # Once drafting, it goes on: the resume is paid.
     assert costly.speedup(1, 4) > 2
 
     controller = SpeculationController(4, cost=_cost(flat_until=16))
@@ -331,7 +336,7 @@ def test_controller_prices_resuming_after_a_pause():
     while controller.num_drafts(1) == 0:
         pass
     controller.observe_proposal(1, 1, 4, seconds=50e-3)
-    assert controller.propose_cost.resume_seconds(1) == 0.0
+    assert controller.propose_cost.resume_seconds(1, 20) == 0.0
 
 
 def test_proposer_cost_prices_each_k_as_measured():
@@ -373,11 +378,14 @@ def test_a_resume_cheaper_than_the_ordinary_price_corrects_it():
     cost = ProposerCostModel()
     cost.seed(1, 2e-3)
     assert cost.seconds(1, 3) == pytest.approx(6e-3)
-    cost.observe_resume(1, 3, 3e-3)
+    cost.observe_resume(1, 3, 3e-3, backlog=20)
     assert cost.seconds(1, 3) == pytest.approx(3e-3)
-    assert cost.resume_seconds(1) == 0.0
-    cost.observe_resume(1, 3, 5e-3)  # dearer than an ordinary call: the resume's own cost
+    assert cost.resume_seconds(1, 20) == 0.0
+    for _ in range(3):
+        cost.observe_resume(1, 3, 5e-3, backlog=20)  # dearer: the resume's own cost...
     assert cost.seconds(1, 3) == pytest.approx(3e-3)
+    assert cost.resume_seconds(1, 20) == pytest.approx(2e-3)
+    assert cost.resume_seconds(1, 40) == pytest.approx(4e-3)  # ...per token caught up on
 
 
 def test_controller_probes_with_the_drafts_that_could_pay():

@@ -49,7 +49,7 @@ class Request:
         "block_hashes", "arrival_time", "num_preemptions", "cache_salt",
         "num_output_placeholders", "scheduled_time", "num_prompt_logprobs",
         "num_scored_prompt_tokens", "spec_token_ids", "num_drafts_in_flight",
-        "draftable",
+        "num_proposer_tokens", "draftable",
     )
 
     def __init__(
@@ -101,6 +101,9 @@ class Request:
         # sequence), and how many of them the step in flight is verifying.
         self.spec_token_ids: list[int] = []
         self.num_drafts_in_flight = 0
+        # Its tokens the proposer had when it last drafted for it: a draft model catches up
+        # on the others first (the speculation controller prices that).
+        self.num_proposer_tokens = 0
         # Which words a draft completes depends on the drafts before it: a request with bad
         # words of several tokens is not speculated.
         self.draftable = not any(len(w) > 1 for w in sampling_params.bad_words_token_ids or ())

@@ -126,8 +126,9 @@ class Scheduler:
         kv = self.kv
         num_preempted = 0
         spec_tokens: dict[str, list[int]] = {}
-        # The running requests' mean context, for the speculation controller.
-        context, num_running_scheduled = 0, 0
+        # For the speculation controller: the running requests' mean context, and their
+        # tokens the proposer has not seen.
+        context, num_running_scheduled, backlog = 0, 0, 0
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -161,6 +162,7 @@ class Scheduler:
             self._advance(request, num_new)
             context += request.num_computed_tokens
             num_running_scheduled += 1
+            backlog += request.num_tokens - request.num_proposer_tokens
             i += 1
 
         while (
@@ -190,6 +192,7 @@ class Scheduler:
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
             self._advance(request, num_new)
+            backlog += request.num_tokens - request.num_proposer_tokens
 
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(
@@ -204,7 +207,7 @@ class Scheduler:
                 0 if self.speculation is None
                 else self.speculation.num_drafts(
                     len(self.running), any(r.max_num_drafts() for r in self.running),
-                    context / max(num_running_scheduled, 1))
+                    context / max(num_running_scheduled, 1), backlog)
             ),
         )
 
@@ -241,6 +244,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.spec_token_ids = []
+        request.num_proposer_tokens = 0  # its rows' proposer state goes with its blocks
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
@@ -303,6 +307,7 @@ class Scheduler:
                     self._free(request)
             elif drafts is not None and not preempted:
                 request.spec_token_ids = drafts[i]
+                request.num_proposer_tokens = request.num_tokens
         if prompt_chunks:  # partial prefill chunks: prompt logprobs without a token
             sampled = set(runner_output.req_ids)
             for rid, chunk in prompt_chunks.items():

@@ -212,8 +212,8 @@ class SpeculationController:
         # A probe made while drafting was off goes on this many more steps (with its drafts,
         # the last choice).
         self._burst_left = 0
-        # Per proposer call still to come that first catches up: the steps it skipped.
-        self._catch_up_calls: list[int] = []
+        # Tokens of the running requests the proposer has not seen (see num_drafts).
+        self._backlog = 0
         self._steps_without_drafts = 0  # in a row, up to the last choice
         self.last_choice = max_num_drafts
         self._drafting = False  # whether the last choice, probes aside, was to draft
@@ -266,11 +266,12 @@ class SpeculationController:
         if num_requests:
             self.drafted_fraction += _EMA * (num_with_drafts / num_requests
                                              - self.drafted_fraction)
-        if self._catch_up_calls:
-            skipped = self._catch_up_calls.pop(0)
-            if skipped >= _RESUME_AFTER and k and num_requests:
-                self.propose_cost.observe_resume(num_requests, k, seconds)
-        elif k and num_requests:
+        if not k or not num_requests:
+            return
+        # The call the last choice asked for, after that choice's backlog.
+        if self._backlog >= _RESUME_AFTER * num_requests:
+            self.propose_cost.observe_resume(num_requests, k, seconds, self._backlog)
+        elif self._backlog <= (1 + self.max_num_drafts) * num_requests:
             self.propose_cost.observe(num_requests, k, seconds)
 
     # ---- the choice ----------------------------------------------------------------------
@@ -298,18 +299,22 @@ class SpeculationController:
         verify = self.verify_cost if self.verify_cost.observed else self.cost
         step = verify.seconds(b * (1.0 + f * k)) * scale + self.propose_cost.seconds(b, k)
         if resuming:
-            step += self.propose_cost.resume_seconds(b) / _RESUME_HORIZON
+            step += self.propose_cost.resume_seconds(b, self._backlog) / _RESUME_HORIZON
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
 
     def num_drafts(self, num_running: int, can_draft: bool = True,
-                   context: float = 0.0) -> int:
+                   context: float = 0.0, backlog: Optional[int] = None) -> int:
         """How many tokens to draft per request for the next step of ``num_running``, whose
-        mean context is about ``context`` tokens (that of the step just scheduled);
+        mean context is about ``context`` tokens (that of the step just scheduled); the
+        proposer's next call first catches up on ``backlog`` tokens of theirs it has not seen
+        (by default one per request per step without drafts);
         ``can_draft`` False: none of them may take a draft next step (each is at its last
         token), so none is proposed, and no probe is spent: at batch 1 with 64-token requests
         the probe every 64 steps fell on each request's last step, drafted for nothing, and
         the controller never learnt that drafts had become good."""
         self._context = context
+        self._backlog = (num_running * self._steps_without_drafts if backlog is None
+                         else backlog)
         if not can_draft:
             return 0
         if self.disable_by_batch_size is not None and num_running > self.disable_by_batch_size:
@@ -318,11 +323,13 @@ class SpeculationController:
             return self.max_num_drafts
         self._steps += 1
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
-        resuming = not self.last_choice and self._steps_without_drafts >= _RESUME_AFTER
+        resuming = self._backlog >= _RESUME_AFTER * max(num_running, 1)
         for k in range(1, self.max_num_drafts + 1):
             gain = self.speedup(num_running, k, resuming=resuming)
             if gain > best:
                 best_k, best = k, gain
+        if best_k and not self._drafting:
+            self._steps_since_probe = 0  # plain steps were measured until now
         self._drafting = best_k > 0  # the choice itself, probes aside
         # Now and then the other choice, so that both sides of the comparison are measured
         # steps: one drafting step while drafting does not pay (has the workload changed?),
@@ -355,10 +362,6 @@ class SpeculationController:
                 and (best_k or self._affordable(num_running, 1))):
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
-        if best_k and not self.last_choice:
-            # The proposer's next call first catches up on the tokens of the steps without
-            # drafts: not what a draft position costs, but what resuming does.
-            self._catch_up_calls.append(self._steps_without_drafts)
         self._steps_without_drafts = 0 if best_k else self._steps_without_drafts + 1
         self.last_choice = best_k
         return best_k
@@ -389,7 +392,7 @@ class SpeculationController:
         """Whether a probe with k drafts, made now while drafting is off, starts with a
         catch-up within ``_PROBE_SHARE`` of what it hopes to find (its gain at the hoped
         acceptance) over the steps since the last drafts."""
-        catch_up = self.propose_cost.resume_seconds(num_running)
+        catch_up = self.propose_cost.resume_seconds(num_running, self._backlog)
         if not catch_up:
             return True
         hoped = self.speedup(num_running, k, self._hoped_acceptance()) - 1.0

@@ -176,7 +176,8 @@ class ProposerCostModel:
         self.extra_forwards = extra_forwards
         self.per_position = StepCostModel()
         self._calls: dict[tuple[int, int], RecentTimes] = {}  # (bucket, k) -> at its size
-        # A resuming call's seconds beyond an ordinary one's, by batch size (none: free).
+        # A resuming call's seconds beyond an ordinary one's per token of catch-up per
+        # request, by batch size (none: free).
         self.resume = StepCostModel()
 
     @property
@@ -191,22 +192,27 @@ class ProposerCostModel:
         self._calls.setdefault((b, k), RecentTimes()).add(seconds * scale)
         self.per_position.observe(num_requests, seconds / (k + self.extra_forwards))
 
-    def observe_resume(self, num_requests: int, k: int, seconds: float) -> None:
-        """A call that first caught up after steps without drafts: what it cost beyond an
-        ordinary call of k drafts. It costs at least what an ordinary call does, so one that
-        cost less than an ordinary call's price says that price is too high, and is taken for
-        an ordinary call too: where drafting stays off but for probes, every call is a
-        resume, and a draft model at batch 1 kept the start-up price of three drafts (5.6 ms
-        where they took 3-4) and never found that three paid."""
+    def observe_resume(self, num_requests: int, k: int, seconds: float, backlog: int) -> None:
+        """A call that first caught up on ``backlog`` tokens its proposer had not seen (steps
+        without drafts, new requests' prompts): what it cost beyond an ordinary call of k
+        drafts, per token of catch-up per request. It costs at least what an ordinary call
+        does, so one that cost less than an ordinary call's price says that price is too
+        high, and is taken for an ordinary call too: where drafting stays off but for probes,
+        every call is a resume, and a draft model at batch 1 kept the start-up price of three
+        drafts (5.6 ms where they took 3-4) and never found that three paid."""
         price = self.seconds(num_requests, k)
         if seconds < price:
             self.observe(num_requests, k, seconds)
-        self.resume.observe(num_requests, max(seconds - price, 0.0))
+        per_row = max(backlog / max(num_requests, 1), 1.0)
+        self.resume.observe(num_requests, max(seconds - price, 0.0) / per_row)
 
-    def resume_seconds(self, num_requests: float) -> float:
-        """The catch-up's price when drafting resumes at ``num_requests`` (0 until one was
-        measured)."""
-        return self.resume.seconds(num_requests) if self.resume.known else 0.0
+    def resume_seconds(self, num_requests: float, backlog: float) -> float:
+        """The catch-up's price at ``num_requests`` with ``backlog`` tokens to catch up on
+        (0 until one was measured): a draft model's grows with it (at batch 32, 30 ms after
+        a pause of 30 steps, 110 ms on new prompts of 130 tokens)."""
+        if not self.resume.known:
+            return 0.0
+        return self.resume.seconds(num_requests) * backlog / max(num_requests, 1.0)
 
     def seconds(self, num_requests: float, k: int) -> float:
         if not self.known:
