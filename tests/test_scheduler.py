@@ -80,9 +80,9 @@ class FakeRunner:
                     drafts_out.append(
                         self.draft_fn(rid, self.num_tokens[rid], out.num_lookahead_tokens)
                     )
-        return ModelRunnerOutput(
-            req_ids, tokens, spec_token_ids=drafts_out if self.draft_fn is not None else None
-        )
+        # As the model runner: no proposal (None) for a step that asked for no drafts.
+        proposed = self.draft_fn is not None and out.num_lookahead_tokens
+        return ModelRunnerOutput(req_ids, tokens, spec_token_ids=drafts_out if proposed else None)
 
 
 def step(sched: Scheduler, runner: FakeRunner):

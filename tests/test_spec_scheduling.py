@@ -65,6 +65,31 @@ def test_drafts_change_no_token(num_blocks, budget):
         assert sched.num_preemptions_total > 0
 
 
+def test_the_scheduler_tells_the_controller_what_the_proposer_has_not_seen():
+    """With each choice of k: the running requests' mean context, and the backlog of tokens
+    the proposer will catch up on first (new requests' prompts, then a token per request per
+    step without drafts); none once it drafts every step."""
+    sched = _speculating(budget=64)
+    seen = []
+    choose = sched.speculation.num_drafts
+    plan = iter([0, 0, 0] + [4] * 50)  # three steps without drafts, then drafts
+
+    def spy(num_running, can_draft=True, context=0.0, backlog=None):
+        seen.append((context, backlog))
+        choose(num_running, can_draft, context, backlog)
+        return next(plan)
+
+    sched.speculation.num_drafts = spy
+    _add(sched, 2)  # prompts of 5 and 8 tokens
+    runner = FakeRunner(token_fn=_token, draft_fn=_drafts)
+    for _ in range(5):
+        sched.update_from_output(runner.run(sched, sched.schedule()))
+    assert seen[0] == (0.0, 13)  # both prompts, only prefilled
+    assert [backlog for _, backlog in seen[1:4]] == [15, 17, 19]  # + a token each a step
+    assert seen[1][0] == pytest.approx((6 + 9) / 2)  # the step's mean context
+    assert seen[4][1] == 0  # the proposer drafted after the last step: it saw everything
+
+
 def test_rejected_drafts_roll_back_and_never_enter_the_prefix_cache():
     sched = _speculating()
     sched.add_request(make_request("a", BS + 2, max_tokens=20))

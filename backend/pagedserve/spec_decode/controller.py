@@ -10,7 +10,9 @@ Whether that pays depends on three measured things:
 - the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
   (small batches), growing with n once it is bound by compute (large batches). It is seeded by
   timing forwards at start-up and then follows the measured steps, those that verify drafts
-  apart (b requests of 1 + k tokens cost more than b(1 + k) requests of one);
+  apart (b requests of 1 + k tokens cost more than b(1 + k) requests of one), each taken to a
+  reference context and priced at the context of now (a step's time grows with its requests'
+  context: ContextScaling);
 - the proposer's cost at a batch of B requests and k drafts each (a draft model's k drafts
   are k forwards over the batch), seeded likewise by timing a drafting step at start-up.
 
@@ -20,10 +22,12 @@ drafts already), so a large batch runs as if speculation were off. Every ``_PROB
 steps it takes the other side once: a step with one draft while it drafts none (nothing is
 learnt about acceptance otherwise, and the workload may have changed), a plain step while it
 drafts (so that the cost of both is measured, not estimated).
-Starting to draft after a pause also costs the proposer a catch-up (a draft model on every
-token it skipped, a dormant EAGLE-3 head on a window of them): that call is measured apart
-(``ProposerCostModel.resume_seconds``) and spread over ``_RESUME_HORIZON`` drafting steps in the
-choice to start again.
+Starting to draft after a pause, or on new requests, also costs the proposer a catch-up on the
+tokens it has not seen (the scheduler counts them: a draft model runs on all of them, a dormant
+EAGLE-3 head on a window): that call is measured apart, per token caught up on
+(``ProposerCostModel.resume_seconds``), and spread over ``_RESUME_HORIZON`` drafting steps in the
+choice to start. A probe made while it drafts none waits until that catch-up is a small share
+of what it hopes to find (``_PROBE_SHARE``).
 Every ``_QUICK_PROBE_INTERVAL`` steps it probes with more drafts: as many as would pay at an
 acceptance as high as what was measured lets it be (``_drafts_worth_probing``), where that is
 more than it drafts (the acceptance of the positions it skips is learnt too). A probe made
@@ -88,12 +92,15 @@ _PROBE_BURST = 4
 # gain at the optimistic acceptance) over the steps since the last drafts. At batch 32 a draft
 # model's catch-up on 32 prompts cost ~4 plain steps, for a gain hoped of a few percent, and
 # probes 64 steps apart cost more than that; at batch 1, where the hope is 1.3x and more, and
-# for a proposer that never catches up (n-gram), the schedule above is unchanged.
+# for a proposer that never catches up (n-gram), the schedule above is unchanged. (A draft
+# model's catch-up on the steps skipped grows with the wait: where a step's share of it is
+# more than this share of the hope, probes wait until the acceptance measured has faded.)
 _PROBE_SHARE = 0.2
-# A proposer's first call after this many steps without drafts pays a catch-up (a draft model
-# on every token it skipped, an EAGLE-3 head on a window of them: see ProposerCostModel);
-# starting to draft then is priced with it, spread over this many drafting steps. Shorter
-# pauses (a plain probe while drafting) cost the proposer little and are not priced.
+# A proposer's call with this many tokens per request it has not seen (steps without drafts,
+# new requests' prompts) pays a catch-up (a draft model on all of them, an EAGLE-3 head on a
+# window: see ProposerCostModel); starting to draft then is priced with it, spread over this
+# many drafting steps. Fewer (a plain probe while drafting) cost the proposer little and are
+# not priced.
 _RESUME_AFTER = 8
 _RESUME_HORIZON = 16
 
