@@ -466,6 +466,25 @@ def test_controller_prices_a_head_that_catches_up_before_drafting(extra_forwards
     assert (controller.num_drafts(1) > 0) == drafts
 
 
+def test_a_verification_is_priced_at_least_as_a_plain_step_of_as_many_tokens():
+    """A verification size never measured at this batch is priced from its start-up timing
+    and a calibration made at other sizes; it never comes out below a plain step of as many
+    tokens (the same forward)."""
+    cost = StepCostModel()
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        cost.seed(n, 1e-3 * max(1.0, n / 8))
+    controller = SpeculationController(3, cost=cost)
+    controller.acceptance = [0.7] * 3
+    for _ in range(16):
+        controller.observe_step(4, 2e-3, verified=True, num_requests=2)  # 2x its seed
+        controller.observe_step(32, 8e-3, num_requests=32)  # 2x its seed
+    controller.verify_cost.observe(64, 10e-3)  # one lucky time
+    plain, verify = controller.cost.seconds(64), controller.verify_cost.seconds(64)
+    assert verify < plain
+    assert controller.speedup(32, 1) == pytest.approx(1.7 * 8e-3 / plain, rel=0.01)
+    assert controller.speedup(32, 1) < 1.0
+
+
 def test_controller_prices_verification_steps_apart():
     """Verifying 1 + k tokens of one request costs more than decoding 1 + k requests (on the
     CPU at batch 1, 1.6x a plain step where start-up timed 4 requests' decode at 1.2x): the
@@ -542,7 +561,10 @@ def test_controller_prices_steps_measured_at_other_contexts_at_the_context_of_no
     (t = 10 ms + 0.1 ms per token), verifications of one draft each at 100 tokens (1.6x a
     plain step there): at 200 tokens, with 0.6 of drafts accepted, one draft breaks even.
     Priced as one size each, whatever their context, they said 1.23x."""
-    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    cost = StepCostModel()
+    for n, seconds in ((16, 18e-3), (32, 25e-3), (64, 31e-3)):  # start-up timings
+        cost.seed(n, seconds)
+    controller = SpeculationController(3, cost=cost)
     for i in range(256):
         context = 100 + i % 101
         controller.num_drafts(32, context=context)

@@ -303,8 +303,15 @@ class SpeculationController:
         f = self.drafted_fraction
         scale = self.context.factor(b, self._context)
         base = self.cost.seconds(b) * scale
-        verify = self.verify_cost if self.verify_cost.observed else self.cost
-        step = verify.seconds(b * (1.0 + f * k)) * scale + self.propose_cost.seconds(b, k)
+        n = b * (1.0 + f * k)
+        # Verifying n tokens costs at least a plain step of n tokens (the same forward, with
+        # logits at every position): a size never verified at this batch is priced from its
+        # start-up timing, calibrated at other sizes, and that priced 32 requests' one draft
+        # each below their plain step measured, where it cost 1.5x (a draft model drafted at
+        # batch 32 from the first step, and paid the catch-up on every prompt).
+        verify = (max(self.verify_cost.seconds(n), self.cost.seconds(n))
+                  if self.verify_cost.observed else self.cost.seconds(n))
+        step = verify * scale + self.propose_cost.seconds(b, k)
         if resuming:
             step += self.propose_cost.resume_seconds(b, self._backlog) / _RESUME_HORIZON
         return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step

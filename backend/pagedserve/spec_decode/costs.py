@@ -32,26 +32,36 @@ class RecentTimes:
     only now and then is priced from what it cost, not held near a low start (verifying 32
     requests' drafts was priced 57 ms where it took 74, and EAGLE-3 drafted at a loss)."""
 
-    __slots__ = ("times", "estimate")
+    __slots__ = ("times", "normalized", "estimate")
 
     def __init__(self) -> None:
         # Each time with the (requests, mean context) of its step where it is to be taken to
-        # the reference context (see ContextScaling), else None.
+        # the reference context (see ContextScaling), else None; and each taken there.
         self.times: deque[tuple[float, Optional[tuple[int, float]]]] = deque(
             maxlen=_COST_WINDOW)
+        self.normalized: deque[float] = deque(maxlen=_COST_WINDOW)
         self.estimate = 0.0
 
     def add(self, seconds: float, where: Optional[tuple[int, float]] = None,
             scaling: Optional[ContextScaling] = None) -> float:
         self.times.append((seconds, where))
-        return self.update(scaling)
+        self.normalized.append(_at_reference(seconds, where, scaling))
+        return self._estimate()
 
     def update(self, scaling: Optional[ContextScaling]) -> float:
         """The estimate again, each time taken to the reference context by ``scaling``."""
-        times = sorted(t if where is None or scaling is None else t / scaling.factor(*where)
-                       for t, where in self.times)
-        self.estimate = times[(len(times) - 1) // 3]
+        self.normalized.clear()
+        self.normalized.extend(_at_reference(t, where, scaling) for t, where in self.times)
+        return self._estimate()
+
+    def _estimate(self) -> float:
+        self.estimate = sorted(self.normalized)[(len(self.normalized) - 1) // 3]
         return self.estimate
+
+
+def _at_reference(seconds: float, where: Optional[tuple[int, float]],
+                  scaling: Optional[ContextScaling]) -> float:
+    return seconds if where is None or scaling is None else seconds / scaling.factor(*where)
 
 
 class StepCostModel:
