@@ -16,7 +16,8 @@ _EMA = 0.1
 _COST_WINDOW = 16
 # How a step's time grows with context is fitted over this many plain steps of one batch
 # size, again after every this many new ones, where their mean contexts spread over at least
-# this many tokens (see ContextScaling); a slope above this per token of context is capped.
+# this many tokens (see ContextScaling); a factor it gives is kept within this and its
+# inverse (far from the contexts fitted, the line says little).
 _CONTEXT_SAMPLES = 64
 _CONTEXT_REFIT = 8
 _CONTEXT_SPREAD = 16.0
@@ -79,7 +80,7 @@ class StepCostModel:
 
     def __init__(self, scaling: Optional[ContextScaling] = None) -> None:
         self.scaling = scaling
-        self._fit = scaling.fits if scaling is not None else 0  # the fit the prices follow
+        self._fits_seen = scaling.fits if scaling is not None else 0  # fits the prices follow
         self._seeded: dict[int, float] = {}  # bucket exponent -> start-up seconds
         self._observed: dict[int, RecentTimes] = {}  # bucket exponent -> measured
         self._calibration = 1.0  # measured / start-up, where both are known
@@ -116,9 +117,9 @@ class StepCostModel:
 
     def _follow_fit(self) -> None:
         """After a new fit of the context scaling, every bucket's estimate again."""
-        if self.scaling is None or self.scaling.fits == self._fit:
+        if self.scaling is None or self.scaling.fits == self._fits_seen:
             return
-        self._fit = self.scaling.fits
+        self._fits_seen = self.scaling.fits
         for recent in self._observed.values():
             recent.update(self.scaling)
         self._curve = None
