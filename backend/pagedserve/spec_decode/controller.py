@@ -71,12 +71,6 @@ _MIN_GAIN = 1.10
 # _MIN_GAIN switched drafting off and on every few steps).
 _KEEP_GAIN = 1.02
 _PROBE_INTERVAL = 64
-# While it drafts for a gain estimated under this, the plain step is measured every
-# _QUICK_PROBE_INTERVAL steps instead: there the choice turns on a few percent, and the plain
-# price, measured only now and then, was seen 7% off the plain steps of the moment (a host
-# busier when it was measured) and kept a draft model drafting at batch 32 for a 0.95x. Such
-# a plain step costs little: the gain it forgoes is small.
-_CLOSE_GAIN = 1.2
 # Every this many steps, a probe with the drafts that would pay at an optimistic acceptance,
 # at least _QUICK_PROBE_GAIN faster, where those are more than pay now (so that the acceptance
 # at those positions stays measured; see _drafts_worth_probing).
@@ -371,8 +365,7 @@ class SpeculationController:
                 # nothing about what drafting costs from then on: the steps after it do.
                 self._burst_left = _PROBE_BURST - 1
             best_k = probe_k
-        elif (self._steps_since_probe >= (_QUICK_PROBE_INTERVAL if best_k and best < _CLOSE_GAIN
-                                          else _PROBE_INTERVAL)
+        elif (self._steps_since_probe >= _PROBE_INTERVAL
                 and (best_k or self._affordable(num_running, 1))):
             self._steps_since_probe = 0
             best_k = 1 if best_k == 0 else 0
