@@ -126,9 +126,6 @@ class Scheduler:
         kv = self.kv
         num_preempted = 0
         spec_tokens: dict[str, list[int]] = {}
-        # For the speculation controller: the running requests' mean context, and their
-        # tokens the proposer has not seen.
-        context, num_running_scheduled, backlog = 0, 0, 0
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -160,9 +157,6 @@ class Scheduler:
             request.num_drafts_in_flight = len(drafts)
             request.spec_token_ids = []
             self._advance(request, num_new)
-            context += request.num_computed_tokens
-            num_running_scheduled += 1
-            backlog += request.num_tokens - request.num_proposer_tokens
             i += 1
 
         while (
@@ -192,7 +186,6 @@ class Scheduler:
             budget -= num_new
             new_reqs.append(self._new_request_data(request))
             self._advance(request, num_new)
-            backlog += request.num_tokens - request.num_proposer_tokens
 
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(
@@ -204,12 +197,24 @@ class Scheduler:
             num_preempted=num_preempted,
             scheduled_spec_decode_tokens=spec_tokens,
             num_lookahead_tokens=(
-                0 if self.speculation is None
-                else self.speculation.num_drafts(
-                    len(self.running), any(r.max_num_drafts() for r in self.running),
-                    context / max(num_running_scheduled, 1), backlog)
+                0 if self.speculation is None else self._num_drafts(i, len(new_reqs))
             ),
         )
+
+    def _num_drafts(self, num_decoding: int, num_new: int) -> int:
+        """The speculation controller's k for the next step, told what it prices with: the
+        mean context of the ``num_decoding`` running requests this step decodes (the first
+        ones; with speculation none is skipped, async scheduling being off) and the tokens
+        the proposer has not seen of those and of the ``num_new`` requests it started (new
+        prompts, steps without drafts). Only with speculation: a pass over the batch that
+        plain decoding does not pay for."""
+        running = self.running
+        decoding = running[:num_decoding]
+        context = sum(r.num_computed_tokens for r in decoding) / max(len(decoding), 1)
+        backlog = sum(r.num_tokens - r.num_proposer_tokens
+                      for r in (*decoding, *running[len(running) - num_new:]))
+        return self.speculation.num_drafts(
+            len(running), any(r.max_num_drafts() for r in running), context, backlog)
 
     @staticmethod
     def _advance(request: Request, num_new: int) -> None:

@@ -296,15 +296,16 @@ class SpeculationController:
         b = float(max(num_running, 1))
         f = self.drafted_fraction
         scale = self.context.factor(b, self._context)
-        base = self.cost.seconds(b) * scale
+        base = self._plain_seconds(b)
         n = b * (1.0 + f * k)
         # Verifying n tokens costs at least a plain step of n tokens (the same forward, with
         # logits at every position): a size never verified at this batch is priced from its
         # start-up timing, calibrated at other sizes, and that priced 32 requests' one draft
         # each below their plain step measured, where it cost 1.5x (a draft model drafted at
         # batch 32 from the first step, and paid the catch-up on every prompt).
-        verify = (max(self.verify_cost.seconds(n), self.cost.seconds(n))
-                  if self.verify_cost.observed else self.cost.seconds(n))
+        verify = self.cost.seconds(n)
+        if self.verify_cost.observed:
+            verify = max(verify, self.verify_cost.seconds(n))
         step = verify * scale + self.propose_cost.seconds(b, k)
         if resuming:
             step += self.propose_cost.resume_seconds(b, self._backlog) / _RESUME_HORIZON
@@ -403,9 +404,12 @@ class SpeculationController:
         if not catch_up:
             return True
         hoped = self.speedup(num_running, k, self._hoped_acceptance()) - 1.0
-        plain = self.cost.seconds(max(num_running, 1)) * self.context.factor(num_running,
-                                                                              self._context)
+        plain = self._plain_seconds(max(num_running, 1))
         return catch_up <= _PROBE_SHARE * hoped * self._steps_without_drafts * plain
+
+    def _plain_seconds(self, num_running: float) -> float:
+        """A plain step of ``num_running`` requests at the context of now."""
+        return self.cost.seconds(num_running) * self.context.factor(num_running, self._context)
 
     def _hoped_acceptance(self) -> list[float]:
         """What a probe may find: the optimistic acceptance, at least the prior."""
