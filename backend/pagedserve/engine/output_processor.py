@@ -171,8 +171,9 @@ class OutputProcessor:
             if state.streaming or state.finished:
                 state.changed.add(request.index)
                 touched[state.request_id] = state
-        counters.generation_tokens += generated
+        # Latencies before tokens, so a reader on another thread never sees tokens without them.
         counters.inter_token_latency.observe_many(gaps)
+        counters.generation_tokens += generated
         outputs = []
         for state in touched.values():
             try:

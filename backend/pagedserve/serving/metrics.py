@@ -318,6 +318,13 @@ class TritonMetrics:
             for metric, value in zip((self.running, self.waiting, self.kv_usage), gauges):
                 metric.set(value)
             self._last_gauges = gauges
+        # Histograms before the token counters: a scrape between the two writes then sees
+        # latencies ahead of the tokens they belong to, never tokens without their latencies.
+        self.itl.write(stats.inter_token_latency)
+        self.tpot.write(stats.inter_token_latency)  # vLLM's older name for the same series
+        self.iteration_tokens.write(stats.iteration_tokens)
+        if self.spec_decode is not None and stats.spec_decoding is not None:
+            self.spec_decode.write(stats.spec_decoding)
         totals = (
             stats.num_preemptions_total,
             stats.prefix_cache_queries_total,
@@ -331,11 +338,6 @@ class TritonMetrics:
             if now > before:
                 metric.increment(now - before)
         self._last_totals = totals
-        self.itl.write(stats.inter_token_latency)
-        self.tpot.write(stats.inter_token_latency)  # vLLM's older name for the same series
-        self.iteration_tokens.write(stats.iteration_tokens)
-        if self.spec_decode is not None and stats.spec_decoding is not None:
-            self.spec_decode.write(stats.spec_decoding)
 
 
 class MetricsReporter:

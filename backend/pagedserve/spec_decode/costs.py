@@ -7,7 +7,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
-from typing import Optional
+from typing import Iterable, Optional
 
 # Weight of a new observation in the running averages.
 _EMA = 0.1
@@ -56,8 +56,14 @@ class RecentTimes:
         return self._estimate()
 
     def _estimate(self) -> float:
-        self.estimate = sorted(self.normalized)[(len(self.normalized) - 1) // 3]
+        self.estimate = lower_third(self.normalized)
         return self.estimate
+
+
+def lower_third(times: Iterable[float]) -> float:
+    """What a step costs, from times measured of it on a shared host (see RecentTimes)."""
+    ordered = sorted(times)
+    return ordered[(len(ordered) - 1) // 3]
 
 
 def _at_reference(seconds: float, where: Optional[tuple[int, float]],
@@ -284,8 +290,7 @@ class ContextScaling:
         points = []
         for i in range(4):
             group = ordered[i * size:(i + 1) * size]
-            times = sorted(t for _, t in group)
-            points.append((sum(c for c, _ in group) / size, times[(size - 1) // 3]))
+            points.append((sum(c for c, _ in group) / size, lower_third(t for _, t in group)))
         cs = [c for c, _ in points]
         if cs[-1] - cs[0] < _CONTEXT_SPREAD:
             return
