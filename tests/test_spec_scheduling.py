@@ -386,6 +386,19 @@ def test_proposer_cost_never_prices_more_drafts_below_fewer():
     assert cost.seconds(1, 2) == pytest.approx(4.0e-3)
 
 
+def test_proposer_cost_never_prices_fewer_drafts_above_more_measured():
+    """A k not measured, priced from a smaller k measured dear (probes on a loaded host), is
+    not priced above a larger k measured: its forwards are among that call's."""
+    cost = ProposerCostModel()
+    cost.seed(1, 1e-3)
+    for _ in range(20):
+        cost.observe(1, 1, 5.9e-3)
+        cost.observe(1, 3, 5.9e-3)
+    assert cost.seconds(1, 2) == pytest.approx(5.9e-3)
+    assert cost.seconds(1, 1) == pytest.approx(5.9e-3)  # measured: its own times
+    assert cost.seconds(1, 3) == pytest.approx(5.9e-3)
+
+
 def test_a_resume_cheaper_than_the_ordinary_price_corrects_it():
     """A call that caught up first costs at least an ordinary one: where it cost less than
     the ordinary price (a start-up timing), that price comes down to it."""
