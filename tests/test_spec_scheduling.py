@@ -65,17 +65,18 @@ def test_drafts_change_no_token(num_blocks, budget):
 
 
 def test_the_scheduler_tells_the_controller_what_the_proposer_has_not_seen():
-    """With each choice of k: the running requests' mean context, and the backlog of tokens
-    the proposer will catch up on first (new requests' prompts, then a token per request per
-    step without drafts); none once it drafts every step."""
+    """With each choice of k: the running requests' mean context, the backlog of tokens the
+    proposer will catch up on first (new requests' prompts, then a token per request per step
+    without drafts; none once it drafts every step), and which requests run."""
     sched = _speculating(budget=64)
-    seen = []
+    seen, ids = [], []
     choose = sched.speculation.num_drafts
     plan = iter([0, 0, 0] + [4] * 50)  # three steps without drafts, then drafts
 
-    def spy(num_running, can_draft=True, context=0.0, backlog=None):
+    def spy(num_running, can_draft=True, context=0.0, backlog=None, request_ids=None):
         seen.append((context, backlog))
-        choose(num_running, can_draft, context, backlog)
+        ids.append(list(request_ids))
+        choose(num_running, can_draft, context, backlog, request_ids)
         return next(plan)
 
     sched.speculation.num_drafts = spy
@@ -87,6 +88,7 @@ def test_the_scheduler_tells_the_controller_what_the_proposer_has_not_seen():
     assert [backlog for _, backlog in seen[1:4]] == [15, 17, 19]  # + a token each a step
     assert seen[1][0] == pytest.approx((6 + 9) / 2)  # the step's mean context
     assert seen[4][1] == 0  # the proposer drafted after the last step: it saw everything
+    assert ids == [["r0", "r1"]] * 5  # each priced at its own acceptance
 
 
 def test_rejected_drafts_roll_back_and_never_enter_the_prefix_cache():
@@ -685,3 +687,102 @@ def test_speculative_config_defaults_follow_vllm():
     assert (config.ngram.prompt_lookup_min, config.ngram.prompt_lookup_max) == (5, 5)
     draft = SpeculativeConfig.from_dict({"model": "/d", "num_speculative_tokens": 3})
     assert draft.method == "draft_model" and draft.uses_draft_model
+
+
+# ---- each request's own acceptance ----------------------------------------------------------
+
+def _serve_one_at_a_time(controller: SpeculationController, rates: list[float], steps: int,
+                         named: bool, rng: random.Random) -> list[list[int]]:
+    """Requests served one after another at batch 1 (request i: each draft accepted with
+    probability rates[i]), the controller told which request runs if ``named``; the drafts
+    chosen at each of each request's steps."""
+    stats = SpecDecodingStats()
+    choices = []
+    for i, rate in enumerate(rates):
+        rid = f"req{i}"
+        ks = []
+        for _ in range(steps):
+            k = controller.num_drafts(1, request_ids=[rid] if named else None)
+            ks.append(k)
+            if k:
+                accepted = 0
+                while accepted < k and rng.random() < rate:
+                    accepted += 1
+                stats.observe(k, accepted)
+                controller.observe_request(rid, k, accepted)
+                controller.observe_acceptance(stats)
+        controller.forget_request(rid)
+        choices.append(ks)
+    return choices
+
+
+def _drafting_model() -> SpeculationController:
+    """Three drafts cost a third of a step: they pay from an acceptance of about 0.35."""
+    propose = ProposerCostModel()
+    for _ in range(16):
+        propose.observe(1, 3, 0.3e-3)
+    return SpeculationController(3, cost=_cost(flat_until=16), propose_cost=propose)
+
+
+def test_a_request_whose_drafts_pay_is_drafted_for_after_one_whose_drafts_did_not():
+    """At batch 1, a request whose drafts are accepted follows long requests whose drafts were
+    not: priced at its own acceptance it is drafted for within a few steps, where the pooled
+    estimate (the requests not named) keeps drafting off for most of it."""
+    rates = [0.05, 0.05, 0.05, 0.95]
+    named = _serve_one_at_a_time(_drafting_model(), rates, 100, True, random.Random(0))
+    pooled = _serve_one_at_a_time(_drafting_model(), rates, 100, False, random.Random(0))
+    for ks in (named, pooled):
+        # Poor drafts: probes only (with names, a burst as each request starts, then one
+        # every _PROBE_INTERVAL steps or so).
+        assert sum(map(bool, ks[2])) <= 3 * _PROBE_BURST
+    assert all(named[3][:60]) and sum(map(bool, named[3])) >= 97  # a plain probe now and then
+    assert not any(pooled[3][:8]) and sum(map(bool, pooled[3])) < 85
+
+
+def test_a_request_whose_drafts_do_not_pay_is_not_drafted_for_after_one_whose_drafts_did():
+    """Its own rejections stop drafting for it (here, where three drafts cost a third of a
+    step, once its first draft is priced at about 0.1: some 20 steps); the pooled estimate,
+    resting on the last request's many accepted drafts, drafts on."""
+    rates = [0.95, 0.0]
+    named = _serve_one_at_a_time(_drafting_model(), rates, 100, True, random.Random(1))
+    pooled = _serve_one_at_a_time(_drafting_model(), rates, 100, False, random.Random(1))
+    assert all(named[0][:60]) and all(pooled[0][:60])
+    assert sum(map(bool, named[1][25:])) <= 4 * _PROBE_BURST  # probes only (8, 16, 32... apart)
+    assert sum(map(bool, pooled[1])) > 90
+
+
+def test_request_acceptance_rests_on_the_pooled_one():
+    controller = SpeculationController(3, cost=_cost(flat_until=16))
+    requests = controller.requests
+    pooled = [0.5, 0.5, 0.5]
+    fresh = requests.expected_tokens(["new"], pooled, 0)
+    assert fresh == pytest.approx([1.0, 1.5, 1.75, 1.875])  # the pool's, until it drafts
+    for _ in range(4):
+        controller.observe_request("good", 3, 3)
+    good = requests.expected_tokens(["good"], pooled, 0)
+    # 4 drafts of its own, all accepted, on the pool's 4 at 0.5: 3/4 a position.
+    assert good[1] == pytest.approx(1 + (4 + 2) / 8, rel=0.01)  # (its drafts fade a little)
+    both = requests.expected_tokens(["good", "new"], pooled, 0)
+    assert both == pytest.approx((good + fresh) / 2)  # the batch's mean
+    # One request may differ from the pool by much more than a batch of many.
+    one = requests.hoped_acceptance(["new"], pooled, 0)
+    many = requests.hoped_acceptance([f"new{i}" for i in range(32)], pooled, 0)
+    assert one[0] > 0.8 and 0.5 < many[0] < 0.6
+    controller.forget_request("good")
+    assert requests.expected_tokens(["good"], pooled, 0) == pytest.approx(fresh)
+    assert len(requests) == 0
+
+
+def test_finished_requests_leave_no_acceptance_behind():
+    sched = make_scheduler(num_blocks=64, budget=32)
+    sched.speculation = SpeculationController(4, cost=_cost(flat_until=16))
+    _add(sched, 5)
+    run_to_end(sched, FakeRunner(token_fn=_token, draft_fn=_drafts))
+    assert sched.spec_stats.num_drafts > 0
+    assert len(sched.speculation.requests) == 0
+    sched.add_request(make_request("gone", 5, max_tokens=50))
+    sched.update_from_output(FakeRunner(token_fn=_token, draft_fn=_drafts).run(
+        sched, sched.schedule()))
+    assert len(sched.speculation.requests) == 1
+    sched.finish_requests(["gone"], RequestStatus.FINISHED_ABORTED)
+    assert len(sched.speculation.requests) == 0

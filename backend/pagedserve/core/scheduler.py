@@ -106,12 +106,18 @@ class Scheduler:
                 self.waiting.remove(request)
             request.status = status
             self._free(request)
+            self._forget(request)
             finished.append(request)
         return finished
 
     def _free(self, request: Request) -> None:
         self.kv.free(request)
         self._finished_ids.add(request.request_id)
+
+    def _forget(self, request: Request) -> None:
+        """A finished request's own acceptance goes with it."""
+        if self.speculation is not None:
+            self.speculation.forget_request(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -206,15 +212,17 @@ class Scheduler:
         mean context of the ``num_decoding`` running requests this step decodes (the first
         ones; with speculation none is skipped, async scheduling being off) and the tokens
         the proposer has not seen of those and of the ``num_new`` requests it started (new
-        prompts, steps without drafts). Only with speculation: a pass over the batch that
-        plain decoding does not pay for."""
+        prompts, steps without drafts), and which requests run (each priced at its own
+        acceptance). Only with speculation: a pass over the batch that plain decoding does
+        not pay for."""
         running = self.running
         decoding = running[:num_decoding]
         context = sum(r.num_computed_tokens for r in decoding) / max(len(decoding), 1)
         backlog = sum(r.num_tokens - r.num_proposer_tokens
                       for r in (*decoding, *running[len(running) - num_new:]))
         return self.speculation.num_drafts(
-            len(running), any(r.max_num_drafts() for r in running), context, backlog)
+            len(running), any(r.max_num_drafts() for r in running), context, backlog,
+            [r.request_id for r in running])
 
     @staticmethod
     def _advance(request: Request, num_new: int) -> None:
@@ -283,6 +291,8 @@ class Scheduler:
                 # are overwritten by the tokens that come next.
                 request.num_computed_tokens -= num_drafts - (len(tokens) - 1)
                 spec_stats.observe(num_drafts, len(tokens) - 1)
+                if self.speculation is not None:
+                    self.speculation.observe_request(rid, num_drafts, len(tokens) - 1)
             preempted = request.status == RequestStatus.PREEMPTED
             stopped = False
             num_kept = 0
@@ -305,6 +315,7 @@ class Scheduler:
             ))
             if stopped:
                 del requests[rid]
+                self._forget(request)
                 if preempted:  # its blocks are already free
                     self.waiting.remove(request)
                 else:

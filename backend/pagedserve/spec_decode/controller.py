@@ -5,8 +5,9 @@ computes B, and emits 1 + (accepted drafts) tokens per request where plain decod
 Whether that pays depends on three measured things:
 
 - the acceptance: per draft position j, how often draft j is accepted once drafts 0..j-1 were
-  (so E(k) = 1 + a0 + a0 a1 + ... tokens per drafted request), and how many requests get drafts
-  at all (an n-gram proposer finds none without a match);
+  (so E(k) = 1 + a0 + a0 a1 + ... tokens per drafted request), pooled over all requests and,
+  resting on that, each running request's own (acceptance.py: requests differ a lot), and how
+  many requests get drafts at all (an n-gram proposer finds none without a match);
 - the cost of a step of n tokens, t(n): flat while decoding is bound by reading the weights
   (small batches), growing with n once it is bound by compute (large batches). It is seeded by
   timing forwards at start-up and then follows the measured steps, those that verify drafts
@@ -39,9 +40,11 @@ doubles the wait for the next, up to ``_PROBE_INTERVAL``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+from pagedserve.spec_decode.acceptance import RequestAcceptance
 from pagedserve.spec_decode.costs import _EMA, ContextScaling, ProposerCostModel, StepCostModel
 
 # The acceptance per position counts the drafts of about this many recent verifications
@@ -61,6 +64,10 @@ _ACCEPTANCE_STEPS = 256
 # that is not there.
 _PRIOR_ACCEPTANCE = 0.5
 _PRIOR_DRAFTED_FRACTION = 1.0
+# A request's own acceptance rests on this many drafts at the pooled one (see acceptance.py):
+# few enough that a probe's burst of drafts tells a new request's own, enough that one
+# rejected draft does not stop drafting for it.
+_REQUEST_PRIOR_WEIGHT = 4.0
 # Speculate only when the best k is estimated at least this much faster than k = 0: the
 # estimate of a step size not measured lately (start-up timings, calibrated) was seen off by up
 # to ~10% on the CPU, which at a marginal gain turned speculation into a loss.
@@ -200,6 +207,9 @@ class SpeculationController:
         self._accepted_weight = [0.0] * max_num_drafts
         self._steps = 0  # choices made (one a step), and how many when acceptance was observed
         self._steps_observed = 0
+        # Each running request's own acceptance, resting on the pooled one above.
+        self.requests = RequestAcceptance(max_num_drafts, _REQUEST_PRIOR_WEIGHT,
+                                          _ACCEPTANCE_HORIZON, _ACCEPTANCE_STEPS)
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
         # The proposer's time per draft position, for the whole batch, by batch size.
         self.propose_cost = propose_cost if propose_cost is not None else ProposerCostModel()
@@ -217,6 +227,7 @@ class SpeculationController:
         self._backlog = 0
         self._steps_without_drafts = 0  # in a row, up to the last choice
         self.last_choice = max_num_drafts
+        self._request_ids: Optional[Sequence[str]] = None  # the batch of the last choice
         self._drafting = False  # whether the last choice, probes aside, was to draft
 
     # ---- what was measured ---------------------------------------------------------------
@@ -245,6 +256,15 @@ class SpeculationController:
             self.acceptance[j] = ((self._accepted_weight[j] + _PRIOR_WEIGHT * prior)
                                   / (self._reached_weight[j] + _PRIOR_WEIGHT))
         self._seen_accepted, self._seen_reached = accepted, reached
+
+    def observe_request(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        """One verification of a request's drafts (its own acceptance; the pooled one comes
+        from SpecDecodingStats)."""
+        self.requests.observe(request_id, num_drafts, num_accepted, self._steps)
+
+    def forget_request(self, request_id: str) -> None:
+        """The request has finished: its own acceptance goes."""
+        self.requests.forget(request_id)
 
     def observe_step(self, num_tokens: int, seconds: float, verified: bool = False,
                      num_requests: Optional[int] = None) -> None:
@@ -287,10 +307,12 @@ class SpeculationController:
         return total
 
     def speedup(self, num_running: int, k: int,
-                acceptance: Optional[list[float]] = None, resuming: bool = False) -> float:
-        """Estimated tokens per second with k drafts over tokens per second without (at the
-        measured acceptance unless ``acceptance`` is given); ``resuming``: the proposer's
-        catch-up after a pause spread over the drafting steps that follow."""
+                acceptance: Optional[list[float]] = None, resuming: bool = False,
+                tokens: Optional[float] = None) -> float:
+        """Estimated tokens per second with k drafts over tokens per second without, a
+        drafted request emitting ``tokens`` a step (by default as many as the pooled
+        acceptance, or ``acceptance`` if given, makes); ``resuming``: the proposer's catch-up
+        after a pause spread over the drafting steps that follow."""
         if k == 0:
             return 1.0
         b = float(max(num_running, 1))
@@ -309,14 +331,19 @@ class SpeculationController:
         step = verify * scale + self.propose_cost.seconds(b, k)
         if resuming:
             step += self.propose_cost.resume_seconds(b, self._backlog) / _RESUME_HORIZON
-        return (1.0 + f * (self.expected_tokens(k, acceptance) - 1.0)) * base / step
+        if tokens is None:
+            tokens = self.expected_tokens(k, acceptance)
+        return (1.0 + f * (tokens - 1.0)) * base / step
 
     def num_drafts(self, num_running: int, can_draft: bool = True,
-                   context: float = 0.0, backlog: Optional[int] = None) -> int:
+                   context: float = 0.0, backlog: Optional[int] = None,
+                   request_ids: Optional[Sequence[str]] = None) -> int:
         """How many tokens to draft per request for the next step of ``num_running``, whose
         mean context is about ``context`` tokens (that of the step just scheduled); the
         proposer's next call first catches up on ``backlog`` tokens of theirs it has not seen
-        (by default one per request per step without drafts);
+        (by default one per request per step without drafts); ``request_ids``: the running
+        requests, each priced at its own acceptance (see acceptance.py; without them, every
+        request at the pooled one);
         ``can_draft`` False: none of them may take a draft next step (each is at its last
         token), so none is proposed, and no probe is spent: at batch 1 with 64-token requests
         the probe every 64 steps fell on each request's last step, drafted for nothing, and
@@ -331,10 +358,14 @@ class SpeculationController:
         if not self.adaptive or not self.cost.known:
             return self.max_num_drafts
         self._steps += 1
+        self._request_ids = request_ids
+        if request_ids:
+            self._admit(request_ids)
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
         resuming = self._backlog >= _RESUME_AFTER * max(num_running, 1)
+        tokens = self._expected_tokens()
         for k in range(1, self.max_num_drafts + 1):
-            gain = self.speedup(num_running, k, resuming=resuming)
+            gain = self.speedup(num_running, k, resuming=resuming, tokens=tokens[k])
             if gain > best:
                 best_k, best = k, gain
         if best_k and not self._drafting:
@@ -374,6 +405,16 @@ class SpeculationController:
         self.last_choice = best_k
         return best_k
 
+    def _admit(self, request_ids: Sequence[str]) -> None:
+        """New requests bring the next probe nearer by their share of the batch: the probes
+        that found drafting not paying drafted for other requests (at batch 1, a request whose
+        drafts paid 1.67x waited up to ``_PROBE_INTERVAL`` steps behind one whose drafts did
+        not pay). The wait after that probe stays as long as before: a proposer whose drafts
+        pay for no request is probed once more per request, not every few steps again."""
+        new = self.requests.admit(request_ids, self._steps)
+        if new:
+            self._steps_since_deep_probe += self._deep_probe_interval * new / len(request_ids)
+
     def _drafts_worth_probing(self, num_running: int, drafting: bool) -> int:
         """The most drafts that would pay here at an acceptance as high as what was measured
         lets it be (``optimistic_acceptance``, and at least the prior): 0 if none would. While
@@ -389,10 +430,10 @@ class SpeculationController:
         prior acceptance and one draft, a draft model at batch 1 (where one draft does not
         pay, three do) never probed deeper than one draft, and took a thousand steps to learn
         what a few probes of three tell."""
-        hoped = self._hoped_acceptance()
+        hoped = self._expected_tokens(hope=True)
         gain = _QUICK_PROBE_GAIN if drafting else _MIN_GAIN
         for k in range(self.max_num_drafts, 0, -1):
-            if self.speedup(num_running, k, hoped) > gain:
+            if self.speedup(num_running, k, tokens=hoped[k]) > gain:
                 return k
         return 0
 
@@ -403,13 +444,29 @@ class SpeculationController:
         catch_up = self.propose_cost.resume_seconds(num_running, self._backlog)
         if not catch_up:
             return True
-        hoped = self.speedup(num_running, k, self._hoped_acceptance()) - 1.0
+        hoped = self.speedup(num_running, k, tokens=self._expected_tokens(hope=True)[k]) - 1.0
         plain = self._plain_seconds(max(num_running, 1))
         return catch_up <= _PROBE_SHARE * hoped * self._steps_without_drafts * plain
 
     def _plain_seconds(self, num_running: float) -> float:
         """A plain step of ``num_running`` requests at the context of now."""
         return self.cost.seconds(num_running) * self.context.factor(num_running, self._context)
+
+    def _expected_tokens(self, hope: bool = False) -> list[float]:
+        """Per k, the tokens a drafted request of the batch being chosen for emits a step
+        with k drafts: at each request's own acceptance where the scheduler named them, else
+        at the pooled one; ``hope``: at the acceptance a probe may find."""
+        ids = self._request_ids
+        if hope:
+            acceptance = self._hoped_acceptance()
+            if ids is not None:
+                acceptance = [max(a, b) for a, b in zip(
+                    acceptance, self.requests.hoped_acceptance(ids, self.acceptance, self._steps))]
+        elif ids is not None:
+            return list(self.requests.expected_tokens(ids, self.acceptance, self._steps))
+        else:
+            acceptance = self.acceptance
+        return [self.expected_tokens(k, acceptance) for k in range(self.max_num_drafts + 1)]
 
     def _hoped_acceptance(self) -> list[float]:
         """What a probe may find: the optimistic acceptance, at least the prior."""
