@@ -3,6 +3,7 @@ rejected ones rolled back, limits, and the adaptive choice of k."""
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 
@@ -709,7 +710,7 @@ def _serve_one_at_a_time(controller: SpeculationController, rates: list[float], 
                 while accepted < k and rng.random() < rate:
                     accepted += 1
                 stats.observe(k, accepted)
-                controller.observe_request(rid, k, accepted)
+                controller.observe_requests([rid], [k], [accepted])
                 controller.observe_acceptance(stats)
         controller.forget_request(rid)
         choices.append(ks)
@@ -755,21 +756,30 @@ def test_request_acceptance_rests_on_the_pooled_one():
     controller = SpeculationController(3, cost=_cost(flat_until=16))
     requests = controller.requests
     pooled = [0.5, 0.5, 0.5]
-    fresh = requests.expected_tokens(["new"], pooled, 0)
+
+    def price(*ids: str, step: int = 0) -> tuple[list[float], list[float]]:
+        slots, _ = requests.admit(ids, step)
+        return requests.price(slots, pooled, step)
+
+    fresh, fresh_hope = price("new")
     assert fresh == pytest.approx([1.0, 1.5, 1.75, 1.875])  # the pool's, until it drafts
     for _ in range(4):
-        controller.observe_request("good", 3, 3)
-    good = requests.expected_tokens(["good"], pooled, 0)
+        controller.observe_requests(["good"], [3], [3])
+    good, _ = price("good")
     # 4 drafts of its own, all accepted, on the pool's 4 at 0.5: 3/4 a position.
-    assert good[1] == pytest.approx(1 + (4 + 2) / 8, rel=0.01)  # (its drafts fade a little)
-    both = requests.expected_tokens(["good", "new"], pooled, 0)
+    assert good[1] == pytest.approx(1 + (4 + 2) / 8)
+    both, _ = price("good", "new")
     assert both == pytest.approx((good + fresh) / 2)  # the batch's mean
+    # ... and its own drafts fade with the steps since (_ACCEPTANCE_STEPS: 256).
+    assert price("good", step=256)[0][1] == pytest.approx(1 + (4 / math.e + 2) / (4 / math.e + 4),
+                                                        rel=0.01)
     # One request may differ from the pool by much more than a batch of many.
-    one = requests.hoped_acceptance(["new"], pooled, 0)
-    many = requests.hoped_acceptance([f"new{i}" for i in range(32)], pooled, 0)
-    assert one[0] > 0.8 and 0.5 < many[0] < 0.6
+    _, many_hope = price(*(f"new{i}" for i in range(32)))
+    assert fresh_hope[0] > 0.95 and 0.5 < many_hope[0] < 0.6
     controller.forget_request("good")
-    assert requests.expected_tokens(["good"], pooled, 0) == pytest.approx(fresh)
+    assert price("good")[0] == pytest.approx(fresh)
+    for rid in ["good", "new", *(f"new{i}" for i in range(32))]:
+        controller.forget_request(rid)
     assert len(requests) == 0
 
 

@@ -276,6 +276,11 @@ class Scheduler:
         prompt_chunks = runner_output.prompt_logprobs
         drafts = runner_output.spec_token_ids
         spec_stats = self.spec_stats
+        # Requests whose drafts this step verified: drafts, accepted (for the controller).
+        verified: list[str] = []
+        verified_drafts: list[int] = []
+        verified_accepted: list[int] = []
+        stopped_requests: list[Request] = []
         first_logprob = 0  # index of the request's first token in ``logprobs``
         for i, (rid, tokens) in enumerate(
             zip(runner_output.req_ids, runner_output.sampled_token_ids)
@@ -291,8 +296,9 @@ class Scheduler:
                 # are overwritten by the tokens that come next.
                 request.num_computed_tokens -= num_drafts - (len(tokens) - 1)
                 spec_stats.observe(num_drafts, len(tokens) - 1)
-                if self.speculation is not None:
-                    self.speculation.observe_request(rid, num_drafts, len(tokens) - 1)
+                verified.append(rid)
+                verified_drafts.append(num_drafts)
+                verified_accepted.append(len(tokens) - 1)
             preempted = request.status == RequestStatus.PREEMPTED
             stopped = False
             num_kept = 0
@@ -315,7 +321,7 @@ class Scheduler:
             ))
             if stopped:
                 del requests[rid]
-                self._forget(request)
+                stopped_requests.append(request)
                 if preempted:  # its blocks are already free
                     self.waiting.remove(request)
                 else:
@@ -332,6 +338,9 @@ class Scheduler:
                     outputs.append(EngineCoreOutput(request, [], prompt_logprobs=chunk))
         if self.speculation is not None and spec_stats.changed:
             self.speculation.observe_acceptance(spec_stats)
+            self.speculation.observe_requests(verified, verified_drafts, verified_accepted)
+        for request in stopped_requests:
+            self._forget(request)
         return outputs
 
     def stats(self) -> SchedulerStats:

@@ -6,106 +6,101 @@ estimate pooled over all requests, measured on a request whose drafts did not pa
 drafting off for the next one, whose drafts would have paid 1.67x, until probes had moved the
 pool. So each request's acceptance at position j is its own drafts there plus
 ``prior_weight`` drafts at the pooled acceptance: a new request is priced at the pool, and
-within a few drafting steps at what its own drafts show. Its own counts fade as the pool's do,
-with each draft that reaches a position and with the steps since it last had drafts.
+within a few drafting steps at what its own drafts show. Its own counts fade with the steps
+since they were observed, as the pool's do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 
-@dataclass
-class _Counts:
-    reached: np.ndarray  # per position: drafts of this request that reached it (fading)
-    accepted: np.ndarray  # ... and were accepted there
-    step: int  # the controller's step when they were last observed
-
-
 class RequestAcceptance:
-    """Owns each running request's draft counts per position (from ``admit`` or ``observe``
-    until ``forget``) and prices a batch from them: its mean tokens per drafted request for each k,
-    and the acceptance a probe may hope for."""
+    """Owns each running request's draft counts per position (a row of two arrays, from
+    ``admit`` or ``observe`` until ``forget``) and prices a batch from them (``price``): its
+    mean tokens per drafted request for each k, and the acceptance a probe may hope for.
+    Every operation is a few array operations whatever the batch's size."""
 
-    def __init__(self, max_num_drafts: int, prior_weight: float, draft_horizon: int,
-                 step_horizon: int) -> None:
+    def __init__(self, max_num_drafts: int, prior_weight: float, step_horizon: int) -> None:
         self.max_num_drafts = max_num_drafts
         self.prior_weight = prior_weight
-        self._draft_fade = 1.0 - 1.0 / draft_horizon
         self._step_fade = 1.0 - 1.0 / step_horizon
-        self._counts: dict[str, _Counts] = {}
+        self._slots: dict[str, int] = {}
+        self._free: list[int] = []
+        # Per slot and position: drafts that reached it, and those accepted there, as of the
+        # controller's step in ``_step``.
+        self._reached = np.zeros((0, max_num_drafts))
+        self._accepted = np.zeros((0, max_num_drafts))
+        self._step = np.zeros(0)
+        self._positions = np.arange(max_num_drafts)
 
     def __len__(self) -> int:
-        return len(self._counts)
+        return len(self._slots)
 
-    def admit(self, request_ids: Sequence[str], step: int) -> int:
-        """Starts counting for those of the requests not seen before; returns how many."""
-        counts, k = self._counts, self.max_num_drafts
-        new = 0
-        for rid in request_ids:
-            if rid not in counts:
-                counts[rid] = _Counts(np.zeros(k), np.zeros(k), step)
-                new += 1
-        return new
+    def admit(self, request_ids: Sequence[str], step: int) -> tuple[np.ndarray, int]:
+        """The requests' slots, starting to count for those not seen before (how many: the
+        second value)."""
+        slots = self._slots
+        new = [rid for rid in request_ids if rid not in slots]
+        for rid in new:
+            if not self._free:
+                self._grow()
+            slot = slots[rid] = self._free.pop()
+            self._reached[slot] = 0.0
+            self._accepted[slot] = 0.0
+            self._step[slot] = step
+        return np.fromiter(map(slots.__getitem__, request_ids), dtype=np.int64,
+                           count=len(request_ids)), len(new)
 
-    def observe(self, request_id: str, num_drafts: int, num_accepted: int, step: int) -> None:
-        """One verification of ``num_drafts`` drafts of the request, ``num_accepted`` of them
-        accepted, at the controller's ``step``."""
-        counts = self._counts.get(request_id)
-        if counts is None:
-            k = self.max_num_drafts
-            counts = self._counts[request_id] = _Counts(np.zeros(k), np.zeros(k), step)
-        reached = min(num_accepted, num_drafts - 1) + 1
-        fade = self._step_fade ** (step - counts.step)
-        counts.reached *= fade
-        counts.accepted *= fade
-        counts.reached[:reached] = counts.reached[:reached] * self._draft_fade + 1.0
-        counts.accepted[:reached] *= self._draft_fade
-        counts.accepted[:num_accepted] += 1.0
-        counts.step = step
+    def observe(self, request_ids: Sequence[str], num_drafts: Sequence[int],
+                num_accepted: Sequence[int], step: int) -> None:
+        """One verification each of the requests' ``num_drafts`` drafts, ``num_accepted`` of
+        them accepted, at the controller's ``step``."""
+        if not request_ids:
+            return
+        slots, _ = self.admit(request_ids, step)
+        drafts = np.asarray(num_drafts)
+        accepted = np.asarray(num_accepted)
+        # Position j was reached when drafts 0..j-1 were all accepted.
+        reached = np.minimum(accepted, drafts - 1) + 1
+        fade = self._step_fade ** (step - self._step[slots])[:, None]
+        pos = self._positions[None, :]
+        self._reached[slots] = self._reached[slots] * fade + (pos < reached[:, None])
+        self._accepted[slots] = self._accepted[slots] * fade + (pos < accepted[:, None])
+        self._step[slots] = step
 
     def forget(self, request_id: str) -> None:
-        self._counts.pop(request_id, None)
+        slot = self._slots.pop(request_id, None)
+        if slot is not None:
+            self._free.append(slot)
 
-    def expected_tokens(self, request_ids: Sequence[str], pooled: Sequence[float],
-                        step: int) -> np.ndarray:
-        """Per k = 0..max_num_drafts, the mean over the requests of the tokens each emits in a
-        step with k drafts (1 + a0 + a0 a1 + ... at its own acceptance)."""
-        acceptance, _, rows = self._estimates(request_ids, np.asarray(pooled, dtype=float), step)
-        tokens = np.ones((len(acceptance), self.max_num_drafts + 1))
-        np.cumsum(np.cumprod(acceptance, axis=1), axis=1, out=tokens[:, 1:])
-        tokens[:, 1:] += 1.0
-        return rows @ tokens / max(rows.sum(), 1.0)
+    def price(self, slots: np.ndarray, pooled: Sequence[float],
+              step: int) -> tuple[np.ndarray, np.ndarray]:
+        """For the requests in ``slots`` (from ``admit``): per k = 0..max_num_drafts, the mean
+        over them of the tokens each emits in a step with k drafts (1 + a0 + a0 a1 + ... at
+        its own acceptance); and per position, their mean acceptance two standard errors up,
+        what a probe may find. Each request's estimate counts its own drafts and the pool's
+        ``prior_weight``; a batch of many requests hopes for little more than their mean
+        (their errors average out), a single new one for much more than the pool."""
+        fade = self._step_fade ** (step - self._step[slots])[:, None]
+        weight = self._reached[slots] * fade + self.prior_weight
+        acceptance = (self._accepted[slots] * fade
+                      + self.prior_weight * np.asarray(pooled, dtype=float)) / weight
+        count = max(len(slots), 1)
+        tokens = np.ones(self.max_num_drafts + 1)
+        tokens[1:] += np.cumsum(np.cumprod(acceptance, axis=1), axis=1).sum(axis=0) / count
+        variance = (acceptance * (1.0 - acceptance) / weight).sum(axis=0) / count**2
+        hoped = np.minimum(acceptance.sum(axis=0) / count + 2.0 * np.sqrt(variance), 1.0)
+        return tokens, hoped
 
-    def hoped_acceptance(self, request_ids: Sequence[str], pooled: Sequence[float],
-                         step: int) -> np.ndarray:
-        """Per position, the batch's mean acceptance two standard errors up: what a probe may
-        find. Each request's estimate counts its own drafts and the pool's ``prior_weight``;
-        a batch of many requests hopes for little more than their mean (their errors
-        average out), a single new one for much more than the pool."""
-        acceptance, weight, rows = self._estimates(request_ids, np.asarray(pooled, dtype=float),
-                                                   step)
-        count = max(rows.sum(), 1.0)
-        mean = rows @ acceptance / count
-        variance = rows @ (acceptance * (1.0 - acceptance) / weight) / count**2
-        return np.minimum(mean + 2.0 * np.sqrt(variance), 1.0)
-
-    def _estimates(self, request_ids: Sequence[str], pooled: np.ndarray,
-                   step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per request with drafts of its own, then one row for those without: the acceptance
-        per position, the drafts it rests on (the pool's counted as ``prior_weight``) and how
-        many requests the row stands for."""
-        own = [c for c in map(self._counts.get, request_ids) if c is not None]
-        reached = np.zeros((len(own) + 1, self.max_num_drafts))
-        accepted = np.zeros_like(reached)
-        if own:
-            fade = self._step_fade ** (step - np.array([c.step for c in own], dtype=float))
-            reached[:-1] = np.array([c.reached for c in own]) * fade[:, None]
-            accepted[:-1] = np.array([c.accepted for c in own]) * fade[:, None]
-        weight = reached + self.prior_weight
-        rows = np.ones(len(own) + 1)
-        rows[-1] = len(request_ids) - len(own)
-        return (accepted + self.prior_weight * pooled) / weight, weight, rows
+    def _grow(self) -> None:
+        old = len(self._step)
+        size = max(2 * old, 8)
+        for name in ("_reached", "_accepted"):
+            grown = np.zeros((size, self.max_num_drafts))
+            grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
+        self._step = np.concatenate([self._step, np.zeros(size - old)])
+        self._free.extend(range(size - 1, old - 1, -1))

@@ -44,6 +44,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from pagedserve.spec_decode.acceptance import RequestAcceptance
 from pagedserve.spec_decode.costs import _EMA, ContextScaling, ProposerCostModel, StepCostModel
 
@@ -209,7 +211,7 @@ class SpeculationController:
         self._steps_observed = 0
         # Each running request's own acceptance, resting on the pooled one above.
         self.requests = RequestAcceptance(max_num_drafts, _REQUEST_PRIOR_WEIGHT,
-                                          _ACCEPTANCE_HORIZON, _ACCEPTANCE_STEPS)
+                                          _ACCEPTANCE_STEPS)
         self.drafted_fraction = _PRIOR_DRAFTED_FRACTION
         # The proposer's time per draft position, for the whole batch, by batch size.
         self.propose_cost = propose_cost if propose_cost is not None else ProposerCostModel()
@@ -227,7 +229,9 @@ class SpeculationController:
         self._backlog = 0
         self._steps_without_drafts = 0  # in a row, up to the last choice
         self.last_choice = max_num_drafts
-        self._request_ids: Optional[Sequence[str]] = None  # the batch of the last choice
+        # The batch of the last choice, priced at each request's own acceptance: its tokens
+        # per drafted request by k, and its hoped acceptance (None: not named, the pool's).
+        self._batch: Optional[tuple[np.ndarray, np.ndarray]] = None
         self._drafting = False  # whether the last choice, probes aside, was to draft
 
     # ---- what was measured ---------------------------------------------------------------
@@ -257,10 +261,11 @@ class SpeculationController:
                                   / (self._reached_weight[j] + _PRIOR_WEIGHT))
         self._seen_accepted, self._seen_reached = accepted, reached
 
-    def observe_request(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        """One verification of a request's drafts (its own acceptance; the pooled one comes
-        from SpecDecodingStats)."""
-        self.requests.observe(request_id, num_drafts, num_accepted, self._steps)
+    def observe_requests(self, request_ids: Sequence[str], num_drafts: Sequence[int],
+                         num_accepted: Sequence[int]) -> None:
+        """A step's verifications of the requests' drafts, one each (their own acceptance; the
+        pooled one comes from SpecDecodingStats)."""
+        self.requests.observe(request_ids, num_drafts, num_accepted, self._steps)
 
     def forget_request(self, request_id: str) -> None:
         """The request has finished: its own acceptance goes."""
@@ -358,9 +363,7 @@ class SpeculationController:
         if not self.adaptive or not self.cost.known:
             return self.max_num_drafts
         self._steps += 1
-        self._request_ids = request_ids
-        if request_ids:
-            self._admit(request_ids)
+        self._batch = self._price(request_ids) if request_ids else None
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
         resuming = self._backlog >= _RESUME_AFTER * max(num_running, 1)
         tokens = self._expected_tokens()
@@ -405,15 +408,19 @@ class SpeculationController:
         self.last_choice = best_k
         return best_k
 
-    def _admit(self, request_ids: Sequence[str]) -> None:
-        """New requests bring the next probe nearer by their share of the batch: the probes
-        that found drafting not paying drafted for other requests (at batch 1, a request whose
+    def _price(self, request_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's tokens per drafted request by k, and its hoped acceptance, each request
+        at its own (RequestAcceptance.price).
+
+        New requests bring the next probe nearer by their share of the batch: the probes that
+        found drafting not paying drafted for other requests (at batch 1, a request whose
         drafts paid 1.67x waited up to ``_PROBE_INTERVAL`` steps behind one whose drafts did
         not pay). The wait after that probe stays as long as before: a proposer whose drafts
         pay for no request is probed once more per request, not every few steps again."""
-        new = self.requests.admit(request_ids, self._steps)
+        slots, new = self.requests.admit(request_ids, self._steps)
         if new:
             self._steps_since_deep_probe += self._deep_probe_interval * new / len(request_ids)
+        return self.requests.price(slots, self.acceptance, self._steps)
 
     def _drafts_worth_probing(self, num_running: int, drafting: bool) -> int:
         """The most drafts that would pay here at an acceptance as high as what was measured
@@ -456,14 +463,12 @@ class SpeculationController:
         """Per k, the tokens a drafted request of the batch being chosen for emits a step
         with k drafts: at each request's own acceptance where the scheduler named them, else
         at the pooled one; ``hope``: at the acceptance a probe may find."""
-        ids = self._request_ids
         if hope:
             acceptance = self._hoped_acceptance()
-            if ids is not None:
-                acceptance = [max(a, b) for a, b in zip(
-                    acceptance, self.requests.hoped_acceptance(ids, self.acceptance, self._steps))]
-        elif ids is not None:
-            return list(self.requests.expected_tokens(ids, self.acceptance, self._steps))
+            if self._batch is not None:
+                acceptance = [max(a, b) for a, b in zip(acceptance, self._batch[1])]
+        elif self._batch is not None:
+            return list(self._batch[0])
         else:
             acceptance = self.acceptance
         return [self.expected_tokens(k, acceptance) for k in range(self.max_num_drafts + 1)]
