@@ -7,6 +7,7 @@ import math
 import random
 import statistics
 
+import numpy as np
 import pytest
 from test_scheduler import BS, FakeRunner, make_request, make_scheduler, run_to_end
 
@@ -759,7 +760,8 @@ def test_request_acceptance_rests_on_the_pooled_one():
 
     def price(*ids: str, step: int = 0) -> tuple[list[float], list[float]]:
         slots, _ = requests.admit(ids, step)
-        return requests.price(slots, pooled, step)
+        batch = requests.price(slots, pooled, step)
+        return np.array(batch.expected_tokens()), batch.hoped()
 
     fresh, fresh_hope = price("new")
     assert fresh == pytest.approx([1.0, 1.5, 1.75, 1.875])  # the pool's, until it drafts

@@ -44,9 +44,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
-import numpy as np
-
-from pagedserve.spec_decode.acceptance import RequestAcceptance
+from pagedserve.spec_decode.acceptance import BatchAcceptance, RequestAcceptance
 from pagedserve.spec_decode.costs import _EMA, ContextScaling, ProposerCostModel, StepCostModel
 
 # The acceptance per position counts the drafts of about this many recent verifications
@@ -229,9 +227,10 @@ class SpeculationController:
         self._backlog = 0
         self._steps_without_drafts = 0  # in a row, up to the last choice
         self.last_choice = max_num_drafts
-        # The batch of the last choice, priced at each request's own acceptance: its tokens
-        # per drafted request by k, and its hoped acceptance (None: not named, the pool's).
-        self._batch: Optional[tuple[np.ndarray, np.ndarray]] = None
+        # The acceptance of the batch of the last choice, each request at its own (None: the
+        # requests were not named).
+        self._batch: Optional[BatchAcceptance] = None
+        self._hoped_tokens: Optional[list[float]] = None  # ... at the hoped acceptance
         self._drafting = False  # whether the last choice, probes aside, was to draft
 
     # ---- what was measured ---------------------------------------------------------------
@@ -364,6 +363,7 @@ class SpeculationController:
             return self.max_num_drafts
         self._steps += 1
         self._batch = self._price(request_ids) if request_ids else None
+        self._hoped_tokens = None
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
         resuming = self._backlog >= _RESUME_AFTER * max(num_running, 1)
         tokens = self._expected_tokens()
@@ -408,9 +408,8 @@ class SpeculationController:
         self.last_choice = best_k
         return best_k
 
-    def _price(self, request_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The batch's tokens per drafted request by k, and its hoped acceptance, each request
-        at its own (RequestAcceptance.price).
+    def _price(self, request_ids: Sequence[str]) -> BatchAcceptance:
+        """The batch's acceptance, each request at its own (RequestAcceptance.price).
 
         New requests bring the next probe nearer by their share of the batch: the probes that
         found drafting not paying drafted for other requests (at batch 1, a request whose
@@ -437,7 +436,7 @@ class SpeculationController:
         prior acceptance and one draft, a draft model at batch 1 (where one draft does not
         pay, three do) never probed deeper than one draft, and took a thousand steps to learn
         what a few probes of three tell."""
-        hoped = self._expected_tokens(hope=True)
+        hoped = self._hoped_expected_tokens()
         gain = _QUICK_PROBE_GAIN if drafting else _MIN_GAIN
         for k in range(self.max_num_drafts, 0, -1):
             if self.speedup(num_running, k, tokens=hoped[k]) > gain:
@@ -451,7 +450,7 @@ class SpeculationController:
         catch_up = self.propose_cost.resume_seconds(num_running, self._backlog)
         if not catch_up:
             return True
-        hoped = self.speedup(num_running, k, tokens=self._expected_tokens(hope=True)[k]) - 1.0
+        hoped = self.speedup(num_running, k, tokens=self._hoped_expected_tokens()[k]) - 1.0
         plain = self._plain_seconds(max(num_running, 1))
         return catch_up <= _PROBE_SHARE * hoped * self._steps_without_drafts * plain
 
@@ -459,19 +458,23 @@ class SpeculationController:
         """A plain step of ``num_running`` requests at the context of now."""
         return self.cost.seconds(num_running) * self.context.factor(num_running, self._context)
 
-    def _expected_tokens(self, hope: bool = False) -> list[float]:
+    def _expected_tokens(self) -> list[float]:
         """Per k, the tokens a drafted request of the batch being chosen for emits a step
         with k drafts: at each request's own acceptance where the scheduler named them, else
-        at the pooled one; ``hope``: at the acceptance a probe may find."""
-        if hope:
+        at the pooled one."""
+        if self._batch is not None:
+            return self._batch.expected_tokens()
+        return [self.expected_tokens(k) for k in range(self.max_num_drafts + 1)]
+
+    def _hoped_expected_tokens(self) -> list[float]:
+        """The same at the acceptance a probe may find (once a step)."""
+        if self._hoped_tokens is None:
             acceptance = self._hoped_acceptance()
             if self._batch is not None:
-                acceptance = [max(a, b) for a, b in zip(acceptance, self._batch[1])]
-        elif self._batch is not None:
-            return list(self._batch[0])
-        else:
-            acceptance = self.acceptance
-        return [self.expected_tokens(k, acceptance) for k in range(self.max_num_drafts + 1)]
+                acceptance = [max(a, b) for a, b in zip(acceptance, self._batch.hoped())]
+            self._hoped_tokens = [self.expected_tokens(k, acceptance)
+                                  for k in range(self.max_num_drafts + 1)]
+        return self._hoped_tokens
 
     def _hoped_acceptance(self) -> list[float]:
         """What a probe may find: the optimistic acceptance, at least the prior."""
