@@ -263,8 +263,9 @@ class SpeculationController:
     def observe_requests(self, request_ids: Sequence[str], num_drafts: Sequence[int],
                          num_accepted: Sequence[int]) -> None:
         """A step's verifications of the requests' drafts, one each (their own acceptance; the
-        pooled one comes from SpecDecodingStats)."""
-        self.requests.observe(request_ids, num_drafts, num_accepted, self._steps)
+        pooled one comes from SpecDecodingStats). Only an adaptive choice reads them."""
+        if self.adaptive:
+            self.requests.observe(request_ids, num_drafts, num_accepted, self._steps)
 
     def forget_request(self, request_id: str) -> None:
         """The request has finished: its own acceptance goes."""
