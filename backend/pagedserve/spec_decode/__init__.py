@@ -3,7 +3,7 @@
 bookkeeping the scheduler needs to choose how many tokens to draft. The target model's
 verification (the rejection sampler) lives beside the Sampler in worker/.
 
-``ngram_proposer`` (numpy) and ``controller`` import no torch, so the scheduler side can call them
-without torch; ``draft_model``, ``eagle3_proposer`` and ``paged_drafting`` run models and are
-used by the runner only.
+``ngram_proposer`` (numpy), ``controller`` and ``acceptance`` (numpy) import no torch, so the
+scheduler side can call them without torch; ``draft_model``, ``eagle3_proposer`` and
+``paged_drafting`` run models and are used by the runner only.
 """
