@@ -26,20 +26,28 @@ class BatchAcceptance:
     acceptance: np.ndarray
     weight: np.ndarray
 
-    def expected_tokens(self) -> list[float]:
+    def expected_tokens(self, errors: float = 0.0) -> list[float]:
         """Per k = 0..max_num_drafts, the mean over the requests of the tokens each emits in
-        a step with k drafts (1 + a0 + a0 a1 + ... at its own acceptance)."""
+        a step with k drafts (1 + a0 + a0 a1 + ... at its own acceptance, ``errors`` standard
+        errors of the batch's mean up)."""
+        a = self.acceptance
+        if errors:
+            a = np.minimum(a + errors * self._standard_error(), 1.0)
         # (sum / count, not mean: numpy's mean costs microseconds more, every step)
-        total = np.cumprod(self.acceptance, axis=1).cumsum(axis=1).sum(axis=0)
-        return [1.0, *(total / len(self.acceptance) + 1.0).tolist()]
+        total = np.cumprod(a, axis=1).cumsum(axis=1).sum(axis=0)
+        return [1.0, *(total / len(a) + 1.0).tolist()]
 
     def hoped(self) -> list[float]:
         """Per position, the batch's mean acceptance two standard errors up: what a probe
         may find. A batch of many requests hopes for little more than their mean (their
         errors average out), a single new one for much more than the pool."""
+        mean = self.acceptance.sum(axis=0) / len(self.acceptance)
+        return np.minimum(mean + 2.0 * self._standard_error(), 1.0).tolist()
+
+    def _standard_error(self) -> np.ndarray:
+        """Per position, the standard error of the batch's mean acceptance."""
         a, count = self.acceptance, len(self.acceptance)
-        variance = (a * (1.0 - a) / self.weight).sum(axis=0) / count**2
-        return np.minimum(a.sum(axis=0) / count + 2.0 * np.sqrt(variance), 1.0).tolist()
+        return np.sqrt((a * (1.0 - a) / self.weight).sum(axis=0)) / count
 
 
 class RequestAcceptance:

@@ -77,6 +77,11 @@ _MIN_GAIN = 1.10
 # draft model a catch-up on the tokens it skipped (at batch 1, choices hovering around
 # _MIN_GAIN switched drafting off and on every few steps).
 _KEEP_GAIN = 1.02
+# ... at an acceptance this many standard errors above the one measured for the batch's
+# requests: a request is not judged on its first few drafts (at batch 1, one whose drafts
+# gained 3-16% with k fixed stopped drafting after 4 steps of its own), while at large batches
+# the mean of many requests moves little.
+_KEEP_ERRORS = 1.0
 _PROBE_INTERVAL = 64
 # Every this many steps, a probe with the drafts that would pay at an optimistic acceptance,
 # at least _QUICK_PROBE_GAIN faster, where those are more than pay now (so that the acceptance
@@ -367,7 +372,7 @@ class SpeculationController:
         self._hoped_tokens = None
         best_k, best = 0, _KEEP_GAIN if self._drafting else _MIN_GAIN
         resuming = self._backlog >= _RESUME_AFTER * max(num_running, 1)
-        tokens = self._expected_tokens()
+        tokens = self._expected_tokens(_KEEP_ERRORS if self._drafting else 0.0)
         for k in range(1, self.max_num_drafts + 1):
             gain = self.speedup(num_running, k, resuming=resuming, tokens=tokens[k])
             if gain > best:
@@ -459,12 +464,12 @@ class SpeculationController:
         """A plain step of ``num_running`` requests at the context of now."""
         return self.cost.seconds(num_running) * self.context.factor(num_running, self._context)
 
-    def _expected_tokens(self) -> list[float]:
+    def _expected_tokens(self, errors: float = 0.0) -> list[float]:
         """Per k, the tokens a drafted request of the batch being chosen for emits a step
-        with k drafts: at each request's own acceptance where the scheduler named them, else
-        at the pooled one."""
+        with k drafts: at each request's own acceptance where the scheduler named them
+        (``errors`` standard errors of their mean up), else at the pooled one."""
         if self._batch is not None:
-            return self._batch.expected_tokens()
+            return self._batch.expected_tokens(errors)
         return [self.expected_tokens(k) for k in range(self.max_num_drafts + 1)]
 
     def _hoped_expected_tokens(self) -> list[float]:
